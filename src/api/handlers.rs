@@ -1,0 +1,135 @@
+//! One function per endpoint: decode the body, call the service, encode the answer.
+
+use hyper::StatusCode;
+use serde::Serialize;
+
+use super::json::{self, KeyView};
+use super::routes::Route;
+use super::AppState;
+use crate::error::ServiceError;
+use crate::service::Caller;
+
+/// A successful answer, plus the key version it used for the operations log.
+pub struct Outcome {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+    pub version: Option<u32>,
+}
+
+fn ok<T: Serialize>(
+    status: StatusCode,
+    value: &T,
+    version: Option<u32>,
+) -> Result<Outcome, ServiceError> {
+    let body = serde_json::to_vec(value).map_err(|e| ServiceError::Internal {
+        detail: format!("serializing response: {e}"),
+    })?;
+    Ok(Outcome {
+        status,
+        body,
+        version,
+    })
+}
+
+pub async fn dispatch(
+    state: &AppState,
+    caller: &Caller,
+    route: Route,
+    name: &str,
+    query: &str,
+    body: &[u8],
+) -> Result<Outcome, ServiceError> {
+    let svc = &state.service;
+    match route {
+        Route::CreateKey => {
+            let req: json::CreateKey = json::parse(body)?;
+            let key = svc.create_key(caller, &req.name, &req.key_type).await?;
+            ok(
+                StatusCode::CREATED,
+                &KeyView::of(&key),
+                key.active().map(|v| v.version),
+            )
+        }
+        Route::GetKey => {
+            let key = svc.get_key(caller, name)?;
+            ok(StatusCode::OK, &KeyView::of(&key), None)
+        }
+        Route::ListKeys => {
+            let prefix = list_prefix(query)?;
+            let keys: Vec<KeyView> = svc
+                .list_keys(caller, &prefix)?
+                .iter()
+                .map(|k| KeyView::of(k))
+                .collect();
+            ok(StatusCode::OK, &serde_json::json!({ "keys": keys }), None)
+        }
+        Route::Sign => {
+            let req: json::Sign = json::parse(body)?;
+            let message = json::b64("message", &req.message)?;
+            let format = json::signature_format(req.signature_format.as_deref())?;
+            let s = svc.sign(caller, name, &message, format)?;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "signature": json::encode(&s.signature), "key_version": s.version }),
+                Some(s.version),
+            )
+        }
+        Route::Verify => {
+            let req: json::Verify = json::parse(body)?;
+            let message = json::b64("message", &req.message)?;
+            let signature = json::b64("signature", &req.signature)?;
+            let format = json::signature_format(req.signature_format.as_deref())?;
+            let v = svc.verify(caller, name, &message, &signature, req.key_version, format)?;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "valid": v.valid, "key_version": v.version }),
+                Some(v.version),
+            )
+        }
+        Route::Encrypt => {
+            let req: json::Encrypt = json::parse(body)?;
+            let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
+            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let (ct, version) = svc.encrypt(caller, name, &plaintext, &aad)?;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "ciphertext": json::encode(&ct), "key_version": version }),
+                Some(version),
+            )
+        }
+        Route::Decrypt => {
+            let req: json::Decrypt = json::parse(body)?;
+            let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
+            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let (pt, version) = svc.decrypt(caller, name, &ciphertext, &aad)?;
+            let pt = zeroize::Zeroizing::new(pt);
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "plaintext": json::encode(&pt), "key_version": version }),
+                Some(version),
+            )
+        }
+    }
+}
+
+fn optional_b64(field: &str, v: Option<&str>) -> Result<Vec<u8>, ServiceError> {
+    v.map_or(Ok(Vec::new()), |v| json::b64(field, v))
+}
+
+/// `prefix=` is the only query parameter; values are key-name characters, so no decoding is
+/// needed and a `%` is simply refused by the service's prefix check.
+fn list_prefix(query: &str) -> Result<String, ServiceError> {
+    let mut prefix = String::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("prefix", v)) => prefix = v.to_owned(),
+            _ => {
+                return Err(ServiceError::invalid(format!(
+                    "unknown query parameter '{}'; only 'prefix' is accepted",
+                    pair.split('=').next().unwrap_or("")
+                )))
+            }
+        }
+    }
+    Ok(prefix)
+}

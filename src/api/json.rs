@@ -1,0 +1,161 @@
+//! Request and response bodies. Bytes travel as standard base64 with padding.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::encoding;
+use crate::error::ServiceError;
+use crate::registry::KeyRecord;
+use crate::service::SignatureFormat;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sign {
+    pub message: String,
+    pub signature_format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    pub message: String,
+    pub signature: String,
+    pub key_version: Option<u32>,
+    pub signature_format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encrypt {
+    pub plaintext: String,
+    pub associated_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decrypt {
+    pub ciphertext: String,
+    pub associated_data: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct KeyView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: &'static str,
+    pub created_at: String,
+    pub created_by: String,
+    pub active_version: Option<u32>,
+    pub versions: Vec<VersionView>,
+}
+
+#[derive(Serialize)]
+pub struct VersionView {
+    pub version: u32,
+    pub state: &'static str,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+}
+
+impl KeyView {
+    pub fn of(k: &KeyRecord) -> Self {
+        Self {
+            name: k.name.to_string(),
+            key_type: k.key_type.as_str(),
+            created_at: rfc3339(k.created_at),
+            created_by: k.created_by.clone(),
+            active_version: k.active().map(|v| v.version),
+            versions: k
+                .versions
+                .iter()
+                .map(|v| VersionView {
+                    version: v.version,
+                    state: v.state.as_str(),
+                    created_at: rfc3339(v.created_at),
+                    public_key_pem: v
+                        .public_key_der
+                        .as_deref()
+                        .map(|der| encoding::pem("PUBLIC KEY", der)),
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ServiceError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            // Data errors name the field; they echo only the caller's own input.
+            Category::Data => ServiceError::invalid(format!("invalid request body: {e}")),
+            _ => ServiceError::invalid(format!(
+                "request body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            )),
+        }
+    })
+}
+
+pub fn b64(field: &str, value: &str) -> Result<Vec<u8>, ServiceError> {
+    STANDARD
+        .decode(value)
+        .map_err(|_| ServiceError::invalid(format!("field '{field}' is not valid standard base64")))
+}
+
+pub fn encode(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+pub fn signature_format(v: Option<&str>) -> Result<SignatureFormat, ServiceError> {
+    match v {
+        None | Some("der") => Ok(SignatureFormat::Der),
+        Some("raw") => Ok(SignatureFormat::Raw),
+        Some(other) => Err(ServiceError::invalid(format!(
+            "signature_format '{other}' is not 'der' or 'raw'"
+        ))),
+    }
+}
+
+/// RFC 3339 UTC timestamp from Unix seconds (proleptic Gregorian, days-from-civil inverse).
+pub fn rfc3339(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_437_296), "2026-11-23T12:34:56Z");
+    }
+}

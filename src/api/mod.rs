@@ -1,0 +1,97 @@
+//! The network front: the mutual-TLS API listener and the plain admin listener.
+
+mod admin;
+mod handlers;
+mod json;
+mod routes;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::Metrics;
+use crate::service::{Caller, Service};
+
+pub use admin::serve_admin;
+
+/// A client that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends no complete request head for this long is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct AppState {
+    pub service: Service,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
+    /// Swapped whole on reload; each new connection takes the config in force.
+    pub tls: RwLock<Arc<ServerConfig>>,
+}
+
+/// Accept mTLS connections until `shutdown` turns true.
+pub async fn serve_api(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let config = state.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let tls = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                TlsAcceptor::from(config).accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(crate::tls::identity);
+            let Some(identity) = identity else {
+                tracing::info!(peer = %peer, "client certificate carries no URI SAN or CN; closing");
+                return;
+            };
+            let caller = Arc::new(Caller { identity });
+            let svc = service_fn(move |req| routes::handle(state.clone(), caller.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+            }
+        });
+    }
+}

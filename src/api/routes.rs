@@ -1,0 +1,233 @@
+//! Routing, body limits, the response envelope, and the one log event and metric per request.
+//!
+//! Paths follow the custom-method style: `/v1/keys/{name}:{method}`. Key names cannot contain
+//! `:`, so the method is whatever follows the last colon.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use ring::rand::SecureRandom;
+
+use super::handlers::{self, Outcome};
+use super::AppState;
+use crate::error::ServiceError;
+use crate::metrics::{OperationLabel, RequestLabels};
+use crate::service::Caller;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    CreateKey,
+    ListKeys,
+    GetKey,
+    Sign,
+    Verify,
+    Encrypt,
+    Decrypt,
+}
+
+impl Route {
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::CreateKey => "create",
+            Route::ListKeys => "list",
+            Route::GetKey => "get",
+            Route::Sign => "sign",
+            Route::Verify => "verify",
+            Route::Encrypt => "encrypt",
+            Route::Decrypt => "decrypt",
+        }
+    }
+
+    fn has_body(self) -> bool {
+        !matches!(self, Route::ListKeys | Route::GetKey)
+    }
+}
+
+/// Match method and path; the second value is the key name from the path, if any.
+fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ServiceError> {
+    let unknown = || ServiceError::NotFound(format!("no such endpoint: {method} {path}"));
+    if path == "/v1/keys" {
+        return match *method {
+            Method::GET => Ok((Route::ListKeys, None)),
+            Method::POST => Ok((Route::CreateKey, None)),
+            _ => Err(ServiceError::MethodNotAllowed),
+        };
+    }
+    let rest = path.strip_prefix("/v1/keys/").ok_or_else(unknown)?;
+    match rest.rsplit_once(':') {
+        None => match *method {
+            Method::GET => Ok((Route::GetKey, Some(rest))),
+            _ => Err(ServiceError::MethodNotAllowed),
+        },
+        Some((name, custom)) => {
+            let r = match custom {
+                "sign" => Route::Sign,
+                "verify" => Route::Verify,
+                "encrypt" => Route::Encrypt,
+                "decrypt" => Route::Decrypt,
+                _ => return Err(unknown()),
+            };
+            if *method != Method::POST {
+                return Err(ServiceError::MethodNotAllowed);
+            }
+            Ok((r, Some(name)))
+        }
+    }
+}
+
+pub async fn handle(
+    state: Arc<AppState>,
+    caller: Arc<Caller>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let routed = route(&parts.method, &path);
+    let operation = routed.as_ref().map_or("unknown", |(r, _)| r.label());
+    let key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
+
+    let result = match routed {
+        Err(e) => Err(e),
+        Ok((r, name)) => {
+            let body = if r.has_body() {
+                read_body(&parts.headers, body, state.max_body_bytes).await
+            } else {
+                Ok(Bytes::new())
+            };
+            match body {
+                Ok(body) => {
+                    let query = parts.uri.query().unwrap_or("");
+                    handlers::dispatch(&state, &caller, r, name.unwrap_or(""), query, &body).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+
+    let elapsed = started.elapsed();
+    let (status, body, version, outcome) = match result {
+        Ok(Outcome {
+            status,
+            body,
+            version,
+        }) => (status, body, version, "ok"),
+        Err(e) => {
+            if let Some(detail) = e.internal_detail() {
+                tracing::error!(request_id = %request_id, detail, "request failed inside the service");
+                let kind = if matches!(e, ServiceError::Unavailable { .. }) {
+                    "unavailable"
+                } else {
+                    "failed"
+                };
+                state
+                    .metrics
+                    .backend_errors
+                    .get_or_create(&crate::metrics::BackendErrorLabel { kind })
+                    .inc();
+            }
+            (e.status(), e.to_json(), None, e.code())
+        }
+    };
+    // The operations log: who did what to which key, never bodies, signatures or secrets.
+    tracing::info!(
+        target: "tillkey::request",
+        request_id = %request_id,
+        identity = %caller.identity,
+        operation,
+        key,
+        version = version.unwrap_or(0),
+        outcome,
+        status = status.as_u16(),
+        latency_us = elapsed.as_micros() as u64,
+    );
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels { operation, outcome })
+        .inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&OperationLabel { operation })
+        .observe(elapsed.as_secs_f64());
+    Ok(respond(status, body, &request_id))
+}
+
+async fn read_body(
+    headers: &hyper::HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, ServiceError> {
+    let too_large = ServiceError::PayloadTooLarge { limit };
+    if let Some(len) = headers.get(CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ServiceError::invalid("Content-Length is not a number"))?;
+        if len > limit as u64 {
+            return Err(too_large);
+        }
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
+        Err(_) => Err(ServiceError::invalid("the request body could not be read")),
+    }
+}
+
+fn respond(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    resp
+}
+
+fn request_id() -> String {
+    let mut id = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut id);
+    crate::registry::hex_encode(&id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_custom_methods_on_nested_names() {
+        let (r, n) = route(&Method::POST, "/v1/keys/stores/1/pos/2/qr-mac:sign").unwrap();
+        assert_eq!((r, n), (Route::Sign, Some("stores/1/pos/2/qr-mac")));
+        let (r, n) = route(&Method::GET, "/v1/keys/stores/1").unwrap();
+        assert_eq!((r, n), (Route::GetKey, Some("stores/1")));
+        assert_eq!(route(&Method::GET, "/v1/keys").unwrap().0, Route::ListKeys);
+        assert!(matches!(
+            route(&Method::GET, "/v1/keys/a:sign"),
+            Err(ServiceError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/v1/keys/a:explode"),
+            Err(ServiceError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/v2/keys"),
+            Err(ServiceError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(&Method::DELETE, "/v1/keys"),
+            Err(ServiceError::MethodNotAllowed)
+        ));
+    }
+}

@@ -1,0 +1,107 @@
+//! The hardware boundary.
+//!
+//! Everything above this module talks to keys through [`KeyBackend`] and names backend objects
+//! only by the opaque bytes in [`ObjectRef`]. Each implementation translates its own library's
+//! errors into [`BackendError`] exactly once, at its edge, with enough context (slot, token,
+//! object label) for an operator to act on, and classifies them so the service knows whether to
+//! blame the caller, the request, or the device.
+
+pub mod pkcs11;
+
+use std::sync::Arc;
+
+use crate::keys::KeyType;
+
+/// Backend-specific reference to a stored key (for PKCS#11 the `CKA_ID`). Stored in the
+/// registry; meaningless to anyone but the backend that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef(pub Vec<u8>);
+
+/// A freshly generated key version.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    pub object: ObjectRef,
+    /// DER SubjectPublicKeyInfo, for asymmetric types.
+    pub public_key_der: Option<Vec<u8>>,
+}
+
+/// One key version as the backend needs to see it.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub key_type: KeyType,
+    pub object: &'a ObjectRef,
+}
+
+/// Whether the backend can serve, and if not, why (shown on `/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    NotReady(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The device is gone or recovering; the request may succeed later.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend cannot do this for this key type; the message names the backend.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The request's data was refused by the device (e.g. wrong length); the caller's fault.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Anything else: an internal fault with context for the log.
+    #[error("backend failure: {0}")]
+    Failed(String),
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Length of the AES-GCM nonce the service generates for each encryption.
+pub const GCM_NONCE_LEN: usize = 12;
+
+/// A store of keys that never leave it in the clear.
+///
+/// Calls are blocking and short (tens of microseconds on SoftHSM); implementations are safe to
+/// call from many threads at once and keep their own session or context pools.
+pub trait KeyBackend: Send + Sync {
+    /// Short name used in messages and metrics ("pkcs11", "tpm").
+    fn kind(&self) -> &'static str;
+
+    fn supports(&self, key_type: KeyType) -> bool;
+
+    /// Generate a new non-extractable key inside the device. `label` is a human-readable name
+    /// for standard tools (e.g. `pkcs11-tool --list-objects`).
+    fn generate(&self, key_type: KeyType, label: &str) -> BackendResult<GeneratedKey>;
+
+    /// HMAC tag, ECDSA signature (raw `r || s`, over SHA-256 of `message`) or Ed25519 signature.
+    fn sign(&self, key: KeyRef<'_>, message: &[u8]) -> BackendResult<Vec<u8>>;
+
+    /// `Ok(false)` for a well-formed request whose signature does not match.
+    fn verify(&self, key: KeyRef<'_>, message: &[u8], signature: &[u8]) -> BackendResult<bool>;
+
+    /// AES-256-GCM; returns ciphertext followed by the 16-byte tag.
+    fn encrypt(
+        &self,
+        key: KeyRef<'_>,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> BackendResult<Vec<u8>>;
+
+    /// `Ok(None)` when the ciphertext or associated data fail authentication.
+    fn decrypt(
+        &self,
+        key: KeyRef<'_>,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> BackendResult<Option<Vec<u8>>>;
+
+    /// Delete the key's objects from the device.
+    fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()>;
+
+    fn health(&self) -> Health;
+}
+
+pub type SharedBackend = Arc<dyn KeyBackend>;

@@ -1,0 +1,377 @@
+//! PKCS#11 backend on `cryptoki` (SoftHSM2 in development and CI).
+//!
+//! A supervisor thread watches the token. When a call fails in a way that means the device,
+//! session or login is gone, the backend drops its [`connection::Connection`], reports not-ready
+//! and reconnects in the background; requests meanwhile fail at once with `Unavailable` instead
+//! of waiting on a dead device.
+
+mod connection;
+mod errors;
+mod templates;
+pub mod uri;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::session::Session;
+use zeroize::Zeroizing;
+
+use self::connection::{Connection, OpError};
+use self::errors::{is_auth_failure, severity, translate, Severity};
+use self::templates::Template;
+pub use self::uri::TokenSelector;
+use super::{
+    BackendError, BackendResult, GeneratedKey, Health, KeyBackend, KeyRef, ObjectRef, GCM_NONCE_LEN,
+};
+use crate::encoding;
+use crate::keys::KeyType;
+
+/// How long a request waits for a free session before answering `Unavailable`.
+const SESSION_WAIT: Duration = Duration::from_secs(5);
+/// How often the supervisor probes a healthy token, and retries a failed one.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Pkcs11Settings {
+    pub module: PathBuf,
+    pub token_uri: String,
+    pub token: TokenSelector,
+    pub pin: Zeroizing<String>,
+    pub sessions: usize,
+}
+
+pub struct Pkcs11Backend {
+    settings: Pkcs11Settings,
+    live: RwLock<Option<Arc<Connection>>>,
+    health: Mutex<Health>,
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl Pkcs11Backend {
+    /// Connect now (a daemon that cannot reach its token at start refuses to start, so a wrong
+    /// PIN or URI is seen at once) and start the supervisor.
+    pub fn open(settings: Pkcs11Settings) -> Result<Arc<Self>, String> {
+        let conn = Connection::open(&settings)?;
+        let backend = Arc::new(Self {
+            settings,
+            live: RwLock::new(Some(Arc::new(conn))),
+            health: Mutex::new(Health::Ready),
+            wake: (Mutex::new(false), Condvar::new()),
+        });
+        let weak = Arc::downgrade(&backend);
+        std::thread::Builder::new()
+            .name("pkcs11-supervisor".into())
+            .spawn(move || supervise(weak))
+            .map_err(|e| format!("starting the pkcs11 supervisor: {e}"))?;
+        Ok(backend)
+    }
+
+    pub fn token_label(&self) -> Option<String> {
+        self.current().map(|c| c.token_label.clone())
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.current().map_or(0, |c| c.pool_size())
+    }
+
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Tear down `conn` (if it is still the live one) and let the supervisor rebuild.
+    fn fail(&self, conn: &Arc<Connection>, why: String) {
+        {
+            let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+            if live.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                *live = None;
+                tracing::error!(token = %conn.token_label, reason = %why, "pkcs11 token failed; reconnecting");
+            }
+        }
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Health::NotReady(why);
+        let (flag, cv) = &self.wake;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_one();
+    }
+
+    /// Run `f` on a pooled session, classifying failures once. A stale handle is looked up again
+    /// once; a fatal error tears the connection down.
+    fn with_session<T>(
+        &self,
+        what: &str,
+        object: &ObjectRef,
+        f: impl Fn(&Connection, &Session) -> Result<T, OpError>,
+    ) -> BackendResult<T> {
+        let conn = self.current().ok_or_else(|| {
+            BackendError::Unavailable(format!(
+                "pkcs11 token {} is reconnecting",
+                self.settings.token_uri
+            ))
+        })?;
+        let session = conn.take_session(SESSION_WAIT).ok_or_else(|| {
+            BackendError::Unavailable(format!(
+                "all {} pkcs11 sessions stayed busy for {SESSION_WAIT:?}",
+                conn.pool_size()
+            ))
+        })?;
+        let mut result = f(&conn, &session);
+        if let Err(OpError::Ck(e)) = &result {
+            if severity(e) == Severity::StaleHandle {
+                conn.forget_handles(Some(&object.0));
+                result = f(&conn, &session);
+            }
+        }
+        let object_label = hex(&object.0);
+        match result {
+            Ok(v) => {
+                conn.give_session(session);
+                Ok(v)
+            }
+            Err(OpError::ObjectMissing) => {
+                conn.give_session(session);
+                Err(BackendError::Failed(format!(
+                    "pkcs11 {what}: token '{}' holds no object with id {object_label}",
+                    conn.token_label
+                )))
+            }
+            Err(OpError::Ck(e)) => {
+                let err = translate(&e, what, &conn.token_label, &object_label);
+                if severity(&e) == Severity::Fatal {
+                    let _ = session.close();
+                    self.fail(&conn, err.to_string());
+                } else {
+                    conn.give_session(session);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn unsupported(&self, what: &str, key_type: KeyType) -> BackendError {
+        BackendError::Unsupported(format!(
+            "{what} is not an operation of {} keys",
+            key_type.as_str()
+        ))
+    }
+}
+
+fn supervise(backend: Weak<Pkcs11Backend>) {
+    let mut previous: Weak<Connection> = Weak::new();
+    loop {
+        let Some(b) = backend.upgrade() else { return };
+        match b.current() {
+            Some(conn) => {
+                if let Err(e) = conn.probe() {
+                    if severity(&e) == Severity::Fatal {
+                        b.fail(
+                            &conn,
+                            translate(&e, "probe", &conn.token_label, "-").to_string(),
+                        );
+                    }
+                }
+                previous = Arc::downgrade(&conn);
+            }
+            None => {
+                // The old connection must be finalized before the library is initialized again;
+                // in-flight calls on it finish first (bounded, a hung device is not waited for).
+                for _ in 0..100 {
+                    if previous.strong_count() == 0 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                match Connection::open(&b.settings) {
+                    Ok(conn) => {
+                        tracing::info!(token = %conn.token_label, "pkcs11 token reconnected");
+                        *b.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(conn));
+                        *b.health.lock().unwrap_or_else(|p| p.into_inner()) = Health::Ready;
+                    }
+                    Err(why) => {
+                        tracing::warn!(reason = %why, "pkcs11 reconnect failed; will retry");
+                        *b.health.lock().unwrap_or_else(|p| p.into_inner()) = Health::NotReady(why);
+                    }
+                }
+            }
+        }
+        let (flag, cv) = &b.wake;
+        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut woken, _) = cv
+            .wait_timeout_while(guard, PROBE_INTERVAL, |w| !*w)
+            .unwrap_or_else(|p| p.into_inner());
+        *woken = false;
+    }
+}
+
+fn object_class(key_type: KeyType, public: bool) -> ObjectClass {
+    match key_type {
+        KeyType::HmacSha256 | KeyType::Aes256Gcm => ObjectClass::SECRET_KEY,
+        _ if public => ObjectClass::PUBLIC_KEY,
+        _ => ObjectClass::PRIVATE_KEY,
+    }
+}
+
+fn sign_mechanism(key_type: KeyType) -> Option<Mechanism<'static>> {
+    match key_type {
+        KeyType::HmacSha256 => Some(Mechanism::Sha256Hmac),
+        // SoftHSM offers raw ECDSA only: the service hashes, the token signs the digest.
+        KeyType::EcdsaP256 => Some(Mechanism::Ecdsa),
+        KeyType::Ed25519 => Some(Mechanism::Eddsa(EddsaParams::new(
+            EddsaSignatureScheme::Pure,
+        ))),
+        KeyType::Aes256Gcm => None,
+    }
+}
+
+/// What the token actually signs: the SHA-256 digest for ECDSA, the message otherwise.
+fn to_be_signed(key_type: KeyType, message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if key_type == KeyType::EcdsaP256 {
+        ring::digest::digest(&ring::digest::SHA256, message)
+            .as_ref()
+            .to_vec()
+            .into()
+    } else {
+        message.into()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl KeyBackend for Pkcs11Backend {
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn supports(&self, _key_type: KeyType) -> bool {
+        true
+    }
+
+    fn generate(&self, key_type: KeyType, label: &str) -> BackendResult<GeneratedKey> {
+        let mut id = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| BackendError::Failed("system random generator failed".into()))?;
+        let object = ObjectRef(id.to_vec());
+        let template = templates::for_type(key_type, &id, label);
+        self.with_session("generate", &object, |_, s| match &template {
+            Template::Secret { mechanism, attrs } => {
+                s.generate_key(mechanism, attrs)?;
+                Ok(None)
+            }
+            Template::Pair {
+                mechanism,
+                public,
+                private,
+            } => {
+                let (pub_h, _) = s.generate_key_pair(mechanism, public, private)?;
+                let attrs = s.get_attributes(pub_h, &[AttributeType::EcPoint])?;
+                let point = attrs.into_iter().find_map(|a| match a {
+                    Attribute::EcPoint(p) => Some(p),
+                    _ => None,
+                });
+                Ok(point)
+            }
+        })
+        .and_then(|point| {
+            let public_key_der = match point {
+                None => None,
+                Some(p) => Some(encoding::spki_from_ec_point(key_type, &p).ok_or_else(|| {
+                    BackendError::Failed(format!(
+                        "pkcs11 generate: unexpected CKA_EC_POINT of {} bytes",
+                        p.len()
+                    ))
+                })?),
+            };
+            Ok(GeneratedKey {
+                object: object.clone(),
+                public_key_der,
+            })
+        })
+    }
+
+    fn sign(&self, key: KeyRef<'_>, message: &[u8]) -> BackendResult<Vec<u8>> {
+        let mech =
+            sign_mechanism(key.key_type).ok_or_else(|| self.unsupported("sign", key.key_type))?;
+        let data = to_be_signed(key.key_type, message);
+        let class = object_class(key.key_type, false);
+        self.with_session("sign", key.object, |conn, s| {
+            let h = conn.handle(s, class, &key.object.0)?;
+            Ok(s.sign(&mech, h, &data)?)
+        })
+    }
+
+    fn verify(&self, key: KeyRef<'_>, message: &[u8], signature: &[u8]) -> BackendResult<bool> {
+        let mech =
+            sign_mechanism(key.key_type).ok_or_else(|| self.unsupported("verify", key.key_type))?;
+        let data = to_be_signed(key.key_type, message);
+        let class = object_class(key.key_type, true);
+        self.with_session("verify", key.object, |conn, s| {
+            let h = conn.handle(s, class, &key.object.0)?;
+            match s.verify(&mech, h, &data, signature) {
+                Ok(()) => Ok(true),
+                Err(e) if is_auth_failure(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn encrypt(
+        &self,
+        key: KeyRef<'_>,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> BackendResult<Vec<u8>> {
+        if !key.key_type.encrypts() {
+            return Err(self.unsupported("encrypt", key.key_type));
+        }
+        self.with_session("encrypt", key.object, |conn, s| {
+            let h = conn.handle(s, ObjectClass::SECRET_KEY, &key.object.0)?;
+            let mut iv = *nonce;
+            let params = GcmParams::new(&mut iv, aad, 128.into())?;
+            Ok(s.encrypt(&Mechanism::AesGcm(params), h, plaintext)?)
+        })
+    }
+
+    fn decrypt(
+        &self,
+        key: KeyRef<'_>,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> BackendResult<Option<Vec<u8>>> {
+        if !key.key_type.encrypts() {
+            return Err(self.unsupported("decrypt", key.key_type));
+        }
+        self.with_session("decrypt", key.object, |conn, s| {
+            let h = conn.handle(s, ObjectClass::SECRET_KEY, &key.object.0)?;
+            let mut iv = *nonce;
+            let params = GcmParams::new(&mut iv, aad, 128.into())?;
+            match s.decrypt(&Mechanism::AesGcm(params), h, ciphertext) {
+                Ok(pt) => Ok(Some(pt)),
+                Err(e) if is_auth_failure(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
+        self.with_session("destroy", key.object, |conn, s| {
+            for h in conn.all_objects(s, &key.object.0)? {
+                s.destroy_object(h)?;
+            }
+            conn.forget_handles(Some(&key.object.0));
+            Ok(())
+        })
+    }
+
+    fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,86 @@
+//! Attribute templates for the keys tillkey generates.
+//!
+//! Every private or secret key is a token object, private, sensitive and never extractable, so
+//! it cannot leave the device even through a later `C_WrapKey`. `CKA_ID` and `CKA_LABEL` are set
+//! on every object so standard tools (`pkcs11-tool --list-objects`) show which key is which.
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass};
+
+use crate::keys::KeyType;
+
+/// DER OID of prime256v1 (secp256r1), the `CKA_EC_PARAMS` of P-256 keys.
+pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// DER OID 1.3.101.112 (id-Ed25519).
+pub const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+
+pub enum Template {
+    Secret {
+        mechanism: Mechanism<'static>,
+        attrs: Vec<Attribute>,
+    },
+    Pair {
+        mechanism: Mechanism<'static>,
+        public: Vec<Attribute>,
+        private: Vec<Attribute>,
+    },
+}
+
+pub fn for_type(key_type: KeyType, id: &[u8], label: &str) -> Template {
+    let common = |class: ObjectClass| {
+        vec![
+            Attribute::Class(class),
+            Attribute::Token(true),
+            Attribute::Id(id.to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ]
+    };
+    let locked = [
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Derive(false),
+        Attribute::Unwrap(false),
+    ];
+    match key_type {
+        KeyType::HmacSha256 | KeyType::Aes256Gcm => {
+            let mut attrs = common(ObjectClass::SECRET_KEY);
+            attrs.extend(locked);
+            // CKA_WRAP exists for secret (and public) keys only.
+            attrs.push(Attribute::Wrap(false));
+            attrs.push(Attribute::ValueLen(32.into()));
+            let mechanism = if key_type == KeyType::HmacSha256 {
+                attrs.push(Attribute::KeyType(CkKeyType::GENERIC_SECRET));
+                attrs.extend([Attribute::Sign(true), Attribute::Verify(true)]);
+                Mechanism::GenericSecretKeyGen
+            } else {
+                attrs.push(Attribute::KeyType(CkKeyType::AES));
+                attrs.extend([Attribute::Encrypt(true), Attribute::Decrypt(true)]);
+                Mechanism::AesKeyGen
+            };
+            Template::Secret { mechanism, attrs }
+        }
+        KeyType::EcdsaP256 | KeyType::Ed25519 => {
+            let (mechanism, params) = if key_type == KeyType::EcdsaP256 {
+                (Mechanism::EccKeyPairGen, P256_PARAMS.to_vec())
+            } else {
+                (Mechanism::EccEdwardsKeyPairGen, ED25519_PARAMS.to_vec())
+            };
+            let mut public = common(ObjectClass::PUBLIC_KEY);
+            public.extend([
+                Attribute::Private(false),
+                Attribute::Verify(true),
+                Attribute::EcParams(params),
+            ]);
+            let mut private = common(ObjectClass::PRIVATE_KEY);
+            private.extend(locked);
+            private.push(Attribute::Sign(true));
+            Template::Pair {
+                mechanism,
+                public,
+                private,
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! bench
+use clap::Args;
+#[derive(Args)]
+pub struct BenchArgs {}
+pub fn run(_a: BenchArgs) -> Result<(), String> {
+    Err("todo".into())
+}

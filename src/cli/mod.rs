@@ -1,0 +1,283 @@
+//! The `tillkey` operator CLI: development PKI, key management and client calls.
+
+pub mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "tillkey",
+    version,
+    about = "Operator and client CLI for tillkeyd"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Create, list and inspect keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign (or MAC) a message with a key's active version.
+    Sign {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[command(flatten)]
+        message: Message,
+        /// ECDSA signature encoding: der (default) or raw (r||s).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Verify a signature or MAC.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[command(flatten)]
+        message: Message,
+        /// Signature, base64.
+        #[arg(long)]
+        signature: String,
+        #[arg(long)]
+        key_version: Option<u32>,
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Encrypt with an aes256-gcm key; prints the ciphertext (base64).
+    Encrypt {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[command(flatten)]
+        message: Message,
+        /// Associated data, as text.
+        #[arg(long)]
+        aad: Option<String>,
+    },
+    /// Decrypt a ciphertext made by `encrypt`.
+    Decrypt {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        /// Ciphertext, base64.
+        #[arg(long)]
+        ciphertext: String,
+        #[arg(long)]
+        aad: Option<String>,
+    },
+    /// Measure raw token speed against tillkeyd's on the same token, in one run.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make a development CA, server certificate and client certificates in DIR.
+    Dev { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        /// hmac-sha256, ecdsa-p256, ed25519 or aes256-gcm.
+        #[arg(long = "type")]
+        key_type: String,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    Get {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+    },
+}
+
+/// Where tillkeyd is and who we are.
+#[derive(Args, Clone)]
+pub struct Conn {
+    #[arg(long, env = "TILLKEY_URL", default_value = "https://localhost:8443")]
+    pub url: String,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, env = "TILLKEY_CA")]
+    pub ca: PathBuf,
+    /// Client certificate (PEM).
+    #[arg(long, env = "TILLKEY_CERT")]
+    pub cert: PathBuf,
+    /// Client private key (PEM).
+    #[arg(long, env = "TILLKEY_KEY")]
+    pub key: PathBuf,
+}
+
+impl Conn {
+    pub fn client(&self) -> Result<Client, String> {
+        Client::new(&self.url, &self.ca, Some((&self.cert, &self.key))).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Message {
+    /// The message as text.
+    #[arg(long)]
+    message: Option<String>,
+    /// The message as base64.
+    #[arg(long)]
+    message_b64: Option<String>,
+    /// Read the message from a file.
+    #[arg(long)]
+    message_file: Option<PathBuf>,
+}
+
+impl Message {
+    fn base64(&self) -> Result<String, String> {
+        if let Some(m) = &self.message {
+            return Ok(STANDARD.encode(m));
+        }
+        if let Some(m) = &self.message_b64 {
+            return Ok(m.clone());
+        }
+        let path = self.message_file.as_ref().ok_or("no message given")?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(STANDARD.encode(bytes))
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pki(PkiCommand::Dev { dir }) => crate::pki::dev(&dir).map(|()| {
+            println!("development PKI written to {}", dir.display());
+            true
+        }),
+        Command::Bench(args) => bench::run(args).map(|()| true),
+        other => runtime().and_then(|rt| rt.block_on(call(other))),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tillkey: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Run one API call, print the JSON answer; `Ok(false)` when the server said no.
+async fn call(cmd: Command) -> Result<bool, String> {
+    let aad = |a: Option<String>| a.map(|a| STANDARD.encode(a));
+    let (conn, method, path, body): (Conn, Method, String, Option<Value>) = match cmd {
+        Command::Keys(KeysCommand::Create {
+            conn,
+            name,
+            key_type,
+        }) => (
+            conn,
+            Method::POST,
+            "/v1/keys".into(),
+            Some(json!({"name": name, "type": key_type})),
+        ),
+        Command::Keys(KeysCommand::List { conn, prefix }) => {
+            (conn, Method::GET, format!("/v1/keys?prefix={prefix}"), None)
+        }
+        Command::Keys(KeysCommand::Get { conn, name }) => {
+            (conn, Method::GET, format!("/v1/keys/{name}"), None)
+        }
+        Command::Sign {
+            conn,
+            name,
+            message,
+            format,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:sign"),
+            Some(json!({"message": message.base64()?, "signature_format": format})),
+        ),
+        Command::Verify {
+            conn,
+            name,
+            message,
+            signature,
+            key_version,
+            format,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:verify"),
+            Some(json!({"message": message.base64()?, "signature": signature,
+                        "key_version": key_version, "signature_format": format})),
+        ),
+        Command::Encrypt {
+            conn,
+            name,
+            message,
+            aad: a,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:encrypt"),
+            Some(json!({"plaintext": message.base64()?, "associated_data": aad(a)})),
+        ),
+        Command::Decrypt {
+            conn,
+            name,
+            ciphertext,
+            aad: a,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:decrypt"),
+            Some(json!({"ciphertext": ciphertext, "associated_data": aad(a)})),
+        ),
+        Command::Pki(_) | Command::Bench(_) => return Err("not an API call".into()),
+    };
+    let body = body.map(strip_nulls);
+    let mut connection = conn.client()?.connect().await.map_err(|e| e.to_string())?;
+    let (status, answer) = connection
+        .call(method, &path, body.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    Ok(status.is_success())
+}
+
+/// Optional flags left unset are omitted rather than sent as `null`.
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect())
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,302 @@
+//! Daemon configuration: TOML with `deny_unknown_fields`, validated into [`Config`] before any
+//! port is bound or the token is touched. A bad config is reported with the file and field and
+//! the daemon exits with status 64.
+//!
+//! Relative paths are relative to the directory of the config file, so a config and its
+//! certificates can move together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::backend::pkcs11::{Pkcs11Settings, TokenSelector};
+
+/// Largest request body the API accepts unless configured otherwise (64 KiB): enough for any
+/// message a retail flow signs, small enough that a flood of large bodies cannot exhaust memory.
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// Hard ceiling on `max_body_bytes`.
+pub const MAX_MAX_BODY: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    tls: RawTls,
+    backend: RawBackend,
+    registry: RawRegistry,
+    policy: RawPolicy,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    admin_listen: String,
+    max_body_bytes: Option<usize>,
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+enum RawBackend {
+    #[serde(rename = "pkcs11")]
+    Pkcs11 {
+        module: PathBuf,
+        token: String,
+        pin_file: Option<PathBuf>,
+        pin_credential: Option<String>,
+        sessions: Option<usize>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    sqlite: Option<PathBuf>,
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// Validated configuration.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+    pub tls: TlsFiles,
+    pub backend: BackendConfig,
+    /// sqlx connection URL of the registry database.
+    pub registry_url: String,
+    pub policy_dir: PathBuf,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+pub enum BackendConfig {
+    Pkcs11(Pkcs11Settings),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+/// Command-line overrides (for tests and ad-hoc runs).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        // Absolute, so the daemon's paths do not depend on its working directory.
+        let absolute =
+            std::fs::canonicalize(path).map_err(|e| err(format!("cannot resolve: {e}")))?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
+        Self::validate(raw, base, overrides).map_err(err)
+    }
+
+    fn validate(raw: RawConfig, base: &Path, ov: &Overrides) -> Result<Self, String> {
+        let addr = |field: &str, v: &str| {
+            v.parse::<SocketAddr>().map_err(|e| {
+                format!("{field} = '{v}': {e} (expected host:port with an IP address)")
+            })
+        };
+        let listen = match ov.listen {
+            Some(a) => a,
+            None => addr("server.listen", &raw.server.listen)?,
+        };
+        let admin_listen = match ov.admin_listen {
+            Some(a) => a,
+            None => addr("server.admin_listen", &raw.server.admin_listen)?,
+        };
+        let max_body_bytes = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+        if !(1024..=MAX_MAX_BODY).contains(&max_body_bytes) {
+            return Err(format!(
+                "server.max_body_bytes = {max_body_bytes}: must be between 1024 and {MAX_MAX_BODY}"
+            ));
+        }
+        let workers = raw
+            .server
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        if !(1..=256).contains(&workers) {
+            return Err(format!(
+                "server.workers = {workers}: must be between 1 and 256"
+            ));
+        }
+
+        let file = |field: &str, p: &Path| -> Result<PathBuf, String> {
+            let full = base.join(p);
+            std::fs::metadata(&full).map_err(|e| format!("{field} = '{}': {e}", full.display()))?;
+            Ok(full)
+        };
+        let tls = TlsFiles {
+            cert: file("tls.cert", &raw.tls.cert)?,
+            key: file("tls.key", &raw.tls.key)?,
+            client_ca: file("tls.client_ca", &raw.tls.client_ca)?,
+        };
+
+        let backend = match raw.backend {
+            RawBackend::Pkcs11 {
+                module,
+                token,
+                pin_file,
+                pin_credential,
+                sessions,
+            } => {
+                let module = file("backend.module", &module)?;
+                let selector =
+                    TokenSelector::parse(&token).map_err(|e| format!("backend.token: {e}"))?;
+                let pin = match (pin_file, pin_credential) {
+                    (Some(f), None) => read_pin(&file("backend.pin_file", &f)?)?,
+                    (None, Some(name)) => read_pin(&credential_path(&name)?)?,
+                    _ => {
+                        return Err("backend: give exactly one of pin_file or pin_credential".into())
+                    }
+                };
+                let sessions = sessions.unwrap_or(workers * 2 + 2);
+                if !(1..=512).contains(&sessions) {
+                    return Err(format!(
+                        "backend.sessions = {sessions}: must be between 1 and 512"
+                    ));
+                }
+                BackendConfig::Pkcs11(Pkcs11Settings {
+                    module,
+                    token_uri: token,
+                    token: selector,
+                    pin,
+                    sessions,
+                })
+            }
+        };
+
+        let registry_url = match (raw.registry.sqlite, raw.registry.url) {
+            (Some(p), None) => {
+                let full = base.join(p);
+                let dir = full.parent().unwrap_or(Path::new("."));
+                if !dir.is_dir() {
+                    return Err(format!(
+                        "registry.sqlite: directory {} does not exist",
+                        dir.display()
+                    ));
+                }
+                format!("sqlite://{}?mode=rwc", full.display())
+            }
+            (None, Some(url))
+                if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+            {
+                url
+            }
+            (None, Some(url)) => {
+                return Err(format!(
+                    "registry.url: '{}' is not a postgres:// URL (use registry.sqlite for SQLite)",
+                    url.split('@').next_back().unwrap_or("")
+                ))
+            }
+            _ => return Err("registry: give exactly one of sqlite or url".into()),
+        };
+
+        let policy_dir = base.join(raw.policy.dir);
+        if !policy_dir.is_dir() {
+            return Err(format!(
+                "policy.dir: {} is not a directory",
+                policy_dir.display()
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            max_body_bytes,
+            workers,
+            tls,
+            backend,
+            registry_url,
+            policy_dir,
+            log_format: raw.log.format.unwrap_or_default(),
+        })
+    }
+}
+
+/// A systemd credential (`LoadCredential=`) lives in `$CREDENTIALS_DIRECTORY`.
+fn credential_path(name: &str) -> Result<PathBuf, String> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!(
+            "backend.pin_credential = '{name}': not a credential name"
+        ));
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+        "backend.pin_credential is set but CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)".to_string()
+    })?;
+    Ok(Path::new(&dir).join(name))
+}
+
+/// Read a PIN, refusing a file others can read: a PIN that anyone on the host can see is not a
+/// secret, and failing closed here is cheaper than discovering it in an audit.
+fn read_pin(path: &Path) -> Result<Zeroizing<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o007 != 0 {
+        return Err(format!(
+            "PIN file {} is accessible to other users; chmod o-rwx it",
+            path.display()
+        ));
+    }
+    let raw = Zeroizing::new(
+        std::fs::read(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?,
+    );
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| format!("PIN file {} is not UTF-8", path.display()))?;
+    let pin = Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned());
+    if pin.is_empty() {
+        return Err(format!("PIN file {} is empty", path.display()));
+    }
+    Ok(pin)
+}

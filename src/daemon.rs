@@ -1,0 +1,177 @@
+//! Start-up order and signals for `tillkeyd`.
+//!
+//! Everything that can be wrong with the configuration (the TOML, the policy files, the TLS
+//! files, the token and PIN, the registry) is checked before a port is bound, so a daemon that
+//! is listening is a daemon that can serve.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::SharedBackend;
+use crate::config::{BackendConfig, Config, LogFormat, Overrides};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::policy::{Policy, PolicyHandle};
+use crate::registry::Registry;
+use crate::service::Service;
+
+/// sysexits.h EX_USAGE / EX_CONFIG-style: the operator must fix the configuration.
+const EXIT_CONFIG: u8 = 64;
+/// The token, registry or a listener could not be brought up.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
+    let config = match Config::load(config_path, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tillkeyd: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Startup::Config(e)) => {
+            tracing::error!(error = %e, "invalid configuration; not starting");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Startup::Unavailable(e)) => {
+            tracing::error!(error = %e, "cannot start");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+enum Startup {
+    Config(String),
+    Unavailable(String),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TILLKEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(config: Config) -> Result<(), Startup> {
+    let policy = Policy::load_dir(&config.policy_dir).map_err(Startup::Config)?;
+    tracing::info!(
+        files = policy.file_count(),
+        grants = policy.grant_count(),
+        "policy loaded"
+    );
+    let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
+
+    let backend: SharedBackend = match config.backend {
+        BackendConfig::Pkcs11(settings) => {
+            let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
+                .await
+                .map_err(|e| Startup::Unavailable(e.to_string()))?
+                .map_err(Startup::Unavailable)?;
+            tracing::info!(
+                token = opened.token_label().unwrap_or_default(),
+                sessions = opened.session_count(),
+                "pkcs11 token ready"
+            );
+            opened
+        }
+    };
+    let registry = Registry::open(&config.registry_url)
+        .await
+        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
+    tracing::info!(keys = registry.len(), "registry loaded");
+
+    let state = Arc::new(AppState {
+        service: Service::new(backend, registry, PolicyHandle::new(policy)),
+        metrics: Metrics::new(),
+        max_body_bytes: config.max_body_bytes,
+        tls: RwLock::new(tls),
+    });
+
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| Startup::Unavailable(format!("cannot listen on {addr}: {e}")))
+    };
+    let api_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|e| Startup::Unavailable(e.to_string()))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|e| Startup::Unavailable(e.to_string()))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api_task = tokio::spawn(api::serve_api(api_listener, state.clone(), stop_rx.clone()));
+    let admin_task = tokio::spawn(api::serve_admin(admin_listener, state.clone(), stop_rx));
+    tracing::info!(api_addr = %api_addr, admin_addr = %admin_addr, "listening");
+
+    let signal_err = |e: std::io::Error| Startup::Unavailable(format!("signal handler: {e}"));
+    let mut hup = signal(SignalKind::hangup()).map_err(signal_err)?;
+    let mut term = signal(SignalKind::terminate()).map_err(signal_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(signal_err)?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload_policy(&state, &config.policy_dir),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = api_task.await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+/// SIGHUP: a valid new policy replaces the old one whole; an invalid one is refused and the old
+/// one stays in force.
+fn reload_policy(state: &AppState, dir: &Path) {
+    let outcome = match Policy::load_dir(dir) {
+        Ok(p) => {
+            tracing::info!(
+                files = p.file_count(),
+                grants = p.grant_count(),
+                "policy reloaded"
+            );
+            state.service.policy().replace(p);
+            "ok"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+            "invalid"
+        }
+    };
+    state
+        .metrics
+        .policy_reloads
+        .get_or_create(&RequestLabels {
+            operation: "reload",
+            outcome,
+        })
+        .inc();
+}

@@ -1,0 +1,102 @@
+//! The service's one error type and its one mapping to HTTP.
+//!
+//! Messages are written for the client: they say what was wrong with the request, never which
+//! slot, object handle or internal path was involved. Internal detail goes to the log, tied to
+//! the request id, through [`ServiceError::internal_detail`].
+
+use hyper::StatusCode;
+
+use crate::backend::BackendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedOperation(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the key backend is unavailable; retry later")]
+    Unavailable { detail: String },
+    #[error("internal error")]
+    Internal { detail: String },
+}
+
+impl ServiceError {
+    /// Stable, documented error code (see `docs/openapi.yaml`). Clients branch on this, so a
+    /// value never changes meaning once released.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::NotFound(_) => "not_found",
+            Self::AlreadyExists(_) => "already_exists",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedOperation(_) => "unsupported_operation",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal { .. } => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::AlreadyExists(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Detail that belongs in the operations log but not in the response.
+    pub fn internal_detail(&self) -> Option<&str> {
+        match self {
+            Self::Unavailable { detail } | Self::Internal { detail } => Some(detail),
+            _ => None,
+        }
+    }
+
+    /// The JSON body `{"error":{"code","message"}}`.
+    pub fn to_json(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        body.to_string().into_bytes()
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+}
+
+impl From<BackendError> for ServiceError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Unavailable(detail) => Self::Unavailable { detail },
+            BackendError::Unsupported(msg) => Self::UnsupportedOperation(msg),
+            BackendError::InvalidInput(msg) => Self::InvalidArgument(msg),
+            BackendError::Failed(detail) => Self::Internal { detail },
+        }
+    }
+}
+
+impl From<crate::registry::RegistryError> for ServiceError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        Self::Internal {
+            detail: format!("registry: {e}"),
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! tillkey: a hardware-backed key service for retail payments.
+//!
+//! Layers, from the wire inwards:
+//! - [`api`]: mutual-TLS HTTP front and the admin listener; turns requests into [`service`] calls.
+//! - [`service`]: the one place where policy, registry and backend meet.
+//! - [`policy`]: default-deny grants of operations on key names to client identities.
+//! - [`registry`]: key metadata (names, versions, states, backend object references) in SQL.
+//! - [`backend`]: the `KeyBackend` trait and its hardware implementations. Nothing above this
+//!   module sees a PKCS#11 or TPM type.
+//!
+//! `unsafe` is forbidden here; the FFI lives inside `cryptoki`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod encoding;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod registry;
+pub mod service;
+pub mod tls;

@@ -1,0 +1,383 @@
+//! Operations, in the order every request is judged: a well-formed name (400), a grant for this
+//! caller (403, before existence so names are not probed), a known key (404), a key type that
+//! supports the operation (422), a version in a state that allows it, then the device.
+
+mod envelope;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::backend::{KeyRef, SharedBackend, GCM_NONCE_LEN};
+use crate::encoding;
+use crate::error::ServiceError;
+use crate::keys::{KeyName, KeyType, VersionState};
+use crate::policy::{Operation, PolicyHandle};
+use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
+
+/// Longest accepted `prefix` for listings (a key name plus a trailing slash).
+const MAX_LIST: usize = 1000;
+
+/// The authenticated client, from its certificate.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFormat {
+    /// ASN.1 DER `SEQUENCE { r, s }` for ECDSA, as OpenSSL writes it.
+    Der,
+    /// `r || s`, as JOSE and COSE use it.
+    Raw,
+}
+
+pub struct Signed {
+    pub signature: Vec<u8>,
+    pub version: u32,
+}
+
+pub struct Verified {
+    pub valid: bool,
+    pub version: u32,
+}
+
+pub struct Service {
+    backend: SharedBackend,
+    registry: Registry,
+    policy: PolicyHandle,
+    rng: SystemRandom,
+}
+
+impl Service {
+    pub fn new(backend: SharedBackend, registry: Registry, policy: PolicyHandle) -> Self {
+        Self {
+            backend,
+            registry,
+            policy,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    pub fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    fn authorize(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        name: &str,
+    ) -> Result<KeyName, ServiceError> {
+        let name = KeyName::parse(name)?;
+        if self
+            .policy
+            .current()
+            .allows(&caller.identity, op, name.as_str())
+        {
+            Ok(name)
+        } else {
+            Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not {} '{}'",
+                caller.identity,
+                op.as_str(),
+                name
+            )))
+        }
+    }
+
+    fn lookup(&self, name: &KeyName) -> Result<Arc<KeyRecord>, ServiceError> {
+        self.registry
+            .get(name)
+            .ok_or_else(|| ServiceError::NotFound(format!("no key named '{name}'")))
+    }
+
+    pub async fn create_key(
+        &self,
+        caller: &Caller,
+        name: &str,
+        key_type: &str,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let name = self.authorize(caller, Operation::Create, name)?;
+        let key_type = KeyType::parse(key_type).ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "unknown key type '{key_type}' (known: {})",
+                KeyType::ALL.map(KeyType::as_str).join(", ")
+            ))
+        })?;
+        if !self.backend.supports(key_type) {
+            return Err(ServiceError::UnsupportedOperation(format!(
+                "the {} backend cannot hold {} keys",
+                self.backend.kind(),
+                key_type.as_str()
+            )));
+        }
+        let now = unix_now();
+        match self
+            .registry
+            .reserve(&name, key_type, now, &caller.identity)
+            .await
+        {
+            Err(RegistryError::Exists) => {
+                return Err(ServiceError::AlreadyExists(format!(
+                    "key '{name}' already exists"
+                )))
+            }
+            other => other?,
+        }
+        let label = format!("tillkey:{name}#1");
+        let generated = match self.backend.generate(key_type, &label) {
+            Ok(g) => g,
+            Err(e) => {
+                self.registry.release(&name).await?;
+                return Err(e.into());
+            }
+        };
+        let version = VersionRecord {
+            version: 1,
+            state: VersionState::Active,
+            created_at: now,
+            object: generated.object,
+            public_key_der: generated.public_key_der,
+        };
+        let rec = self
+            .registry
+            .insert_first_version(&name, key_type, now, &caller.identity, version.clone())
+            .await;
+        match rec {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                // Do not leave an unreachable object in the device.
+                let _ = self.backend.destroy(KeyRef {
+                    key_type,
+                    object: &version.object,
+                });
+                self.registry.release(&name).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn get_key(&self, caller: &Caller, name: &str) -> Result<Arc<KeyRecord>, ServiceError> {
+        let name = self.authorize(caller, Operation::Read, name)?;
+        self.lookup(&name)
+    }
+
+    /// Keys under `prefix` that the caller may read; others are silently left out.
+    pub fn list_keys(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+    ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
+        if prefix.len() > crate::keys::MAX_NAME_LEN + 1
+            || !prefix
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
+        {
+            return Err(ServiceError::invalid(
+                "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'",
+            ));
+        }
+        let policy = self.policy.current();
+        Ok(self
+            .registry
+            .list(prefix, usize::MAX)
+            .into_iter()
+            .filter(|k| policy.allows(&caller.identity, Operation::Read, k.name.as_str()))
+            .take(MAX_LIST)
+            .collect())
+    }
+
+    pub fn sign(
+        &self,
+        caller: &Caller,
+        name: &str,
+        message: &[u8],
+        format: SignatureFormat,
+    ) -> Result<Signed, ServiceError> {
+        let name = self.authorize(caller, Operation::Sign, name)?;
+        let key = self.lookup(&name)?;
+        require(key.key_type.signs(), "sign", &key)?;
+        let v = active(&key)?;
+        let raw = self.backend.sign(key_ref(&key, v), message)?;
+        let signature = match (key.key_type, format) {
+            (KeyType::EcdsaP256, SignatureFormat::Der) => encoding::ecdsa_raw_to_der(&raw)
+                .ok_or_else(|| ServiceError::Internal {
+                    detail: format!("backend returned a {}-byte ECDSA signature", raw.len()),
+                })?,
+            _ => raw,
+        };
+        Ok(Signed {
+            signature,
+            version: v.version,
+        })
+    }
+
+    /// Verify against the named version, or else against each version that may still verify,
+    /// newest first, reporting the one that matched.
+    pub fn verify(
+        &self,
+        caller: &Caller,
+        name: &str,
+        message: &[u8],
+        signature: &[u8],
+        version: Option<u32>,
+        format: SignatureFormat,
+    ) -> Result<Verified, ServiceError> {
+        let name = self.authorize(caller, Operation::Verify, name)?;
+        let key = self.lookup(&name)?;
+        require(key.key_type.signs(), "verify", &key)?;
+        let signature = match (key.key_type, format) {
+            (KeyType::EcdsaP256, SignatureFormat::Der) => {
+                match encoding::ecdsa_der_to_raw(signature) {
+                    Some(raw) => raw.to_vec(),
+                    None => {
+                        return Ok(Verified {
+                            valid: false,
+                            version: version
+                                .unwrap_or_else(|| active(&key).map_or(0, |v| v.version)),
+                        })
+                    }
+                }
+            }
+            _ => signature.to_vec(),
+        };
+        let candidates = checkable_versions(&key, version)?;
+        for v in &candidates {
+            if self.backend.verify(key_ref(&key, v), message, &signature)? {
+                return Ok(Verified {
+                    valid: true,
+                    version: v.version,
+                });
+            }
+        }
+        Ok(Verified {
+            valid: false,
+            version: candidates.first().map_or(0, |v| v.version),
+        })
+    }
+
+    pub fn encrypt(
+        &self,
+        caller: &Caller,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(Vec<u8>, u32), ServiceError> {
+        let name = self.authorize(caller, Operation::Encrypt, name)?;
+        let key = self.lookup(&name)?;
+        require(key.key_type.encrypts(), "encrypt", &key)?;
+        let v = active(&key)?;
+        let mut nonce = [0u8; GCM_NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| ServiceError::Internal {
+                detail: "system random generator failed".into(),
+            })?;
+        let header = envelope::Header {
+            version: v.version,
+            nonce,
+        };
+        let sealed = self
+            .backend
+            .encrypt(key_ref(&key, v), &nonce, &header.aad(aad), plaintext)?;
+        Ok((header.seal(&sealed), v.version))
+    }
+
+    pub fn decrypt(
+        &self,
+        caller: &Caller,
+        name: &str,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<(Vec<u8>, u32), ServiceError> {
+        let name = self.authorize(caller, Operation::Decrypt, name)?;
+        let key = self.lookup(&name)?;
+        require(key.key_type.encrypts(), "decrypt", &key)?;
+        let (header, body) = envelope::Header::open(ciphertext)?;
+        let v = checkable_versions(&key, Some(header.version))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServiceError::invalid("ciphertext names an unknown key version"))?;
+        match self
+            .backend
+            .decrypt(key_ref(&key, v), &header.nonce, &header.aad(aad), body)?
+        {
+            Some(pt) => Ok((pt, v.version)),
+            None => Err(ServiceError::invalid(
+                "decryption failed: ciphertext or associated data is not authentic",
+            )),
+        }
+    }
+}
+
+fn require(ok: bool, op: &str, key: &KeyRecord) -> Result<(), ServiceError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::UnsupportedOperation(format!(
+            "{op} is not an operation of {} keys",
+            key.key_type.as_str()
+        )))
+    }
+}
+
+fn active(key: &KeyRecord) -> Result<&VersionRecord, ServiceError> {
+    key.active().ok_or_else(|| {
+        ServiceError::UnsupportedOperation(format!("key '{}' has no active version", key.name))
+    })
+}
+
+/// The versions a verify or decrypt may use: the one asked for if it may check, otherwise every
+/// checkable version newest first.
+fn checkable_versions(
+    key: &KeyRecord,
+    wanted: Option<u32>,
+) -> Result<Vec<&VersionRecord>, ServiceError> {
+    match wanted {
+        Some(n) => {
+            let v = key.version(n).ok_or_else(|| {
+                ServiceError::NotFound(format!("key '{}' has no version {n}", key.name))
+            })?;
+            if !v.state.may_check() {
+                return Err(ServiceError::UnsupportedOperation(format!(
+                    "version {n} of key '{}' is {}",
+                    key.name,
+                    v.state.as_str()
+                )));
+            }
+            Ok(vec![v])
+        }
+        None => {
+            let mut vs: Vec<_> = key
+                .versions
+                .iter()
+                .filter(|v| v.state.may_check())
+                .collect();
+            vs.sort_by(|a, b| b.version.cmp(&a.version));
+            Ok(vs)
+        }
+    }
+}
+
+fn key_ref<'a>(key: &KeyRecord, v: &'a VersionRecord) -> KeyRef<'a> {
+    KeyRef {
+        key_type: key.key_type,
+        object: &v.object,
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
