@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -161,27 +161,47 @@ pub async fn handle(
     Ok(respond(status, body, &request_id))
 }
 
+/// Bodies up to this many times the limit are read and discarded before the 413 is sent, so
+/// a client still writing its body receives the error instead of a reset connection. Larger
+/// ones are refused at once and the connection closes.
+const DRAIN_FACTOR: u64 = 4;
+
 async fn read_body(
     headers: &hyper::HeaderMap,
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
 ) -> Result<Bytes, ServiceError> {
     let too_large = ServiceError::PayloadTooLarge { limit };
+    let limit64 = limit as u64;
     if let Some(len) = headers.get(CONTENT_LENGTH) {
         let len: u64 = len
             .to_str()
             .ok()
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| ServiceError::invalid("Content-Length is not a number"))?;
-        if len > limit as u64 {
+        if len > limit64 * DRAIN_FACTOR {
             return Err(too_large);
         }
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
-        Err(_) => Err(ServiceError::invalid("the request body could not be read")),
+    let mut buf = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| ServiceError::invalid("the request body could not be read"))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len() as u64;
+            if seen > limit64 * DRAIN_FACTOR {
+                return Err(too_large);
+            }
+            if seen <= limit64 {
+                buf.extend_from_slice(&data);
+            }
+        }
     }
+    if seen > limit64 {
+        return Err(too_large);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn respond(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<Full<Bytes>> {

@@ -304,10 +304,13 @@ impl Service {
         let key = self.lookup(&name)?;
         require(key.key_type.encrypts(), "decrypt", &key)?;
         let (header, body) = envelope::Header::open(ciphertext)?;
-        let v = checkable_versions(&key, Some(header.version))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ServiceError::invalid("ciphertext names an unknown key version"))?;
+        let v = match checkable_versions(&key, Some(header.version)) {
+            Ok(vs) => vs.into_iter().next(),
+            // An unknown version in the header is a ciphertext this key never made.
+            Err(ServiceError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        }
+        .ok_or_else(|| ServiceError::invalid("ciphertext was not made by this key"))?;
         match self
             .backend
             .decrypt(key_ref(&key, v), &header.nonce, &header.aad(aad), body)?
@@ -363,7 +366,7 @@ fn checkable_versions(
                 .iter()
                 .filter(|v| v.state.may_check())
                 .collect();
-            vs.sort_by(|a, b| b.version.cmp(&a.version));
+            vs.sort_by_key(|v| std::cmp::Reverse(v.version));
             Ok(vs)
         }
     }

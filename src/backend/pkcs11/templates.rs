@@ -1,7 +1,8 @@
 //! Attribute templates for the keys tillkey generates.
 //!
 //! Every private or secret key is a token object, private, sensitive and never extractable, so
-//! it cannot leave the device even through a later `C_WrapKey`. `CKA_ID` and `CKA_LABEL` are set
+//! it cannot leave the device even through a later `C_WrapKey`. Usage flags are set explicitly,
+//! true only for what tillkey does with the key, rather than left to token defaults. `CKA_ID` and `CKA_LABEL` are set
 //! on every object so standard tools (`pkcs11-tool --list-objects`) show which key is which.
 
 use cryptoki::mechanism::Mechanism;
@@ -52,11 +53,21 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str) -> Template {
             attrs.push(Attribute::ValueLen(32.into()));
             let mechanism = if key_type == KeyType::HmacSha256 {
                 attrs.push(Attribute::KeyType(CkKeyType::GENERIC_SECRET));
-                attrs.extend([Attribute::Sign(true), Attribute::Verify(true)]);
+                attrs.extend([
+                    Attribute::Sign(true),
+                    Attribute::Verify(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                ]);
                 Mechanism::GenericSecretKeyGen
             } else {
                 attrs.push(Attribute::KeyType(CkKeyType::AES));
-                attrs.extend([Attribute::Encrypt(true), Attribute::Decrypt(true)]);
+                attrs.extend([
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                ]);
                 Mechanism::AesKeyGen
             };
             Template::Secret { mechanism, attrs }
@@ -68,14 +79,19 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str) -> Template {
                 (Mechanism::EccEdwardsKeyPairGen, ED25519_PARAMS.to_vec())
             };
             let mut public = common(ObjectClass::PUBLIC_KEY);
+            // Tokens default public keys to encrypt/wrap; these keys only ever verify.
             public.extend([
                 Attribute::Private(false),
                 Attribute::Verify(true),
+                Attribute::Encrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Derive(false),
+                Attribute::Modifiable(false),
                 Attribute::EcParams(params),
             ]);
             let mut private = common(ObjectClass::PRIVATE_KEY);
             private.extend(locked);
-            private.push(Attribute::Sign(true));
+            private.extend([Attribute::Sign(true), Attribute::Decrypt(false)]);
             Template::Pair {
                 mechanism,
                 public,
