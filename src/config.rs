@@ -300,3 +300,32 @@ fn read_pin(path: &Path) -> Result<Zeroizing<String>, String> {
     }
     Ok(pin)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped example must stay in step with the schema (unknown keys are errors).
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../provisioning/tillkeyd.example.toml");
+        let raw: RawConfig = toml::from_str(text).expect("example config parses");
+        assert_eq!(raw.server.listen, "127.0.0.1:8443");
+        assert!(matches!(raw.backend, RawBackend::Pkcs11 { .. }));
+    }
+
+    #[test]
+    fn pin_files_open_to_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "123456\n").unwrap();
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_pin(&pin).unwrap().as_str(), "123456");
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(read_pin(&pin).is_err());
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&pin, "\n").unwrap();
+        assert!(read_pin(&pin).is_err());
+    }
+}

@@ -16,7 +16,7 @@ use crate::api::{self, AppState};
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::SharedBackend;
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
 use crate::service::Service;
@@ -169,9 +169,6 @@ fn reload_policy(state: &AppState, dir: &Path) {
     state
         .metrics
         .policy_reloads
-        .get_or_create(&RequestLabels {
-            operation: "reload",
-            outcome,
-        })
+        .get_or_create(&OutcomeLabel { outcome })
         .inc();
 }

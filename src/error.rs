@@ -22,8 +22,9 @@ pub enum ServiceError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedOperation(String),
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// `allow` lists the methods the path does accept (sent as the `Allow` header).
+    #[error("method not allowed; this path accepts {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("the key backend is unavailable; retry later")]
     Unavailable { detail: String },
     #[error("internal error")]
@@ -41,7 +42,7 @@ impl ServiceError {
             Self::AlreadyExists(_) => "already_exists",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedOperation(_) => "unsupported_operation",
-            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Unavailable { .. } => "unavailable",
             Self::Internal { .. } => "internal",
         }
@@ -55,7 +56,7 @@ impl ServiceError {
             Self::AlreadyExists(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

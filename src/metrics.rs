@@ -19,6 +19,11 @@ pub struct OperationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendErrorLabel {
     pub kind: &'static str,
 }
@@ -30,7 +35,7 @@ pub struct Metrics {
     pub backend_errors: Family<BackendErrorLabel, Counter>,
     pub backend_ready: Gauge,
     pub keys: Gauge,
-    pub policy_reloads: Family<RequestLabels, Counter>,
+    pub policy_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -52,7 +57,7 @@ impl Metrics {
         let backend_errors = Family::<BackendErrorLabel, Counter>::default();
         let backend_ready = Gauge::default();
         let keys = Gauge::default();
-        let policy_reloads = Family::<RequestLabels, Counter>::default();
+        let policy_reloads = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "requests",
             "API requests by operation and outcome",

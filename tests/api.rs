@@ -242,6 +242,41 @@ async fn get_and_list_show_metadata_the_caller_may_read() {
 
     let (_, pos) = get(&mut officer, "/v1/keys?prefix=stores/5/pos/").await;
     assert_eq!(pos["keys"].as_array().unwrap().len(), 2);
+    assert!(pos.get("next_page_token").is_none());
+
+    // Pages: two at a time, following next_page_token, yield every key once, in order.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/keys?page_size=2&page_token={t}"),
+            None => "/v1/keys?page_size=2".to_string(),
+        };
+        let (s, page) = get(&mut officer, &path).await;
+        assert_eq!(s, 200, "{page}");
+        seen.extend(
+            page["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["name"].as_str().unwrap().to_owned()),
+        );
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, names);
+    assert_error(
+        &get(&mut officer, "/v1/keys?page_size=0").await,
+        400,
+        "invalid_argument",
+    );
+    assert_error(
+        &get(&mut officer, "/v1/keys?page_size=1001").await,
+        400,
+        "invalid_argument",
+    );
 
     // The payments service may read stores/** only; hq/root is left out, not an error.
     let mut svc = d.conn("service").await;

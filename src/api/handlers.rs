@@ -7,7 +7,7 @@ use super::json::{self, KeyView};
 use super::routes::Route;
 use super::AppState;
 use crate::error::ServiceError;
-use crate::service::Caller;
+use crate::service::{Caller, LIST_PAGE};
 
 /// A successful answer, plus the key version it used for the operations log.
 pub struct Outcome {
@@ -55,13 +55,19 @@ pub async fn dispatch(
             ok(StatusCode::OK, &KeyView::of(&key), None)
         }
         Route::ListKeys => {
-            let prefix = list_prefix(query)?;
-            let keys: Vec<KeyView> = svc
-                .list_keys(caller, &prefix)?
-                .iter()
-                .map(|k| KeyView::of(k))
-                .collect();
-            ok(StatusCode::OK, &serde_json::json!({ "keys": keys }), None)
+            let q = list_query(query)?;
+            let (keys, next) = svc.list_keys(
+                caller,
+                &q.prefix,
+                q.page_token.as_deref(),
+                q.page_size.unwrap_or(LIST_PAGE),
+            )?;
+            let keys: Vec<KeyView> = keys.iter().map(|k| KeyView::of(k)).collect();
+            let mut body = serde_json::json!({ "keys": keys });
+            if let Some(next) = next {
+                body["next_page_token"] = serde_json::Value::String(next);
+            }
+            ok(StatusCode::OK, &body, None)
         }
         Route::Sign => {
             let req: json::Sign = json::parse(body)?;
@@ -116,20 +122,38 @@ fn optional_b64(field: &str, v: Option<&str>) -> Result<Vec<u8>, ServiceError> {
     v.map_or(Ok(Vec::new()), |v| json::b64(field, v))
 }
 
-/// `prefix=` is the only query parameter; values are key-name characters, so no decoding is
-/// needed and a `%` is simply refused by the service's prefix check.
-fn list_prefix(query: &str) -> Result<String, ServiceError> {
-    let mut prefix = String::new();
+#[derive(Default)]
+struct ListQuery {
+    prefix: String,
+    page_token: Option<String>,
+    page_size: Option<usize>,
+}
+
+/// `prefix`, `page_token` and `page_size` are the only query parameters. Their values are key-name
+/// characters, so no percent-decoding is done: a `%` is refused by the service's check.
+fn list_query(query: &str) -> Result<ListQuery, ServiceError> {
+    let mut q = ListQuery::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("prefix", v)) => prefix = v.to_owned(),
+            Some(("prefix", v)) => q.prefix = v.to_owned(),
+            Some(("page_token", v)) => q.page_token = Some(v.to_owned()),
+            Some(("page_size", v)) => {
+                q.page_size = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=LIST_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            ServiceError::invalid(format!("page_size must be 1..={LIST_PAGE}"))
+                        })?,
+                )
+            }
             _ => {
                 return Err(ServiceError::invalid(format!(
-                    "unknown query parameter '{}'; only 'prefix' is accepted",
+                    "unknown query parameter '{}'; accepted: prefix, page_token, page_size",
                     pair.split('=').next().unwrap_or("")
                 )))
             }
         }
     }
-    Ok(prefix)
+    Ok(q)
 }

@@ -56,14 +56,14 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
         return match *method {
             Method::GET => Ok((Route::ListKeys, None)),
             Method::POST => Ok((Route::CreateKey, None)),
-            _ => Err(ServiceError::MethodNotAllowed),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET, POST" }),
         };
     }
     let rest = path.strip_prefix("/v1/keys/").ok_or_else(unknown)?;
     match rest.rsplit_once(':') {
         None => match *method {
             Method::GET => Ok((Route::GetKey, Some(rest))),
-            _ => Err(ServiceError::MethodNotAllowed),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         },
         Some((name, custom)) => {
             let r = match custom {
@@ -74,7 +74,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
                 _ => return Err(unknown()),
             };
             if *method != Method::POST {
-                return Err(ServiceError::MethodNotAllowed);
+                return Err(ServiceError::MethodNotAllowed { allow: "POST" });
             }
             Ok((r, Some(name)))
         }
@@ -113,6 +113,7 @@ pub async fn handle(
     };
 
     let elapsed = started.elapsed();
+    let mut allow = None;
     let (status, body, version, outcome) = match result {
         Ok(Outcome {
             status,
@@ -120,6 +121,9 @@ pub async fn handle(
             version,
         }) => (status, body, version, "ok"),
         Err(e) => {
+            if let ServiceError::MethodNotAllowed { allow: a } = e {
+                allow = Some(a);
+            }
             if let Some(detail) = e.internal_detail() {
                 tracing::error!(request_id = %request_id, detail, "request failed inside the service");
                 let kind = if matches!(e, ServiceError::Unavailable { .. }) {
@@ -158,7 +162,12 @@ pub async fn handle(
         .latency
         .get_or_create(&OperationLabel { operation })
         .observe(elapsed.as_secs_f64());
-    Ok(respond(status, body, &request_id))
+    let mut resp = respond(status, body, &request_id);
+    if let Some(a) = allow {
+        resp.headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static(a));
+    }
+    Ok(resp)
 }
 
 /// Bodies up to this many times the limit are read and discarded before the 413 is sent, so
@@ -235,7 +244,7 @@ mod tests {
         assert_eq!(route(&Method::GET, "/v1/keys").unwrap().0, Route::ListKeys);
         assert!(matches!(
             route(&Method::GET, "/v1/keys/a:sign"),
-            Err(ServiceError::MethodNotAllowed)
+            Err(ServiceError::MethodNotAllowed { .. })
         ));
         assert!(matches!(
             route(&Method::POST, "/v1/keys/a:explode"),
@@ -247,7 +256,7 @@ mod tests {
         ));
         assert!(matches!(
             route(&Method::DELETE, "/v1/keys"),
-            Err(ServiceError::MethodNotAllowed)
+            Err(ServiceError::MethodNotAllowed { .. })
         ));
     }
 }

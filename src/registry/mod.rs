@@ -149,15 +149,31 @@ impl Registry {
             .cloned()
     }
 
-    /// Keys whose name starts with `prefix`, in name order, at most `limit`.
-    pub fn list(&self, prefix: &str, limit: usize) -> Vec<Arc<KeyRecord>> {
+    /// Up to `limit` keys whose name starts with `prefix` and sorts after `after`, in name order,
+    /// keeping only those `keep` accepts; the flag says whether more would follow.
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&KeyRecord) -> bool,
+    ) -> (Vec<Arc<KeyRecord>>, bool) {
+        use std::ops::Bound;
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        index
-            .range(prefix.to_owned()..)
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        let mut page: Vec<Arc<KeyRecord>> = index
+            .range((start, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
+            .filter(|(_, v)| keep(v))
+            .take(limit + 1)
             .map(|(_, v)| v.clone())
-            .collect()
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
     }
 
     pub fn len(&self) -> usize {

@@ -16,8 +16,8 @@ use crate::keys::{KeyName, KeyType, VersionState};
 use crate::policy::{Operation, PolicyHandle};
 use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
 
-/// Longest accepted `prefix` for listings (a key name plus a trailing slash).
-const MAX_LIST: usize = 1000;
+/// Most keys one listing page returns.
+pub const LIST_PAGE: usize = 1000;
 
 /// The authenticated client, from its certificate.
 #[derive(Debug, Clone)]
@@ -172,29 +172,38 @@ impl Service {
         self.lookup(&name)
     }
 
-    /// Keys under `prefix` that the caller may read; others are silently left out.
+    /// One page (at most `page_size`, capped at [`LIST_PAGE`]) of the keys under `prefix` that the caller may read (others are left out, not
+    /// refused), starting after `page_token` (the last name of the previous page). The second
+    /// value is the token for the next page, if there is one.
     pub fn list_keys(
         &self,
         caller: &Caller,
         prefix: &str,
-    ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
-        if prefix.len() > crate::keys::MAX_NAME_LEN + 1
-            || !prefix
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
-        {
+        page_token: Option<&str>,
+        page_size: usize,
+    ) -> Result<(Vec<Arc<KeyRecord>>, Option<String>), ServiceError> {
+        let name_chars = |s: &str| {
+            s.len() <= crate::keys::MAX_NAME_LEN + 1
+                && s.bytes()
+                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
+        };
+        if !name_chars(prefix) || !page_token.is_none_or(name_chars) {
             return Err(ServiceError::invalid(
-                "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'",
+                "prefix and page_token may contain only a-z, 0-9, '.', '_', '-' and '/'",
             ));
         }
         let policy = self.policy.current();
-        Ok(self
-            .registry
-            .list(prefix, usize::MAX)
-            .into_iter()
-            .filter(|k| policy.allows(&caller.identity, Operation::Read, k.name.as_str()))
-            .take(MAX_LIST)
-            .collect())
+        let (keys, more) =
+            self.registry
+                .list(prefix, page_token, page_size.clamp(1, LIST_PAGE), |k| {
+                    policy.allows(&caller.identity, Operation::Read, k.name.as_str())
+                });
+        let next = if more {
+            keys.last().map(|k| k.name.to_string())
+        } else {
+            None
+        };
+        Ok((keys, next))
     }
 
     pub fn sign(
@@ -236,22 +245,28 @@ impl Service {
         let name = self.authorize(caller, Operation::Verify, name)?;
         let key = self.lookup(&name)?;
         require(key.key_type.signs(), "verify", &key)?;
+        let candidates = checkable_versions(&key, version)?;
+        let newest = candidates.first().map(|v| v.version).ok_or_else(|| {
+            ServiceError::UnsupportedOperation(format!(
+                "key '{}' has no version that may verify",
+                key.name
+            ))
+        })?;
         let signature = match (key.key_type, format) {
             (KeyType::EcdsaP256, SignatureFormat::Der) => {
                 match encoding::ecdsa_der_to_raw(signature) {
                     Some(raw) => raw.to_vec(),
+                    // Not DER at all: no version can accept it.
                     None => {
                         return Ok(Verified {
                             valid: false,
-                            version: version
-                                .unwrap_or_else(|| active(&key).map_or(0, |v| v.version)),
+                            version: newest,
                         })
                     }
                 }
             }
             _ => signature.to_vec(),
         };
-        let candidates = checkable_versions(&key, version)?;
         for v in &candidates {
             if self.backend.verify(key_ref(&key, v), message, &signature)? {
                 return Ok(Verified {
@@ -262,7 +277,7 @@ impl Service {
         }
         Ok(Verified {
             valid: false,
-            version: candidates.first().map_or(0, |v| v.version),
+            version: newest,
         })
     }
 

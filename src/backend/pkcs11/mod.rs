@@ -7,6 +7,7 @@
 
 mod connection;
 mod errors;
+pub mod rawbench;
 mod templates;
 pub mod uri;
 
