@@ -126,6 +126,7 @@ async fn run(config: Config) -> Result<(), Startup> {
         .map_err(|e| Startup::Unavailable(e.to_string()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler = tokio::spawn(schedule(state.clone(), stop_rx.clone()));
     let api_task = tokio::spawn(api::serve_api(api_listener, state.clone(), stop_rx.clone()));
     let admin_task = tokio::spawn(api::serve_admin(admin_listener, state.clone(), stop_rx));
     tracing::info!(api_addr = %api_addr, admin_addr = %admin_addr, "listening");
@@ -145,7 +146,27 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = stop_tx.send(true);
     let _ = api_task.await;
     let _ = admin_task.await;
+    let _ = scheduler.await;
     Ok(())
+}
+
+/// How often rotation periods, grace windows and usage counts are checked; durations of a few
+/// seconds therefore work (and tests watch whole cycles).
+const SCHEDULER_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SCHEDULER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.service.tick().await,
+            _ = shutdown.changed() => {
+                // Persist the last usage counts before exiting.
+                state.service.tick().await;
+                return;
+            }
+        }
+    }
 }
 
 /// SIGHUP: a valid new policy replaces the old one whole; an invalid one is refused and the old

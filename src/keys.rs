@@ -188,3 +188,89 @@ mod tests {
         assert_eq!(KeyType::parse("rsa-2048"), None);
     }
 }
+
+/// Per-key life-cycle settings, given at creation and (except `exportable`) changeable by an
+/// officer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Rotate automatically once the active version is this old (seconds).
+    pub rotation_period: Option<u64>,
+    /// How long a replaced version keeps verifying and decrypting before it retires (seconds).
+    pub verify_grace: u64,
+    /// Rotate once the active version has performed this many operations.
+    pub max_operations: Option<u64>,
+    /// May be exported wrapped under a terminal transport key; fixed at creation.
+    pub exportable: bool,
+}
+
+/// A week: long enough for every POS to pick up a rotated key, short enough to bound exposure.
+pub const DEFAULT_VERIFY_GRACE: u64 = 7 * 86_400;
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            rotation_period: None,
+            verify_grace: DEFAULT_VERIFY_GRACE,
+            max_operations: None,
+            exportable: false,
+        }
+    }
+}
+
+/// Parse a duration such as `90d`, `12h`, `30m` or `5s` into seconds. One number, one unit:
+/// unambiguous in a config review, and enough for cryptoperiods.
+pub fn parse_duration(s: &str) -> Result<u64, ServiceError> {
+    let bad = || ServiceError::invalid(format!("'{s}' is not a duration like 90d, 12h, 30m or 5s"));
+    let (digits, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(scale).ok_or_else(bad)?;
+    if secs == 0 || secs > 100 * 365 * 86_400 {
+        return Err(ServiceError::invalid(format!(
+            "duration '{s}' must be between 1s and 100 years"
+        )));
+    }
+    Ok(secs)
+}
+
+/// The inverse of [`parse_duration`], choosing the largest exact unit.
+pub fn format_duration(secs: u64) -> String {
+    for (unit, scale) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs % scale == 0 {
+            return format!("{}{unit}", secs / scale);
+        }
+    }
+    format!("{secs}s")
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip_and_refuse_nonsense() {
+        assert_eq!(parse_duration("90d").unwrap(), 90 * 86_400);
+        assert_eq!(parse_duration("5s").unwrap(), 5);
+        assert_eq!(format_duration(parse_duration("36h").unwrap()), "36h");
+        assert_eq!(format_duration(90), "90s");
+        for bad in [
+            "",
+            "d",
+            "5",
+            "5w",
+            "-5s",
+            "0s",
+            "1.5h",
+            "99999999999999999d",
+            " 5s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

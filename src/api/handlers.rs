@@ -7,7 +7,7 @@ use super::json::{self, KeyView};
 use super::routes::Route;
 use super::AppState;
 use crate::error::ServiceError;
-use crate::service::{Caller, LIST_PAGE};
+use crate::service::{Caller, LifecycleInput, LIST_PAGE};
 
 /// A successful answer, plus the key version it used for the operations log.
 pub struct Outcome {
@@ -43,7 +43,15 @@ pub async fn dispatch(
     match route {
         Route::CreateKey => {
             let req: json::CreateKey = json::parse(body)?;
-            let key = svc.create_key(caller, &req.name, &req.key_type).await?;
+            let settings = LifecycleInput {
+                rotation_period: req.rotation_period,
+                verify_grace: req.verify_grace,
+                max_operations: req.max_operations,
+                exportable: req.exportable,
+            };
+            let key = svc
+                .create_key(caller, &req.name, &req.key_type, &settings)
+                .await?;
             ok(
                 StatusCode::CREATED,
                 &KeyView::of(&key),
@@ -69,11 +77,55 @@ pub async fn dispatch(
             }
             ok(StatusCode::OK, &body, None)
         }
+        Route::UpdateKey => {
+            let req: json::UpdateKey = json::parse(body)?;
+            let settings = LifecycleInput {
+                rotation_period: req.rotation_period,
+                verify_grace: req.verify_grace,
+                max_operations: req.max_operations,
+                exportable: None,
+            };
+            let key = svc.update_lifecycle(caller, name, &settings).await?;
+            ok(StatusCode::OK, &KeyView::of(&key), None)
+        }
+        Route::Rotate => {
+            let req: json::Rotate = if body.is_empty() {
+                json::Rotate::default()
+            } else {
+                json::parse(body)?
+            };
+            let key = svc.rotate(caller, name, req.reason.as_deref()).await?;
+            ok(
+                StatusCode::OK,
+                &KeyView::of(&key),
+                key.active().map(|v| v.version),
+            )
+        }
+        Route::Revoke => {
+            let req: json::Revoke = json::parse(body)?;
+            let key = svc.revoke(caller, name, req.version, &req.reason).await?;
+            ok(StatusCode::OK, &KeyView::of(&key), req.version)
+        }
+        Route::RevokePrefix | Route::RotatePrefix => {
+            let req: json::PrefixAction = json::parse(body)?;
+            let out = if route == Route::RevokePrefix {
+                svc.revoke_prefix(caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
+                    .await?
+            } else {
+                svc.rotate_prefix(caller, &req.prefix, req.reason.as_deref())
+                    .await?
+            };
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "prefix": req.prefix, "keys": out.keys, "versions": out.versions }),
+                None,
+            )
+        }
         Route::Sign => {
             let req: json::Sign = json::parse(body)?;
             let message = json::b64("message", &req.message)?;
             let format = json::signature_format(req.signature_format.as_deref())?;
-            let s = svc.sign(caller, name, &message, format)?;
+            let s = svc.sign(caller, name, &message, format).await?;
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "signature": json::encode(&s.signature), "key_version": s.version }),
@@ -96,7 +148,7 @@ pub async fn dispatch(
             let req: json::Encrypt = json::parse(body)?;
             let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
             let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            let (ct, version) = svc.encrypt(caller, name, &plaintext, &aad)?;
+            let (ct, version) = svc.encrypt(caller, name, &plaintext, &aad).await?;
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "ciphertext": json::encode(&ct), "key_version": version }),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoding;
 use crate::error::ServiceError;
+use crate::keys::format_duration;
 use crate::registry::KeyRecord;
 use crate::service::SignatureFormat;
 
@@ -15,6 +16,38 @@ pub struct CreateKey {
     pub name: String,
     #[serde(rename = "type")]
     pub key_type: String,
+    pub rotation_period: Option<String>,
+    pub verify_grace: Option<String>,
+    pub max_operations: Option<u64>,
+    pub exportable: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    pub rotation_period: Option<String>,
+    pub verify_grace: Option<String>,
+    pub max_operations: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Rotate {
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    pub version: Option<u32>,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixAction {
+    pub prefix: String,
+    pub reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +87,10 @@ pub struct KeyView {
     pub key_type: &'static str,
     pub created_at: String,
     pub created_by: String,
+    pub rotation_period: Option<String>,
+    pub verify_grace: String,
+    pub max_operations: Option<u64>,
+    pub exportable: bool,
     pub active_version: Option<u32>,
     pub versions: Vec<VersionView>,
 }
@@ -63,6 +100,13 @@ pub struct VersionView {
     pub version: u32,
     pub state: &'static str,
     pub created_at: String,
+    pub state_changed_at: String,
+    pub changed_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<String>,
+    pub operations: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
 }
@@ -74,6 +118,10 @@ impl KeyView {
             key_type: k.key_type.as_str(),
             created_at: rfc3339(k.created_at),
             created_by: k.created_by.clone(),
+            rotation_period: k.lifecycle.rotation_period.map(format_duration),
+            verify_grace: format_duration(k.lifecycle.verify_grace),
+            max_operations: k.lifecycle.max_operations,
+            exportable: k.lifecycle.exportable,
             active_version: k.active().map(|v| v.version),
             versions: k
                 .versions
@@ -82,6 +130,11 @@ impl KeyView {
                     version: v.version,
                     state: v.state.as_str(),
                     created_at: rfc3339(v.created_at),
+                    state_changed_at: rfc3339(v.state_changed_at),
+                    changed_by: v.changed_by.clone(),
+                    reason: v.reason.clone(),
+                    grace_until: v.grace_until.map(rfc3339),
+                    operations: v.operations.load(std::sync::atomic::Ordering::Relaxed),
                     public_key_pem: v
                         .public_key_der
                         .as_deref()

@@ -4,10 +4,12 @@
 //! `:`, so the method is whatever follows the last colon.
 
 use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -25,6 +27,11 @@ pub enum Route {
     CreateKey,
     ListKeys,
     GetKey,
+    UpdateKey,
+    Rotate,
+    Revoke,
+    RevokePrefix,
+    RotatePrefix,
     Sign,
     Verify,
     Encrypt,
@@ -37,6 +44,11 @@ impl Route {
             Route::CreateKey => "create",
             Route::ListKeys => "list",
             Route::GetKey => "get",
+            Route::UpdateKey => "update",
+            Route::Rotate => "rotate",
+            Route::Revoke => "revoke",
+            Route::RevokePrefix => "revoke_prefix",
+            Route::RotatePrefix => "rotate_prefix",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -59,11 +71,25 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET, POST" }),
         };
     }
+    if let Some(custom) = path.strip_prefix("/v1/keys:") {
+        let r = match custom {
+            "revokePrefix" => Route::RevokePrefix,
+            "rotatePrefix" => Route::RotatePrefix,
+            _ => return Err(unknown()),
+        };
+        if *method != Method::POST {
+            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
+        }
+        return Ok((r, None));
+    }
     let rest = path.strip_prefix("/v1/keys/").ok_or_else(unknown)?;
     match rest.rsplit_once(':') {
         None => match *method {
             Method::GET => Ok((Route::GetKey, Some(rest))),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
+            Method::PATCH => Ok((Route::UpdateKey, Some(rest))),
+            _ => Err(ServiceError::MethodNotAllowed {
+                allow: "GET, PATCH",
+            }),
         },
         Some((name, custom)) => {
             let r = match custom {
@@ -71,6 +97,8 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
                 "verify" => Route::Verify,
                 "encrypt" => Route::Encrypt,
                 "decrypt" => Route::Decrypt,
+                "rotate" => Route::Rotate,
+                "revoke" => Route::Revoke,
                 _ => return Err(unknown()),
             };
             if *method != Method::POST {
@@ -105,7 +133,15 @@ pub async fn handle(
             match body {
                 Ok(body) => {
                     let query = parts.uri.query().unwrap_or("");
-                    handlers::dispatch(&state, &caller, r, name.unwrap_or(""), query, &body).await
+                    // A bug must cost one request a 500, not the connection its answer.
+                    let call =
+                        handlers::dispatch(&state, &caller, r, name.unwrap_or(""), query, &body);
+                    match AssertUnwindSafe(call).catch_unwind().await {
+                        Ok(result) => result,
+                        Err(_) => Err(ServiceError::Internal {
+                            detail: "request handler panicked".into(),
+                        }),
+                    }
                 }
                 Err(e) => Err(e),
             }
@@ -242,6 +278,14 @@ mod tests {
         let (r, n) = route(&Method::GET, "/v1/keys/stores/1").unwrap();
         assert_eq!((r, n), (Route::GetKey, Some("stores/1")));
         assert_eq!(route(&Method::GET, "/v1/keys").unwrap().0, Route::ListKeys);
+        assert_eq!(
+            route(&Method::POST, "/v1/keys:revokePrefix").unwrap().0,
+            Route::RevokePrefix
+        );
+        assert_eq!(
+            route(&Method::PATCH, "/v1/keys/a/b").unwrap(),
+            (Route::UpdateKey, Some("a/b"))
+        );
         assert!(matches!(
             route(&Method::GET, "/v1/keys/a:sign"),
             Err(ServiceError::MethodNotAllowed { .. })

@@ -70,9 +70,15 @@ pub trait KeyBackend: Send + Sync {
 
     fn supports(&self, key_type: KeyType) -> bool;
 
-    /// Generate a new non-extractable key inside the device. `label` is a human-readable name
-    /// for standard tools (e.g. `pkcs11-tool --list-objects`).
-    fn generate(&self, key_type: KeyType, label: &str) -> BackendResult<GeneratedKey>;
+    /// Generate a new key inside the device. `label` is a human-readable name for standard tools
+    /// (e.g. `pkcs11-tool --list-objects`). Keys are never readable; `exportable` (symmetric keys
+    /// for terminals only) allows them to leave wrapped under another device key.
+    fn generate(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        exportable: bool,
+    ) -> BackendResult<GeneratedKey>;
 
     /// HMAC tag, ECDSA signature (raw `r || s`, over SHA-256 of `message`) or Ed25519 signature.
     fn sign(&self, key: KeyRef<'_>, message: &[u8]) -> BackendResult<Vec<u8>>;

@@ -19,6 +19,9 @@ use self::glob::Glob;
 pub enum Operation {
     Create,
     Read,
+    Rotate,
+    Revoke,
+    Update,
     Sign,
     Verify,
     Encrypt,
@@ -26,9 +29,12 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Create,
         Operation::Read,
+        Operation::Rotate,
+        Operation::Revoke,
+        Operation::Update,
         Operation::Sign,
         Operation::Verify,
         Operation::Encrypt,
@@ -39,6 +45,9 @@ impl Operation {
         match self {
             Operation::Create => "create",
             Operation::Read => "read",
+            Operation::Rotate => "rotate",
+            Operation::Revoke => "revoke",
+            Operation::Update => "update",
             Operation::Sign => "sign",
             Operation::Verify => "verify",
             Operation::Encrypt => "encrypt",
@@ -54,7 +63,13 @@ impl Operation {
 /// Built-in roles: named bundles of operations, so policies say what a person is for.
 fn role_operations(role: &str) -> Option<&'static [Operation]> {
     match role {
-        "officer" => Some(&[Operation::Create, Operation::Read]),
+        "officer" => Some(&[
+            Operation::Create,
+            Operation::Read,
+            Operation::Rotate,
+            Operation::Revoke,
+            Operation::Update,
+        ]),
         _ => None,
     }
 }

@@ -8,13 +8,14 @@
 //! schema serves both engines.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::backend::ObjectRef;
-use crate::keys::{KeyName, KeyType, VersionState};
+use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -32,15 +33,70 @@ pub struct VersionRecord {
     pub state: VersionState,
     /// Unix time in seconds.
     pub created_at: i64,
+    /// When the version entered its current state, who put it there, and why (revocations).
+    pub state_changed_at: i64,
+    pub changed_by: String,
+    pub reason: Option<String>,
+    /// End of the verify-only window.
+    pub grace_until: Option<i64>,
     pub object: ObjectRef,
     /// DER SubjectPublicKeyInfo for asymmetric keys.
     pub public_key_der: Option<Vec<u8>>,
+    /// Operations performed (sign, MAC, encrypt). Shared by every snapshot of this version and
+    /// written to the database by [`Registry::flush_usage`], not on every operation.
+    pub operations: Arc<AtomicU64>,
+    persisted_operations: Arc<AtomicU64>,
+}
+
+impl VersionRecord {
+    pub fn new(
+        version: u32,
+        created_at: i64,
+        by: &str,
+        object: ObjectRef,
+        public_key_der: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            version,
+            state: VersionState::Active,
+            created_at,
+            state_changed_at: created_at,
+            changed_by: by.to_owned(),
+            reason: None,
+            grace_until: None,
+            object,
+            public_key_der,
+            operations: Arc::new(AtomicU64::new(0)),
+            persisted_operations: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The same version moved to `state` at `at` by `by`.
+    pub fn moved(&self, state: VersionState, at: i64, by: &str, reason: Option<&str>) -> Self {
+        Self {
+            state,
+            state_changed_at: at,
+            changed_by: by.to_owned(),
+            reason: reason.map(str::to_owned),
+            grace_until: None,
+            ..self.clone()
+        }
+    }
+
+    fn same_state(&self, other: &Self) -> bool {
+        self.state == other.state
+            && self.state_changed_at == other.state_changed_at
+            && self.changed_by == other.changed_by
+            && self.reason == other.reason
+            && self.grace_until == other.grace_until
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
     pub name: KeyName,
     pub key_type: KeyType,
+    pub lifecycle: Lifecycle,
     pub created_at: i64,
     pub created_by: String,
     pub versions: Vec<VersionRecord>,
@@ -56,6 +112,10 @@ impl KeyRecord {
     pub fn version(&self, v: u32) -> Option<&VersionRecord> {
         self.versions.iter().find(|r| r.version == v)
     }
+
+    pub fn latest_version(&self) -> u32 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0)
+    }
 }
 
 const SCHEMA: &[&str] = &[
@@ -63,12 +123,21 @@ const SCHEMA: &[&str] = &[
         name TEXT PRIMARY KEY,
         key_type TEXT NOT NULL,
         created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL)",
+        created_by TEXT NOT NULL,
+        rotation_period BIGINT,
+        verify_grace BIGINT NOT NULL,
+        max_operations BIGINT,
+        exportable BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS key_versions (
         name TEXT NOT NULL REFERENCES keys(name),
         version BIGINT NOT NULL,
         state TEXT NOT NULL,
         created_at BIGINT NOT NULL,
+        state_changed_at BIGINT NOT NULL,
+        changed_by TEXT NOT NULL,
+        reason TEXT,
+        grace_until BIGINT,
+        operations BIGINT NOT NULL,
         object_ref TEXT NOT NULL,
         public_key TEXT,
         PRIMARY KEY (name, version))",
@@ -116,7 +185,9 @@ impl Registry {
     }
 
     async fn load(&self) -> Result<(), RegistryError> {
-        let keys = sqlx::query("SELECT name, key_type, created_at, created_by FROM keys")
+        let keys = sqlx::query(
+            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable FROM keys",
+        )
             .fetch_all(&self.pool)
             .await?;
         let mut map: BTreeMap<String, KeyRecord> = BTreeMap::new();
@@ -125,7 +196,7 @@ impl Registry {
             map.insert(rec.name.as_str().to_owned(), rec);
         }
         let versions = sqlx::query(
-            "SELECT name, version, state, created_at, object_ref, public_key FROM key_versions ORDER BY name, version",
+            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key FROM key_versions ORDER BY name, version",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -168,7 +239,7 @@ impl Registry {
             .range((start, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(_, v)| keep(v))
-            .take(limit + 1)
+            .take(limit.saturating_add(1))
             .map(|(_, v)| v.clone())
             .collect();
         let more = page.len() > limit;
@@ -190,16 +261,21 @@ impl Registry {
         &self,
         name: &KeyName,
         key_type: KeyType,
+        lifecycle: &Lifecycle,
         created_at: i64,
         created_by: &str,
     ) -> Result<(), RegistryError> {
         let res = sqlx::query(
-            "INSERT INTO keys (name, key_type, created_at, created_by) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO keys (name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(name.as_str())
         .bind(key_type.as_str())
         .bind(created_at)
         .bind(created_by)
+        .bind(lifecycle.rotation_period.map(to_i64))
+        .bind(to_i64(lifecycle.verify_grace))
+        .bind(lifecycle.max_operations.map(to_i64))
+        .bind(i64::from(lifecycle.exportable))
         .execute(&self.pool)
         .await;
         match res {
@@ -221,36 +297,145 @@ impl Registry {
     /// Record the first version of a reserved key and publish it in the index.
     pub async fn insert_first_version(
         &self,
-        name: &KeyName,
-        key_type: KeyType,
-        created_at: i64,
-        created_by: &str,
-        version: VersionRecord,
+        rec: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
-        sqlx::query(
-            "INSERT INTO key_versions (name, version, state, created_at, object_ref, public_key) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(name.as_str())
-        .bind(i64::from(version.version))
-        .bind(version.state.as_str())
-        .bind(version.created_at)
-        .bind(hex_encode(&version.object.0))
-        .bind(version.public_key_der.as_deref().map(hex_encode))
-        .execute(&self.pool)
-        .await?;
-        let rec = Arc::new(KeyRecord {
-            name: name.clone(),
-            key_type,
-            created_at,
-            created_by: created_by.to_owned(),
-            versions: vec![version],
-        });
+        let mut tx = self.pool.begin().await?;
+        for v in &rec.versions {
+            insert_version(&mut tx, &rec.name, v).await?;
+        }
+        tx.commit().await?;
+        Ok(self.publish(rec))
+    }
+
+    /// Make `new` the record of its key: versions it adds are inserted, versions whose state
+    /// changed are updated, changed settings are written; all in one transaction, and the index
+    /// changes only after it commits. Callers serialize changes to one key.
+    pub async fn commit(
+        &self,
+        old: &KeyRecord,
+        new: KeyRecord,
+    ) -> Result<Arc<KeyRecord>, RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        if old.lifecycle != new.lifecycle {
+            let l = &new.lifecycle;
+            sqlx::query("UPDATE keys SET rotation_period = $1, verify_grace = $2, max_operations = $3 WHERE name = $4")
+                .bind(l.rotation_period.map(to_i64))
+                .bind(to_i64(l.verify_grace))
+                .bind(l.max_operations.map(to_i64))
+                .bind(new.name.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for v in &new.versions {
+            match old.version(v.version) {
+                None => insert_version(&mut tx, &new.name, v).await?,
+                Some(o) if !o.same_state(v) => {
+                    sqlx::query(
+                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5 WHERE name = $6 AND version = $7",
+                    )
+                    .bind(v.state.as_str())
+                    .bind(v.state_changed_at)
+                    .bind(&v.changed_by)
+                    .bind(v.reason.as_deref())
+                    .bind(v.grace_until)
+                    .bind(new.name.as_str())
+                    .bind(i64::from(v.version))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Some(_) => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(self.publish(new))
+    }
+
+    fn publish(&self, rec: KeyRecord) -> Arc<KeyRecord> {
+        let rec = Arc::new(rec);
         self.index
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.as_str().to_owned(), rec.clone());
-        Ok(rec)
+            .insert(rec.name.as_str().to_owned(), rec.clone());
+        rec
     }
+
+    /// Every key, for the scheduler.
+    pub fn all(&self) -> Vec<Arc<KeyRecord>> {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Write operation counts that changed since the last flush. Counts are kept in memory on
+    /// the hot path; a crash loses at most the operations since the last flush.
+    pub async fn flush_usage(&self) -> Result<usize, RegistryError> {
+        let mut changed = Vec::new();
+        for key in self.all() {
+            for v in &key.versions {
+                let now = v.operations.load(Ordering::Relaxed);
+                if now != v.persisted_operations.load(Ordering::Relaxed) {
+                    changed.push((
+                        key.name.clone(),
+                        v.version,
+                        now,
+                        v.persisted_operations.clone(),
+                    ));
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        for (name, version, ops, _) in &changed {
+            sqlx::query("UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3")
+                .bind(to_i64(*ops))
+                .bind(name.as_str())
+                .bind(i64::from(*version))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        for (_, _, ops, persisted) in &changed {
+            persisted.store(*ops, Ordering::Relaxed);
+        }
+        Ok(changed.len())
+    }
+}
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    name: &KeyName,
+    v: &VersionRecord,
+) -> Result<(), RegistryError> {
+    sqlx::query(
+        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(name.as_str())
+    .bind(i64::from(v.version))
+    .bind(v.state.as_str())
+    .bind(v.created_at)
+    .bind(v.state_changed_at)
+    .bind(&v.changed_by)
+    .bind(v.reason.as_deref())
+    .bind(v.grace_until)
+    .bind(to_i64(v.operations.load(Ordering::Relaxed)))
+    .bind(hex_encode(&v.object.0))
+    .bind(v.public_key_der.as_deref().map(hex_encode))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
@@ -260,9 +445,19 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
         what: what.to_owned(),
     };
     let key_type: String = row.try_get("key_type")?;
+    let rotation: Option<i64> = row.try_get("rotation_period")?;
+    let max_ops: Option<i64> = row.try_get("max_operations")?;
+    let grace: i64 = row.try_get("verify_grace")?;
+    let exportable: i64 = row.try_get("exportable")?;
     Ok(KeyRecord {
         name: KeyName::parse(&name).map_err(|_| corrupt("name"))?,
         key_type: KeyType::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
+        lifecycle: Lifecycle {
+            rotation_period: rotation.map(from_i64),
+            verify_grace: from_i64(grace),
+            max_operations: max_ops.map(from_i64),
+            exportable: exportable != 0,
+        },
         created_at: row.try_get("created_at")?,
         created_by: row.try_get("created_by")?,
         versions: Vec::new(),
@@ -278,10 +473,17 @@ fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryE
     let object: String = row.try_get("object_ref")?;
     let public: Option<String> = row.try_get("public_key")?;
     let version: i64 = row.try_get("version")?;
+    let ops = from_i64(row.try_get("operations")?);
     Ok(VersionRecord {
         version: u32::try_from(version).map_err(|_| corrupt("version"))?,
         state: VersionState::parse(&state).ok_or_else(|| corrupt("state"))?,
         created_at: row.try_get("created_at")?,
+        state_changed_at: row.try_get("state_changed_at")?,
+        changed_by: row.try_get("changed_by")?,
+        reason: row.try_get("reason")?,
+        grace_until: row.try_get("grace_until")?,
+        operations: Arc::new(AtomicU64::new(ops)),
+        persisted_operations: Arc::new(AtomicU64::new(ops)),
         object: ObjectRef(hex_decode(&object).ok_or_else(|| corrupt("object_ref"))?),
         public_key_der: match public {
             Some(p) => Some(hex_decode(&p).ok_or_else(|| corrupt("public_key"))?),

@@ -3,6 +3,9 @@
 //! supports the operation (422), a version in a state that allows it, then the device.
 
 mod envelope;
+pub mod lifecycle;
+
+pub use lifecycle::{LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,9 +15,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::backend::{KeyRef, SharedBackend, GCM_NONCE_LEN};
 use crate::encoding;
 use crate::error::ServiceError;
-use crate::keys::{KeyName, KeyType, VersionState};
+use crate::keys::{KeyName, KeyType};
 use crate::policy::{Operation, PolicyHandle};
-use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
+use crate::registry::{KeyRecord, Registry, VersionRecord};
 
 /// Most keys one listing page returns.
 pub const LIST_PAGE: usize = 1000;
@@ -48,6 +51,8 @@ pub struct Service {
     registry: Registry,
     policy: PolicyHandle,
     rng: SystemRandom,
+    /// Serializes every change to keys (see `lifecycle`).
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl Service {
@@ -57,6 +62,7 @@ impl Service {
             registry,
             policy,
             rng: SystemRandom::new(),
+            changes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -101,72 +107,6 @@ impl Service {
             .ok_or_else(|| ServiceError::NotFound(format!("no key named '{name}'")))
     }
 
-    pub async fn create_key(
-        &self,
-        caller: &Caller,
-        name: &str,
-        key_type: &str,
-    ) -> Result<Arc<KeyRecord>, ServiceError> {
-        let name = self.authorize(caller, Operation::Create, name)?;
-        let key_type = KeyType::parse(key_type).ok_or_else(|| {
-            ServiceError::invalid(format!(
-                "unknown key type '{key_type}' (known: {})",
-                KeyType::ALL.map(KeyType::as_str).join(", ")
-            ))
-        })?;
-        if !self.backend.supports(key_type) {
-            return Err(ServiceError::UnsupportedOperation(format!(
-                "the {} backend cannot hold {} keys",
-                self.backend.kind(),
-                key_type.as_str()
-            )));
-        }
-        let now = unix_now();
-        match self
-            .registry
-            .reserve(&name, key_type, now, &caller.identity)
-            .await
-        {
-            Err(RegistryError::Exists) => {
-                return Err(ServiceError::AlreadyExists(format!(
-                    "key '{name}' already exists"
-                )))
-            }
-            other => other?,
-        }
-        let label = format!("tillkey:{name}#1");
-        let generated = match self.backend.generate(key_type, &label) {
-            Ok(g) => g,
-            Err(e) => {
-                self.registry.release(&name).await?;
-                return Err(e.into());
-            }
-        };
-        let version = VersionRecord {
-            version: 1,
-            state: VersionState::Active,
-            created_at: now,
-            object: generated.object,
-            public_key_der: generated.public_key_der,
-        };
-        let rec = self
-            .registry
-            .insert_first_version(&name, key_type, now, &caller.identity, version.clone())
-            .await;
-        match rec {
-            Ok(rec) => Ok(rec),
-            Err(e) => {
-                // Do not leave an unreachable object in the device.
-                let _ = self.backend.destroy(KeyRef {
-                    key_type,
-                    object: &version.object,
-                });
-                self.registry.release(&name).await?;
-                Err(e.into())
-            }
-        }
-    }
-
     pub fn get_key(&self, caller: &Caller, name: &str) -> Result<Arc<KeyRecord>, ServiceError> {
         let name = self.authorize(caller, Operation::Read, name)?;
         self.lookup(&name)
@@ -206,7 +146,7 @@ impl Service {
         Ok((keys, next))
     }
 
-    pub fn sign(
+    pub async fn sign(
         &self,
         caller: &Caller,
         name: &str,
@@ -214,9 +154,8 @@ impl Service {
         format: SignatureFormat,
     ) -> Result<Signed, ServiceError> {
         let name = self.authorize(caller, Operation::Sign, name)?;
-        let key = self.lookup(&name)?;
-        require(key.key_type.signs(), "sign", &key)?;
-        let v = active(&key)?;
+        let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
+        let v = v.as_ref();
         let raw = self.backend.sign(key_ref(&key, v), message)?;
         let signature = match (key.key_type, format) {
             (KeyType::EcdsaP256, SignatureFormat::Der) => encoding::ecdsa_raw_to_der(&raw)
@@ -228,6 +167,39 @@ impl Service {
         Ok(Signed {
             signature,
             version: v.version,
+        })
+    }
+
+    /// The active version, with one use counted against its `max_operations`. A version at its
+    /// limit is rotated first, so the caller gets the new one.
+    async fn claim_active(
+        &self,
+        name: &KeyName,
+        op: &str,
+        allowed: impl Fn(KeyType) -> bool,
+    ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
+        for _ in 0..3 {
+            let key = self.lookup(name)?;
+            require(allowed(key.key_type), op, &key)?;
+            let v = active(&key)?;
+            let used = v
+                .operations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match key.lifecycle.max_operations {
+                Some(max) if used >= max => {
+                    v.operations
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    let version = v.version;
+                    self.rotate_exhausted(name, version).await?;
+                }
+                _ => {
+                    let v = Box::new(v.clone());
+                    return Ok((key, v));
+                }
+            }
+        }
+        Err(ServiceError::Unavailable {
+            detail: format!("key '{name}' kept reaching max_operations while rotating"),
         })
     }
 
@@ -281,7 +253,7 @@ impl Service {
         })
     }
 
-    pub fn encrypt(
+    pub async fn encrypt(
         &self,
         caller: &Caller,
         name: &str,
@@ -289,9 +261,10 @@ impl Service {
         aad: &[u8],
     ) -> Result<(Vec<u8>, u32), ServiceError> {
         let name = self.authorize(caller, Operation::Encrypt, name)?;
-        let key = self.lookup(&name)?;
-        require(key.key_type.encrypts(), "encrypt", &key)?;
-        let v = active(&key)?;
+        let (key, v) = self
+            .claim_active(&name, "encrypt", |t| t.encrypts())
+            .await?;
+        let v = v.as_ref();
         let mut nonce = [0u8; GCM_NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -336,6 +309,43 @@ impl Service {
             )),
         }
     }
+}
+
+/// Every key under `prefix` after checking that the caller may do `op` on each; a single refusal
+/// refuses the whole action.
+fn authorize_all(
+    svc: &Service,
+    caller: &Caller,
+    op: Operation,
+    prefix: &str,
+) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
+    let valid = !prefix.is_empty()
+        && prefix.len() <= crate::keys::MAX_NAME_LEN + 1
+        && prefix
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'));
+    if !valid {
+        return Err(ServiceError::invalid(
+            "prefix is required and may contain only a-z, 0-9, '.', '_', '-' and '/'",
+        ));
+    }
+    let (keys, _) = svc.registry.list(prefix, None, usize::MAX, |_| true);
+    if keys.is_empty() {
+        return Err(ServiceError::NotFound(format!("no keys under '{prefix}'")));
+    }
+    let policy = svc.policy.current();
+    if let Some(denied) = keys
+        .iter()
+        .find(|k| !policy.allows(&caller.identity, op, k.name.as_str()))
+    {
+        return Err(ServiceError::PermissionDenied(format!(
+            "'{}' may not {} '{}'; nothing was changed",
+            caller.identity,
+            op.as_str(),
+            denied.name
+        )));
+    }
+    Ok(keys)
 }
 
 fn require(ok: bool, op: &str, key: &KeyRecord) -> Result<(), ServiceError> {

@@ -251,12 +251,17 @@ impl KeyBackend for Pkcs11Backend {
         true
     }
 
-    fn generate(&self, key_type: KeyType, label: &str) -> BackendResult<GeneratedKey> {
+    fn generate(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        exportable: bool,
+    ) -> BackendResult<GeneratedKey> {
         let mut id = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| BackendError::Failed("system random generator failed".into()))?;
         let object = ObjectRef(id.to_vec());
-        let template = templates::for_type(key_type, &id, label);
+        let template = templates::for_type(key_type, &id, label, exportable);
         self.with_session("generate", &object, |_, s| match &template {
             Template::Secret { mechanism, attrs } => {
                 s.generate_key(mechanism, attrs)?;

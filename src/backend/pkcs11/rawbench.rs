@@ -43,7 +43,7 @@ pub fn measure(
     let session = conn
         .take_session(Duration::from_secs(1))
         .ok_or("no session")?;
-    let template = templates::for_type(key_type, &id, "tillkey:rawbench");
+    let template = templates::for_type(key_type, &id, "tillkey:rawbench", false);
     let made = match &template {
         Template::Secret { mechanism, attrs } => session.generate_key(mechanism, attrs).map(|_| ()),
         Template::Pair {

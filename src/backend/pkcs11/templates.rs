@@ -27,7 +27,8 @@ pub enum Template {
     },
 }
 
-pub fn for_type(key_type: KeyType, id: &[u8], label: &str) -> Template {
+/// `exportable` secret keys stay sensitive (never readable) but may be wrapped.
+pub fn for_type(key_type: KeyType, id: &[u8], label: &str, exportable: bool) -> Template {
     let common = |class: ObjectClass| {
         vec![
             Attribute::Class(class),
@@ -39,7 +40,7 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str) -> Template {
     let locked = [
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(exportable && !key_type.is_asymmetric()),
         Attribute::Modifiable(false),
         Attribute::Derive(false),
         Attribute::Unwrap(false),

@@ -1,0 +1,411 @@
+//! Changes to keys: creation, rotation, revocation, settings, and the scheduler that rotates and
+//! retires on time and on usage.
+//!
+//! Every change goes through [`Service::changes`], one lock for all keys: officer actions and
+//! scheduled rotations are rare next to signing, and one lock keeps the database and the index in
+//! step without per-key bookkeeping. Signing never takes it.
+
+use std::sync::Arc;
+
+use super::{authorize_all, unix_now, Caller, Service};
+use crate::backend::KeyRef;
+use crate::error::ServiceError;
+use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
+use crate::policy::Operation;
+use crate::registry::{KeyRecord, RegistryError, VersionRecord};
+
+/// Actor recorded for changes the daemon makes on its own.
+pub const SCHEDULER: &str = "tillkeyd:scheduler";
+
+/// Settings as a client writes them (durations like `90d`).
+#[derive(Debug, Default)]
+pub struct LifecycleInput {
+    pub rotation_period: Option<String>,
+    pub verify_grace: Option<String>,
+    pub max_operations: Option<u64>,
+    pub exportable: Option<bool>,
+}
+
+/// What a prefix action did.
+pub struct PrefixOutcome {
+    pub keys: Vec<String>,
+    pub versions: usize,
+}
+
+impl LifecycleInput {
+    /// Apply onto `base`. `rotation_period = "none"` and `max_operations = 0` switch those off.
+    fn apply(
+        &self,
+        base: Lifecycle,
+        key_type: KeyType,
+        creating: bool,
+    ) -> Result<Lifecycle, ServiceError> {
+        let mut l = base;
+        if let Some(p) = &self.rotation_period {
+            l.rotation_period = if p == "none" {
+                None
+            } else {
+                Some(parse_duration(p)?)
+            };
+        }
+        if let Some(g) = &self.verify_grace {
+            l.verify_grace = parse_duration(g)?;
+        }
+        if let Some(m) = self.max_operations {
+            l.max_operations = (m > 0).then_some(m);
+        }
+        if let Some(e) = self.exportable {
+            if !creating {
+                return Err(ServiceError::invalid(
+                    "exportable is fixed when the key is created",
+                ));
+            }
+            if e && key_type.is_asymmetric() {
+                return Err(ServiceError::invalid(
+                    "only symmetric keys (for terminals) may be exportable",
+                ));
+            }
+            l.exportable = e;
+        }
+        Ok(l)
+    }
+}
+
+impl Service {
+    pub async fn create_key(
+        &self,
+        caller: &Caller,
+        name: &str,
+        key_type: &str,
+        settings: &LifecycleInput,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let name = self.authorize(caller, Operation::Create, name)?;
+        let key_type = KeyType::parse(key_type).ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "unknown key type '{key_type}' (known: {})",
+                KeyType::ALL.map(KeyType::as_str).join(", ")
+            ))
+        })?;
+        let lifecycle = settings.apply(Lifecycle::default(), key_type, true)?;
+        if !self.backend.supports(key_type) {
+            return Err(ServiceError::UnsupportedOperation(format!(
+                "the {} backend cannot hold {} keys",
+                self.backend.kind(),
+                key_type.as_str()
+            )));
+        }
+        let now = unix_now();
+        match self
+            .registry
+            .reserve(&name, key_type, &lifecycle, now, &caller.identity)
+            .await
+        {
+            Err(RegistryError::Exists) => {
+                return Err(ServiceError::AlreadyExists(format!(
+                    "key '{name}' already exists"
+                )))
+            }
+            other => other?,
+        }
+        let first = match self.generate_version(
+            &name,
+            key_type,
+            lifecycle.exportable,
+            1,
+            now,
+            &caller.identity,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                self.registry.release(&name).await?;
+                return Err(e);
+            }
+        };
+        let rec = KeyRecord {
+            name: name.clone(),
+            key_type,
+            lifecycle,
+            created_at: now,
+            created_by: caller.identity.clone(),
+            versions: vec![first.clone()],
+        };
+        match self.registry.insert_first_version(rec).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                self.discard(key_type, &first);
+                self.registry.release(&name).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn generate_version(
+        &self,
+        name: &KeyName,
+        key_type: KeyType,
+        exportable: bool,
+        version: u32,
+        now: i64,
+        by: &str,
+    ) -> Result<VersionRecord, ServiceError> {
+        let label = format!("tillkey:{name}#{version}");
+        let g = self.backend.generate(key_type, &label, exportable)?;
+        Ok(VersionRecord::new(
+            version,
+            now,
+            by,
+            g.object,
+            g.public_key_der,
+        ))
+    }
+
+    /// Remove a freshly generated object that never reached the registry.
+    fn discard(&self, key_type: KeyType, v: &VersionRecord) {
+        if let Err(e) = self.backend.destroy(KeyRef {
+            key_type,
+            object: &v.object,
+        }) {
+            tracing::warn!(error = %e, "could not remove an unrecorded key object");
+        }
+    }
+
+    /// A new active version; the previous one verifies only until its grace ends.
+    async fn rotate_locked(
+        &self,
+        key: &KeyRecord,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let now = unix_now();
+        let next = key.latest_version() + 1;
+        let fresh = self.generate_version(
+            &key.name,
+            key.key_type,
+            key.lifecycle.exportable,
+            next,
+            now,
+            by,
+        )?;
+        let mut new = key.clone();
+        for v in &mut new.versions {
+            if v.state == VersionState::Active {
+                let mut moved = v.moved(VersionState::VerifyOnly, now, by, reason);
+                moved.grace_until = Some(now + key.lifecycle.verify_grace as i64);
+                *v = moved;
+            }
+        }
+        new.versions.push(fresh.clone());
+        match self.registry.commit(key, new).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                self.discard(key.key_type, &fresh);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A new active version; `reason` is recorded on the version it replaces.
+    pub async fn rotate(
+        &self,
+        caller: &Caller,
+        name: &str,
+        reason: Option<&str>,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let reason = reason.map(check_reason).transpose()?;
+        let name = self.authorize(caller, Operation::Rotate, name)?;
+        let _guard = self.changes.lock().await;
+        let key = self.lookup(&name)?;
+        self.rotate_locked(&key, &caller.identity, reason).await
+    }
+
+    /// Revoke one version, or every version still usable. Effective for the next request.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: Option<u32>,
+        reason: &str,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let reason = check_reason(reason)?;
+        let name = self.authorize(caller, Operation::Revoke, name)?;
+        let _guard = self.changes.lock().await;
+        let key = self.lookup(&name)?;
+        if let Some(n) = version {
+            if key.version(n).is_none() {
+                return Err(ServiceError::NotFound(format!(
+                    "key '{name}' has no version {n}"
+                )));
+            }
+        }
+        let (new, _) = revoked(&key, version, reason, &caller.identity);
+        Ok(self.registry.commit(&key, new).await?)
+    }
+
+    /// One audited action over every key under `prefix` (a store or a terminal). All or nothing
+    /// on authorization: if the caller may not act on one of the keys, nothing is done.
+    pub async fn revoke_prefix(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        reason: &str,
+    ) -> Result<PrefixOutcome, ServiceError> {
+        let reason = check_reason(reason)?;
+        let _guard = self.changes.lock().await;
+        let keys = authorize_all(self, caller, Operation::Revoke, prefix)?;
+        let mut out = PrefixOutcome {
+            keys: Vec::new(),
+            versions: 0,
+        };
+        for key in keys {
+            let (new, n) = revoked(&key, None, reason, &caller.identity);
+            self.registry.commit(&key, new).await?;
+            out.versions += n;
+            out.keys.push(key.name.to_string());
+        }
+        Ok(out)
+    }
+
+    pub async fn rotate_prefix(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        reason: Option<&str>,
+    ) -> Result<PrefixOutcome, ServiceError> {
+        let reason = reason.map(check_reason).transpose()?;
+        let _guard = self.changes.lock().await;
+        let keys = authorize_all(self, caller, Operation::Rotate, prefix)?;
+        let mut out = PrefixOutcome {
+            keys: Vec::new(),
+            versions: 0,
+        };
+        for key in keys {
+            self.rotate_locked(&key, &caller.identity, reason).await?;
+            out.versions += 1;
+            out.keys.push(key.name.to_string());
+        }
+        Ok(out)
+    }
+
+    pub async fn update_lifecycle(
+        &self,
+        caller: &Caller,
+        name: &str,
+        settings: &LifecycleInput,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let name = self.authorize(caller, Operation::Update, name)?;
+        let _guard = self.changes.lock().await;
+        let key = self.lookup(&name)?;
+        let mut new = (*key).clone();
+        new.lifecycle = settings.apply(key.lifecycle, key.key_type, false)?;
+        Ok(self.registry.commit(&key, new).await?)
+    }
+
+    /// Called when an operation finds the active version at its `max_operations`: rotate it
+    /// (once, however many requests notice at the same time) so the operation can use the new
+    /// version. The cap is hard: the exhausted version performs no further operation.
+    pub(super) async fn rotate_exhausted(
+        &self,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<(), ServiceError> {
+        let _guard = self.changes.lock().await;
+        let key = self.lookup(name)?;
+        if key.active().is_some_and(|v| v.version == version) {
+            self.rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
+                .await?;
+            tracing::info!(key = %name, version, "rotated: max_operations reached");
+        }
+        Ok(())
+    }
+
+    /// One pass of the scheduler: rotate keys whose period has elapsed, retire verify-only
+    /// versions whose grace has ended, persist usage counts. Failures are logged and retried on
+    /// the next pass.
+    pub async fn tick(&self) {
+        let now = unix_now();
+        for key in self.registry.all() {
+            let due_rotation = match (key.lifecycle.rotation_period, key.active()) {
+                (Some(p), Some(a)) => a.created_at + p as i64 <= now,
+                _ => false,
+            };
+            let due_retire = key.versions.iter().any(|v| {
+                v.state == VersionState::VerifyOnly && v.grace_until.is_some_and(|g| g <= now)
+            });
+            if !due_rotation && !due_retire {
+                continue;
+            }
+            let _guard = self.changes.lock().await;
+            let Some(current) = self.registry.get(&key.name) else {
+                continue;
+            };
+            let result = async {
+                let mut key = current;
+                if let (Some(p), Some(a)) = (key.lifecycle.rotation_period, key.active()) {
+                    if a.created_at + p as i64 <= now {
+                        key = self
+                            .rotate_locked(&key, SCHEDULER, Some("rotation_period elapsed"))
+                            .await?;
+                        tracing::info!(key = %key.name, "rotated: rotation_period elapsed");
+                    }
+                }
+                let mut new = (*key).clone();
+                let mut retired = 0;
+                for v in &mut new.versions {
+                    if v.state == VersionState::VerifyOnly
+                        && v.grace_until.is_some_and(|g| g <= now)
+                    {
+                        *v = v.moved(
+                            VersionState::Retired,
+                            now,
+                            SCHEDULER,
+                            Some("verify_grace ended"),
+                        );
+                        retired += 1;
+                    }
+                }
+                if retired > 0 {
+                    self.registry.commit(&key, new).await?;
+                    tracing::info!(key = %key.name, retired, "retired versions whose grace ended");
+                }
+                Ok::<(), ServiceError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(key = %key.name, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change failed; will retry");
+            }
+        }
+        if let Err(e) = self.registry.flush_usage().await {
+            tracing::warn!(error = %e, "could not persist usage counts; will retry");
+        }
+    }
+}
+
+fn check_reason(reason: &str) -> Result<&str, ServiceError> {
+    let r = reason.trim();
+    if r.is_empty() || r.len() > 500 {
+        return Err(ServiceError::invalid(
+            "reason is required (1 to 500 characters)",
+        ));
+    }
+    Ok(r)
+}
+
+/// `key` with `version` (or every version not already revoked or destroyed) revoked.
+fn revoked(key: &KeyRecord, version: Option<u32>, reason: &str, by: &str) -> (KeyRecord, usize) {
+    let now = unix_now();
+    let mut new = key.clone();
+    let mut n = 0;
+    for v in &mut new.versions {
+        let wanted = version.is_none_or(|want| want == v.version);
+        if wanted
+            && matches!(
+                v.state,
+                VersionState::Active | VersionState::VerifyOnly | VersionState::Retired
+            )
+        {
+            *v = v.moved(VersionState::Revoked, now, by, Some(reason));
+            n += 1;
+        }
+    }
+    (new, n)
+}
