@@ -146,6 +146,17 @@ impl Connection {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (status, _, body) = self.call_with_headers(method, path, body).await?;
+        Ok((status, body))
+    }
+
+    /// Like [`Connection::call_raw`], with the response headers (receipts, request ids).
+    pub async fn call_with_headers(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
         self.sender.ready().await?;
         let req = Request::builder()
             .method(method)
@@ -156,7 +167,8 @@ impl Connection {
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        Ok((status, headers, body))
     }
 }

@@ -13,13 +13,18 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
+use crate::audit::{AuditKey, AuditLog};
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::SharedBackend;
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
+use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
-use crate::service::Service;
+use crate::service::{ensure_service_key, Service};
+
+/// The HMAC key in the token that authenticates audit entries.
+pub const AUDIT_KEY: &str = "tillkey/audit";
 
 /// sysexits.h EX_USAGE / EX_CONFIG-style: the operator must fix the configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -103,9 +108,30 @@ async fn run(config: Config) -> Result<(), Startup> {
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     tracing::info!(keys = registry.len(), "registry loaded");
+    let audit_key = ensure_service_key(&registry, &backend, AUDIT_KEY, KeyType::HmacSha256)
+        .await
+        .map_err(|e| {
+            Startup::Unavailable(format!(
+                "audit key: {e} {}",
+                e.internal_detail().unwrap_or("")
+            ))
+        })?;
+    let active = audit_key
+        .active()
+        .ok_or_else(|| Startup::Unavailable(format!("{AUDIT_KEY} has no active version")))?;
+    let audit = AuditLog::start(
+        registry.pool().clone(),
+        backend.clone(),
+        AuditKey {
+            object: active.object.clone(),
+            version: active.version,
+        },
+    )
+    .await
+    .map_err(Startup::Unavailable)?;
 
     let state = Arc::new(AppState {
-        service: Service::new(backend, registry, PolicyHandle::new(policy)),
+        service: Service::new(backend, registry, PolicyHandle::new(policy), audit),
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),
@@ -147,6 +173,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = api_task.await;
     let _ = admin_task.await;
     let _ = scheduler.await;
+    state.service.shutdown().await;
     Ok(())
 }
 
@@ -160,11 +187,7 @@ async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => state.service.tick().await,
-            _ = shutdown.changed() => {
-                // Persist the last usage counts before exiting.
-                state.service.tick().await;
-                return;
-            }
+            _ = shutdown.changed() => return,
         }
     }
 }

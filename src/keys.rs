@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
 
+/// Names under this prefix belong to the service itself (the audit key, later the status-list
+/// key); no client may create, use or manage them.
+pub const RESERVED_PREFIX: &str = "tillkey/";
+
 /// Longest accepted key name; keeps names usable as PKCS#11 labels and index keys.
 pub const MAX_NAME_LEN: usize = 200;
 /// Longest accepted segment of a key name.
@@ -48,6 +52,10 @@ impl KeyName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with(RESERVED_PREFIX)
     }
 }
 

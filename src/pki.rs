@@ -125,7 +125,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
 }
 
 /// The development PKI. Client identities:
-/// officer `spiffe://tillkey.test/officer/alice`, service `spiffe://tillkey.test/svc/payments`,
+/// officer `spiffe://tillkey.test/officer/alice` (officer2: `.../officer/bob`), auditor
+/// `spiffe://tillkey.test/auditor/carol`, service `spiffe://tillkey.test/svc/payments`,
 /// stranger `spiffe://tillkey.test/svc/stranger` (no grants), `cn-only` (identity from the CN
 /// `legacy-pos-gateway`), `expired` (the payments identity, expired yesterday) and `foreign`
 /// (the payments identity from another CA).
@@ -153,6 +154,7 @@ pub fn dev(dir: &Path) -> Result<(), String> {
             format!("spiffe://{td}/svc/stranger"),
             "stranger",
         ),
+        ("auditor", format!("spiffe://{td}/auditor/carol"), "carol"),
     ];
     for (file, uri, cn) in &clients {
         write_pair(

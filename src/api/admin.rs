@@ -45,18 +45,34 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" => match state.service.backend().health() {
-            Health::Ready => (
-                StatusCode::OK,
-                "application/json",
-                r#"{"ready":true}"#.to_string(),
-            ),
-            Health::NotReady(reason) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "application/json",
-                serde_json::json!({ "ready": false, "reason": reason }).to_string(),
-            ),
-        },
+        "/readyz" => {
+            // Ready only while both the token answers and the audit trail accepts writes.
+            let backend = match state.service.backend().health() {
+                Health::Ready => None,
+                Health::NotReady(reason) => Some(reason),
+            };
+            let audit = state.service.audit().failure();
+            if backend.is_none() && audit.is_none() {
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"ready":true}"#.to_string(),
+                )
+            } else {
+                let mut v = serde_json::json!({ "ready": false });
+                if let Some(r) = backend {
+                    v["backend"] = r.into();
+                }
+                if let Some(r) = audit {
+                    v["audit"] = r.into();
+                }
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    v.to_string(),
+                )
+            }
+        }
         "/metrics" => {
             let m = &state.metrics;
             m.backend_ready

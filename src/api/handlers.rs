@@ -16,6 +16,16 @@ pub struct Outcome {
     pub version: Option<u32>,
 }
 
+/// What the audit entry and the log record about a request beyond its path, filled in by the
+/// handler as soon as it is known, so refused requests carry it too.
+#[derive(Default)]
+pub struct Note {
+    /// The key (or prefix) when it comes from the body rather than the path.
+    pub key: Option<String>,
+    /// Reasons and summaries; never message contents.
+    pub detail: String,
+}
+
 fn ok<T: Serialize>(
     status: StatusCode,
     value: &T,
@@ -38,11 +48,13 @@ pub async fn dispatch(
     name: &str,
     query: &str,
     body: &[u8],
+    note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
     let svc = &state.service;
     match route {
         Route::CreateKey => {
             let req: json::CreateKey = json::parse(body)?;
+            note.key = Some(req.name.clone());
             let settings = LifecycleInput {
                 rotation_period: req.rotation_period,
                 verify_grace: req.verify_grace,
@@ -94,6 +106,7 @@ pub async fn dispatch(
             } else {
                 json::parse(body)?
             };
+            note.detail = req.reason.clone().unwrap_or_default();
             let key = svc.rotate(caller, name, req.reason.as_deref()).await?;
             ok(
                 StatusCode::OK,
@@ -103,11 +116,14 @@ pub async fn dispatch(
         }
         Route::Revoke => {
             let req: json::Revoke = json::parse(body)?;
+            note.detail = req.reason.clone();
             let key = svc.revoke(caller, name, req.version, &req.reason).await?;
             ok(StatusCode::OK, &KeyView::of(&key), req.version)
         }
         Route::RevokePrefix | Route::RotatePrefix => {
             let req: json::PrefixAction = json::parse(body)?;
+            note.key = Some(req.prefix.clone());
+            note.detail = req.reason.clone().unwrap_or_default();
             let out = if route == Route::RevokePrefix {
                 svc.revoke_prefix(caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
                     .await?
@@ -115,9 +131,29 @@ pub async fn dispatch(
                 svc.rotate_prefix(caller, &req.prefix, req.reason.as_deref())
                     .await?
             };
+            note.detail = format!(
+                "{} keys, {} versions; {}",
+                out.keys.len(),
+                out.versions,
+                note.detail
+            );
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "prefix": req.prefix, "keys": out.keys, "versions": out.versions }),
+                None,
+            )
+        }
+        Route::Audit => {
+            let q = audit_query(query)?;
+            let entries: Vec<serde_json::Value> = svc
+                .audit_entries(caller, &q)
+                .await?
+                .iter()
+                .map(|e| e.to_json())
+                .collect();
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "entries": entries }),
                 None,
             )
         }
@@ -203,6 +239,40 @@ fn list_query(query: &str) -> Result<ListQuery, ServiceError> {
                 return Err(ServiceError::invalid(format!(
                     "unknown query parameter '{}'; accepted: prefix, page_token, page_size",
                     pair.split('=').next().unwrap_or("")
+                )))
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// `since` (sequence number), `key`, `identity`, `limit` (1..=1000, default 100).
+fn audit_query(query: &str) -> Result<crate::audit::Query, ServiceError> {
+    let mut q = crate::audit::Query {
+        limit: 100,
+        ..Default::default()
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ServiceError::invalid(format!("query parameter '{pair}' has no value"))
+        })?;
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| ServiceError::invalid(format!("{k} must be a number")))
+        };
+        match k {
+            "since" => q.since = number(v)?,
+            "limit" => {
+                q.limit = usize::try_from(number(v)?).unwrap_or(0);
+                if !(1..=1000).contains(&q.limit) {
+                    return Err(ServiceError::invalid("limit must be 1..=1000"));
+                }
+            }
+            "key" => q.key = Some(v.to_owned()),
+            "identity" => q.identity = Some(v.to_owned()),
+            _ => {
+                return Err(ServiceError::invalid(format!(
+                    "unknown query parameter '{k}'; accepted: since, key, identity, limit"
                 )))
             }
         }

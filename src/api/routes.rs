@@ -16,11 +16,15 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use ring::rand::SecureRandom;
 
-use super::handlers::{self, Outcome};
+use super::handlers;
 use super::AppState;
+use crate::audit;
 use crate::error::ServiceError;
 use crate::metrics::{OperationLabel, RequestLabels};
 use crate::service::Caller;
+
+/// The audit sequence number of the request's entry: a receipt tying the answer to the trail.
+pub const RECEIPT_HEADER: &str = "x-tillkey-receipt";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -32,6 +36,7 @@ pub enum Route {
     Revoke,
     RevokePrefix,
     RotatePrefix,
+    Audit,
     Sign,
     Verify,
     Encrypt,
@@ -49,6 +54,7 @@ impl Route {
             Route::Revoke => "revoke",
             Route::RevokePrefix => "revoke_prefix",
             Route::RotatePrefix => "rotate_prefix",
+            Route::Audit => "audit_read",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -57,7 +63,7 @@ impl Route {
     }
 
     fn has_body(self) -> bool {
-        !matches!(self, Route::ListKeys | Route::GetKey)
+        !matches!(self, Route::ListKeys | Route::GetKey | Route::Audit)
     }
 }
 
@@ -69,6 +75,12 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             Method::GET => Ok((Route::ListKeys, None)),
             Method::POST => Ok((Route::CreateKey, None)),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET, POST" }),
+        };
+    }
+    if path == "/v1/audit" {
+        return match *method {
+            Method::GET => Ok((Route::Audit, None)),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         };
     }
     if let Some(custom) = path.strip_prefix("/v1/keys:") {
@@ -120,7 +132,8 @@ pub async fn handle(
     let path = parts.uri.path().to_owned();
     let routed = route(&parts.method, &path);
     let operation = routed.as_ref().map_or("unknown", |(r, _)| r.label());
-    let key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
+    let path_key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
+    let mut note = handlers::Note::default();
 
     let result = match routed {
         Err(e) => Err(e),
@@ -134,8 +147,15 @@ pub async fn handle(
                 Ok(body) => {
                     let query = parts.uri.query().unwrap_or("");
                     // A bug must cost one request a 500, not the connection its answer.
-                    let call =
-                        handlers::dispatch(&state, &caller, r, name.unwrap_or(""), query, &body);
+                    let call = handlers::dispatch(
+                        &state,
+                        &caller,
+                        r,
+                        name.unwrap_or(""),
+                        query,
+                        &body,
+                        &mut note,
+                    );
                     match AssertUnwindSafe(call).catch_unwind().await {
                         Ok(result) => result,
                         Err(_) => Err(ServiceError::Internal {
@@ -148,14 +168,29 @@ pub async fn handle(
         }
     };
 
+    let key = note.key.clone().unwrap_or_else(|| path_key.to_owned());
+    // Nothing is answered without its audit entry: a failed append turns any answer into 503.
+    let record = audit::Record {
+        identity: caller.identity.clone(),
+        operation,
+        key: key.clone(),
+        version: result.as_ref().ok().and_then(|o| o.version),
+        outcome: match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        },
+        request_id: request_id.clone(),
+        detail: std::mem::take(&mut note.detail),
+    };
+    let (result, receipt) = match state.service.audit().append(record).await {
+        Ok(seq) => (result, Some(seq)),
+        Err(e) => (Err(e), None),
+    };
+
     let elapsed = started.elapsed();
     let mut allow = None;
     let (status, body, version, outcome) = match result {
-        Ok(Outcome {
-            status,
-            body,
-            version,
-        }) => (status, body, version, "ok"),
+        Ok(o) => (o.status, o.body, o.version, "ok"),
         Err(e) => {
             if let ServiceError::MethodNotAllowed { allow: a } = e {
                 allow = Some(a);
@@ -186,6 +221,7 @@ pub async fn handle(
         version = version.unwrap_or(0),
         outcome,
         status = status.as_u16(),
+        receipt = receipt.unwrap_or(0),
         latency_us = elapsed.as_micros() as u64,
     );
     state
@@ -202,6 +238,10 @@ pub async fn handle(
     if let Some(a) = allow {
         resp.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static(a));
+    }
+    if let Some(seq) = receipt {
+        resp.headers_mut()
+            .insert(RECEIPT_HEADER, HeaderValue::from(seq));
     }
     Ok(resp)
 }

@@ -1,5 +1,6 @@
 //! The `tillkey` operator CLI: development PKI, key management and client calls.
 
+pub mod audit;
 pub mod bench;
 
 use std::path::PathBuf;
@@ -82,12 +83,31 @@ enum Command {
     },
     /// Measure raw token speed against tillkeyd's on the same token, in one run.
     Bench(bench::BenchArgs),
+    /// Check or export the tamper-evident audit trail (reads the store and the token directly).
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Subcommand)]
 enum PkiCommand {
     /// Make a development CA, server certificate and client certificates in DIR.
     Dev { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify order, links and every MAC; exits 1 naming the first bad entry.
+    Verify {
+        /// tillkeyd's configuration (for the registry and the token). Set SOFTHSM2_CONF as for
+        /// the daemon.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write every entry as JSON lines to standard output.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +191,12 @@ pub fn main() -> ExitCode {
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Audit(AuditCommand::Verify { config }) => {
+            runtime().and_then(|rt| rt.block_on(audit::verify(&config)))
+        }
+        Command::Audit(AuditCommand::Export { config }) => {
+            runtime().and_then(|rt| rt.block_on(audit::export(&config)).map(|()| true))
+        }
         other => runtime().and_then(|rt| rt.block_on(call(other))),
     };
     match result {
@@ -257,7 +283,9 @@ async fn call(cmd: Command) -> Result<bool, String> {
             format!("/v1/keys/{name}:decrypt"),
             Some(json!({"ciphertext": ciphertext, "associated_data": aad(a)})),
         ),
-        Command::Pki(_) | Command::Bench(_) => return Err("not an API call".into()),
+        Command::Pki(_) | Command::Bench(_) | Command::Audit(_) => {
+            return Err("not an API call".into())
+        }
     };
     let body = body.map(strip_nulls);
     let mut connection = conn.client()?.connect().await.map_err(|e| e.to_string())?;

@@ -22,6 +22,7 @@ pub enum Operation {
     Rotate,
     Revoke,
     Update,
+    Audit,
     Sign,
     Verify,
     Encrypt,
@@ -29,12 +30,13 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Create,
         Operation::Read,
         Operation::Rotate,
         Operation::Revoke,
         Operation::Update,
+        Operation::Audit,
         Operation::Sign,
         Operation::Verify,
         Operation::Encrypt,
@@ -48,6 +50,7 @@ impl Operation {
             Operation::Rotate => "rotate",
             Operation::Revoke => "revoke",
             Operation::Update => "update",
+            Operation::Audit => "audit",
             Operation::Sign => "sign",
             Operation::Verify => "verify",
             Operation::Encrypt => "encrypt",
@@ -69,7 +72,9 @@ fn role_operations(role: &str) -> Option<&'static [Operation]> {
             Operation::Rotate,
             Operation::Revoke,
             Operation::Update,
+            Operation::Audit,
         ]),
+        "auditor" => Some(&[Operation::Audit]),
         _ => None,
     }
 }
@@ -146,8 +151,9 @@ impl Policy {
                 })?);
             }
             for role in &g.roles {
-                let ops = role_operations(role)
-                    .ok_or_else(|| at(format!("unknown role '{role}' (known: officer)")))?;
+                let ops = role_operations(role).ok_or_else(|| {
+                    at(format!("unknown role '{role}' (known: officer, auditor)"))
+                })?;
                 operations.extend_from_slice(ops);
             }
             if operations.is_empty() {
@@ -184,6 +190,13 @@ impl Policy {
                 && g.identities.iter().any(|p| p.matches(identity))
                 && g.keys.iter().any(|p| p.matches(key))
         })
+    }
+
+    /// Whether `identity` holds `op` on any key at all.
+    pub fn grants_any(&self, identity: &str, op: Operation) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.operations.contains(&op) && g.identities.iter().any(|p| p.matches(identity)))
     }
 
     pub fn grant_count(&self) -> usize {

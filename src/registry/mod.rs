@@ -145,16 +145,37 @@ const SCHEMA: &[&str] = &[
 
 pub struct Registry {
     pool: AnyPool,
+    is_sqlite: bool,
     index: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
 }
 
 impl Registry {
+    /// Open for the daemon: create the schema if needed and clear half-created keys.
     pub async fn open(url: &str) -> Result<Self, RegistryError> {
+        Self::open_with(url, true).await
+    }
+
+    /// Open for tools running beside the daemon (audit verification): no schema changes and no
+    /// clean-up that could race the daemon.
+    pub async fn open_for_reading(url: &str) -> Result<Self, RegistryError> {
+        Self::open_with(url, false).await
+    }
+
+    async fn open_with(url: &str, maintain: bool) -> Result<Self, RegistryError> {
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
             .max_connections(4)
             .connect(url)
             .await?;
+        if !maintain {
+            let registry = Self {
+                pool,
+                is_sqlite: url.starts_with("sqlite:"),
+                index: RwLock::new(BTreeMap::new()),
+            };
+            registry.load().await?;
+            return Ok(registry);
+        }
         if url.starts_with("sqlite:") {
             sqlx::query("PRAGMA journal_mode=WAL")
                 .execute(&pool)
@@ -178,6 +199,7 @@ impl Registry {
         }
         let registry = Self {
             pool,
+            is_sqlite: url.starts_with("sqlite:"),
             index: RwLock::new(BTreeMap::new()),
         };
         registry.load().await?;
@@ -210,6 +232,25 @@ impl Registry {
         let index = map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
         Ok(())
+    }
+
+    /// Close every connection; SQLite then checkpoints its write-ahead log into the database
+    /// file, so a stopped daemon leaves one self-contained file behind.
+    pub async fn close(&self) {
+        if self.is_sqlite {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await
+            {
+                tracing::warn!(error = %e, "could not checkpoint the registry's write-ahead log");
+            }
+        }
+        self.pool.close().await;
+    }
+
+    /// The database, shared with the audit trail.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub fn get(&self, name: &KeyName) -> Option<Arc<KeyRecord>> {

@@ -8,14 +8,16 @@
 use std::sync::Arc;
 
 use super::{authorize_all, unix_now, Caller, Service};
-use crate::backend::KeyRef;
+use crate::backend::{KeyRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
 use crate::policy::Operation;
-use crate::registry::{KeyRecord, RegistryError, VersionRecord};
+use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
 
 /// Actor recorded for changes the daemon makes on its own.
 pub const SCHEDULER: &str = "tillkeyd:scheduler";
+/// Creator recorded for the service's own keys.
+pub const SERVICE: &str = "tillkeyd";
 
 /// Settings as a client writes them (durations like `90d`).
 #[derive(Debug, Default)]
@@ -71,7 +73,71 @@ impl LifecycleInput {
     }
 }
 
+/// The registry record of a service key under `tillkey/`, created in the token on first start.
+pub async fn ensure_service_key(
+    registry: &Registry,
+    backend: &SharedBackend,
+    name: &str,
+    key_type: KeyType,
+) -> Result<Arc<KeyRecord>, ServiceError> {
+    let name = KeyName::parse(name)?;
+    if let Some(k) = registry.get(&name) {
+        return Ok(k);
+    }
+    let now = unix_now();
+    let lifecycle = Lifecycle::default();
+    registry
+        .reserve(&name, key_type, &lifecycle, now, SERVICE)
+        .await?;
+    let label = format!("tillkey:{name}#1");
+    let g = match backend.generate(key_type, &label, false) {
+        Ok(g) => g,
+        Err(e) => {
+            registry.release(&name).await?;
+            return Err(e.into());
+        }
+    };
+    let rec = KeyRecord {
+        name,
+        key_type,
+        lifecycle,
+        created_at: now,
+        created_by: SERVICE.into(),
+        versions: vec![VersionRecord::new(
+            1,
+            now,
+            SERVICE,
+            g.object,
+            g.public_key_der,
+        )],
+    };
+    Ok(registry.insert_first_version(rec).await?)
+}
+
 impl Service {
+    /// Record a change the daemon made on its own. The change is already committed, so a failed
+    /// append can only be reported loudly.
+    async fn audit_own(
+        &self,
+        operation: &'static str,
+        key: &KeyName,
+        version: Option<u32>,
+        detail: &str,
+    ) {
+        let record = crate::audit::Record {
+            identity: SCHEDULER.into(),
+            operation,
+            key: key.to_string(),
+            version,
+            outcome: "ok",
+            request_id: "scheduler".into(),
+            detail: detail.into(),
+        };
+        if let Err(e) = self.audit.append(record).await {
+            tracing::error!(key = %key, operation, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change made but its audit entry could not be written");
+        }
+    }
+
     pub async fn create_key(
         &self,
         caller: &Caller,
@@ -311,9 +377,13 @@ impl Service {
         let _guard = self.changes.lock().await;
         let key = self.lookup(name)?;
         if key.active().is_some_and(|v| v.version == version) {
-            self.rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
+            let new = self
+                .rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
                 .await?;
             tracing::info!(key = %name, version, "rotated: max_operations reached");
+            let v = new.active().map(|v| v.version);
+            self.audit_own("rotate", name, v, "max_operations reached")
+                .await;
         }
         Ok(())
     }
@@ -346,10 +416,13 @@ impl Service {
                             .rotate_locked(&key, SCHEDULER, Some("rotation_period elapsed"))
                             .await?;
                         tracing::info!(key = %key.name, "rotated: rotation_period elapsed");
+                        let v = key.active().map(|v| v.version);
+                        self.audit_own("rotate", &key.name, v, "rotation_period elapsed")
+                            .await;
                     }
                 }
                 let mut new = (*key).clone();
-                let mut retired = 0;
+                let mut retired = Vec::new();
                 for v in &mut new.versions {
                     if v.state == VersionState::VerifyOnly
                         && v.grace_until.is_some_and(|g| g <= now)
@@ -360,18 +433,38 @@ impl Service {
                             SCHEDULER,
                             Some("verify_grace ended"),
                         );
-                        retired += 1;
+                        retired.push(v.version);
                     }
                 }
-                if retired > 0 {
+                if !retired.is_empty() {
                     self.registry.commit(&key, new).await?;
-                    tracing::info!(key = %key.name, retired, "retired versions whose grace ended");
+                    tracing::info!(key = %key.name, ?retired, "retired versions whose grace ended");
+                    for v in retired {
+                        self.audit_own("retire", &key.name, Some(v), "verify_grace ended")
+                            .await;
+                    }
                 }
                 Ok::<(), ServiceError>(())
             }
             .await;
             if let Err(e) = result {
                 tracing::warn!(key = %key.name, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change failed; will retry");
+            }
+        }
+        // A failed audit store keeps readiness red until a write succeeds again; the probe is
+        // itself an audited entry, so recovery is proven by a durable write, not assumed.
+        if self.audit.failure().is_some() {
+            let probe = crate::audit::Record {
+                identity: SERVICE.into(),
+                operation: "audit_probe",
+                key: String::new(),
+                version: None,
+                outcome: "ok",
+                request_id: "scheduler".into(),
+                detail: "retrying the audit store after a failed write".into(),
+            };
+            if self.audit.append(probe).await.is_ok() {
+                tracing::info!("audit store accepts writes again");
             }
         }
         if let Err(e) = self.registry.flush_usage().await {

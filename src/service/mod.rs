@@ -5,13 +5,14 @@
 mod envelope;
 pub mod lifecycle;
 
-pub use lifecycle::{LifecycleInput, PrefixOutcome};
+pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::audit::{self, AuditLog};
 use crate::backend::{KeyRef, SharedBackend, GCM_NONCE_LEN};
 use crate::encoding;
 use crate::error::ServiceError;
@@ -50,17 +51,24 @@ pub struct Service {
     backend: SharedBackend,
     registry: Registry,
     policy: PolicyHandle,
+    audit: AuditLog,
     rng: SystemRandom,
     /// Serializes every change to keys (see `lifecycle`).
     changes: tokio::sync::Mutex<()>,
 }
 
 impl Service {
-    pub fn new(backend: SharedBackend, registry: Registry, policy: PolicyHandle) -> Self {
+    pub fn new(
+        backend: SharedBackend,
+        registry: Registry,
+        policy: PolicyHandle,
+        audit: AuditLog,
+    ) -> Self {
         Self {
             backend,
             registry,
             policy,
+            audit,
             rng: SystemRandom::new(),
             changes: tokio::sync::Mutex::new(()),
         }
@@ -74,6 +82,50 @@ impl Service {
         &self.policy
     }
 
+    /// Final work at shutdown: persist usage counts, then close the database.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.registry.flush_usage().await {
+            tracing::warn!(error = %e, "could not persist usage counts at shutdown");
+        }
+        self.registry.close().await;
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Audit entries after `q.since` that the caller may see: auditors are granted `audit` on
+    /// key patterns, and see the entries of those keys (entries without a key count as `-`).
+    pub async fn audit_entries(
+        &self,
+        caller: &Caller,
+        q: &audit::Query,
+    ) -> Result<Vec<audit::Entry>, ServiceError> {
+        let policy = self.policy.current();
+        if !policy.grants_any(&caller.identity, Operation::Audit) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not read the audit trail",
+                caller.identity
+            )));
+        }
+        let entries = audit::read(self.registry.pool(), q)
+            .await
+            .map_err(|detail| ServiceError::Internal {
+                detail: format!("reading audit: {detail}"),
+            })?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| {
+                let key = if e.key.is_empty() {
+                    "-"
+                } else {
+                    e.key.as_str()
+                };
+                policy.allows(&caller.identity, Operation::Audit, key)
+            })
+            .collect())
+    }
+
     pub fn key_count(&self) -> usize {
         self.registry.len()
     }
@@ -85,6 +137,12 @@ impl Service {
         name: &str,
     ) -> Result<KeyName, ServiceError> {
         let name = KeyName::parse(name)?;
+        if name.is_reserved() {
+            return Err(ServiceError::PermissionDenied(format!(
+                "names under '{}' are reserved for the service",
+                crate::keys::RESERVED_PREFIX
+            )));
+        }
         if self
             .policy
             .current()
@@ -136,7 +194,8 @@ impl Service {
         let (keys, more) =
             self.registry
                 .list(prefix, page_token, page_size.clamp(1, LIST_PAGE), |k| {
-                    policy.allows(&caller.identity, Operation::Read, k.name.as_str())
+                    !k.name.is_reserved()
+                        && policy.allows(&caller.identity, Operation::Read, k.name.as_str())
                 });
         let next = if more {
             keys.last().map(|k| k.name.to_string())
@@ -336,7 +395,7 @@ fn authorize_all(
     let policy = svc.policy.current();
     if let Some(denied) = keys
         .iter()
-        .find(|k| !policy.allows(&caller.identity, op, k.name.as_str()))
+        .find(|k| k.name.is_reserved() || !policy.allows(&caller.identity, op, k.name.as_str()))
     {
         return Err(ServiceError::PermissionDenied(format!(
             "'{}' may not {} '{}'; nothing was changed",
