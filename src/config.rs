@@ -16,6 +16,9 @@ use crate::backend::pkcs11::{Pkcs11Settings, TokenSelector};
 /// Largest request body the API accepts unless configured otherwise (64 KiB): enough for any
 /// message a retail flow signs, small enough that a flood of large bodies cannot exhaust memory.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// How long a dual-control request waits for its second officer (24 h).
+pub const DEFAULT_APPROVAL_TTL: u64 = 24 * 3600;
+
 /// Hard ceiling on `max_body_bytes`.
 pub const MAX_MAX_BODY: usize = 1024 * 1024;
 
@@ -29,6 +32,14 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    approvals: RawApprovals,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +111,8 @@ pub struct Config {
     pub registry_url: String,
     pub policy_dir: PathBuf,
     pub log_format: LogFormat,
+    /// Seconds a dual-control approval stays open.
+    pub approval_ttl: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -251,7 +264,13 @@ impl Config {
             ));
         }
 
+        let approval_ttl = match &raw.approvals.ttl {
+            Some(t) => crate::keys::parse_duration(t).map_err(|e| format!("approvals.ttl: {e}"))?,
+            None => DEFAULT_APPROVAL_TTL,
+        };
+
         Ok(Config {
+            approval_ttl,
             listen,
             admin_listen,
             max_body_bytes,

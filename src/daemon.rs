@@ -131,7 +131,8 @@ async fn run(config: Config) -> Result<(), Startup> {
     .map_err(Startup::Unavailable)?;
 
     let state = Arc::new(AppState {
-        service: Service::new(backend, registry, PolicyHandle::new(policy), audit),
+        service: Service::new(backend, registry, PolicyHandle::new(policy), audit)
+            .with_approval_ttl(config.approval_ttl),
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),

@@ -18,6 +18,10 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request is well formed but the state it needs is gone (an approval expired or was
+    /// already decided).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -40,6 +44,7 @@ impl ServiceError {
             Self::PermissionDenied(_) => "permission_denied",
             Self::NotFound(_) => "not_found",
             Self::AlreadyExists(_) => "already_exists",
+            Self::FailedPrecondition(_) => "failed_precondition",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedOperation(_) => "unsupported_operation",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
@@ -53,7 +58,7 @@ impl ServiceError {
             Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::AlreadyExists(_) => StatusCode::CONFLICT,
+            Self::AlreadyExists(_) | Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,

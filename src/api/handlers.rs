@@ -3,11 +3,11 @@
 use hyper::StatusCode;
 use serde::Serialize;
 
-use super::json::{self, KeyView};
+use super::json::{self, ApprovalView, KeyView};
 use super::routes::Route;
 use super::AppState;
 use crate::error::ServiceError;
-use crate::service::{Caller, LifecycleInput, LIST_PAGE};
+use crate::service::{Caller, Executed, LifecycleInput, LIST_PAGE};
 
 /// A successful answer, plus the key version it used for the operations log.
 pub struct Outcome {
@@ -140,6 +140,58 @@ pub async fn dispatch(
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "prefix": req.prefix, "keys": out.keys, "versions": out.versions }),
+                None,
+            )
+        }
+        Route::Destroy => {
+            let req: json::Destroy = json::parse(body)?;
+            let a = svc.request_destroy(caller, name, req.version).await?;
+            note.detail = format!("approval {} requested", a.id);
+            ok(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
+                Some(req.version),
+            )
+        }
+        Route::ListApprovals => {
+            let list: Vec<ApprovalView> = svc
+                .pending_approvals(caller)
+                .await?
+                .iter()
+                .map(ApprovalView::of)
+                .collect();
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "approvals": list }),
+                None,
+            )
+        }
+        Route::Approve => {
+            // Audited under the key it concerns, refused or not.
+            note.key = svc.approval_key(name).await;
+            note.detail = format!("approval {name}");
+            let (a, done) = svc.approve(caller, name).await?;
+            note.key = Some(a.key.clone());
+            note.detail = format!(
+                "approval {}: {} by {} executed",
+                a.id, a.action, a.requested_by
+            );
+            let Executed::Key(key) = done;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "approval": ApprovalView::of(&a), "key": KeyView::of(&key) }),
+                a.version,
+            )
+        }
+        Route::CancelApproval => {
+            note.key = svc.approval_key(name).await;
+            note.detail = format!("approval {name}");
+            let a = svc.cancel_approval(caller, name).await?;
+            note.key = Some(a.key.clone());
+            note.detail = format!("approval {} cancelled", a.id);
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
                 None,
             )
         }

@@ -45,6 +45,46 @@ pub struct Revoke {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Destroy {
+    pub version: u32,
+}
+
+#[derive(Serialize)]
+pub struct ApprovalView {
+    pub id: String,
+    pub action: String,
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub expires_at: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+}
+
+impl ApprovalView {
+    pub fn of(a: &crate::registry::approvals::ApprovalRecord) -> Self {
+        Self {
+            id: a.id.clone(),
+            action: a.action.clone(),
+            key: a.key.clone(),
+            version: a.version,
+            requested_by: a.requested_by.clone(),
+            requested_at: rfc3339(a.requested_at),
+            expires_at: rfc3339(a.expires_at),
+            state: a.state.clone(),
+            decided_by: a.decided_by.clone(),
+            decided_at: a.decided_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrefixAction {
     pub prefix: String,
     pub reason: Option<String>,

@@ -37,6 +37,10 @@ pub enum Route {
     RevokePrefix,
     RotatePrefix,
     Audit,
+    Destroy,
+    ListApprovals,
+    Approve,
+    CancelApproval,
     Sign,
     Verify,
     Encrypt,
@@ -55,6 +59,10 @@ impl Route {
             Route::RevokePrefix => "revoke_prefix",
             Route::RotatePrefix => "rotate_prefix",
             Route::Audit => "audit_read",
+            Route::Destroy => "destroy",
+            Route::ListApprovals => "list_approvals",
+            Route::Approve => "approve",
+            Route::CancelApproval => "cancel_approval",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -63,7 +71,10 @@ impl Route {
     }
 
     fn has_body(self) -> bool {
-        !matches!(self, Route::ListKeys | Route::GetKey | Route::Audit)
+        !matches!(
+            self,
+            Route::ListKeys | Route::GetKey | Route::Audit | Route::ListApprovals
+        )
     }
 }
 
@@ -82,6 +93,24 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             Method::GET => Ok((Route::Audit, None)),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         };
+    }
+    if path == "/v1/approvals" {
+        return match *method {
+            Method::GET => Ok((Route::ListApprovals, None)),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/v1/approvals/") {
+        let (id, custom) = rest.rsplit_once(':').ok_or_else(unknown)?;
+        let r = match custom {
+            "approve" => Route::Approve,
+            "cancel" => Route::CancelApproval,
+            _ => return Err(unknown()),
+        };
+        if *method != Method::POST {
+            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
+        }
+        return Ok((r, Some(id)));
     }
     if let Some(custom) = path.strip_prefix("/v1/keys:") {
         let r = match custom {
@@ -111,6 +140,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
                 "decrypt" => Route::Decrypt,
                 "rotate" => Route::Rotate,
                 "revoke" => Route::Revoke,
+                "destroy" => Route::Destroy,
                 _ => return Err(unknown()),
             };
             if *method != Method::POST {

@@ -22,6 +22,7 @@ pub enum Operation {
     Rotate,
     Revoke,
     Update,
+    Destroy,
     Audit,
     Sign,
     Verify,
@@ -30,12 +31,13 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Operation::Create,
         Operation::Read,
         Operation::Rotate,
         Operation::Revoke,
         Operation::Update,
+        Operation::Destroy,
         Operation::Audit,
         Operation::Sign,
         Operation::Verify,
@@ -50,6 +52,7 @@ impl Operation {
             Operation::Rotate => "rotate",
             Operation::Revoke => "revoke",
             Operation::Update => "update",
+            Operation::Destroy => "destroy",
             Operation::Audit => "audit",
             Operation::Sign => "sign",
             Operation::Verify => "verify",
@@ -72,6 +75,7 @@ fn role_operations(role: &str) -> Option<&'static [Operation]> {
             Operation::Rotate,
             Operation::Revoke,
             Operation::Update,
+            Operation::Destroy,
             Operation::Audit,
         ]),
         "auditor" => Some(&[Operation::Audit]),

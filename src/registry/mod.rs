@@ -7,6 +7,8 @@
 //! Columns are portable SQL (`TEXT`, `BIGINT`): binary values are stored hex-encoded so the same
 //! schema serves both engines.
 
+pub mod approvals;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -181,7 +183,7 @@ impl Registry {
                 .execute(&pool)
                 .await?;
         }
-        for stmt in SCHEMA {
+        for stmt in SCHEMA.iter().chain([&approvals::SCHEMA]) {
             sqlx::query(stmt).execute(&pool).await?;
         }
         // A crash between reserving a name and recording its first version leaves a key with no

@@ -2,9 +2,11 @@
 //! caller (403, before existence so names are not probed), a known key (404), a key type that
 //! supports the operation (422), a version in a state that allows it, then the device.
 
+mod approvals;
 mod envelope;
 pub mod lifecycle;
 
+pub use approvals::Executed;
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -55,6 +57,8 @@ pub struct Service {
     rng: SystemRandom,
     /// Serializes every change to keys (see `lifecycle`).
     changes: tokio::sync::Mutex<()>,
+    /// Seconds a dual-control approval stays open.
+    approval_ttl: u64,
 }
 
 impl Service {
@@ -71,6 +75,7 @@ impl Service {
             audit,
             rng: SystemRandom::new(),
             changes: tokio::sync::Mutex::new(()),
+            approval_ttl: crate::config::DEFAULT_APPROVAL_TTL,
         }
     }
 
@@ -88,6 +93,11 @@ impl Service {
             tracing::warn!(error = %e, "could not persist usage counts at shutdown");
         }
         self.registry.close().await;
+    }
+
+    pub fn with_approval_ttl(mut self, seconds: u64) -> Self {
+        self.approval_ttl = seconds;
+        self
     }
 
     pub fn audit(&self) -> &AuditLog {
