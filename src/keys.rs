@@ -80,14 +80,18 @@ pub enum KeyType {
     Ed25519,
     #[serde(rename = "aes256-gcm")]
     Aes256Gcm,
+    /// A transport (key-encryption) key: wraps keys for export to a terminal, nothing else.
+    #[serde(rename = "aes256-kw")]
+    Aes256Kw,
 }
 
 impl KeyType {
-    pub const ALL: [KeyType; 4] = [
+    pub const ALL: [KeyType; 5] = [
         KeyType::HmacSha256,
         KeyType::EcdsaP256,
         KeyType::Ed25519,
         KeyType::Aes256Gcm,
+        KeyType::Aes256Kw,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +100,7 @@ impl KeyType {
             KeyType::EcdsaP256 => "ecdsa-p256",
             KeyType::Ed25519 => "ed25519",
             KeyType::Aes256Gcm => "aes256-gcm",
+            KeyType::Aes256Kw => "aes256-kw",
         }
     }
 
@@ -109,7 +114,15 @@ impl KeyType {
 
     /// Types that produce and check signatures or MACs.
     pub fn signs(self) -> bool {
-        !matches!(self, KeyType::Aes256Gcm)
+        matches!(
+            self,
+            KeyType::HmacSha256 | KeyType::EcdsaP256 | KeyType::Ed25519
+        )
+    }
+
+    /// Transport keys, which only wrap other keys for export.
+    pub fn wraps(self) -> bool {
+        matches!(self, KeyType::Aes256Kw)
     }
 
     pub fn encrypts(self) -> bool {

@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod encoding;
 pub mod error;
+pub mod exchange;
 pub mod keys;
 pub mod metrics;
 pub mod pki;

@@ -7,7 +7,7 @@ use super::json::{self, ApprovalView, KeyView};
 use super::routes::Route;
 use super::AppState;
 use crate::error::ServiceError;
-use crate::service::{Caller, Executed, LifecycleInput, LIST_PAGE};
+use crate::service::{Caller, Executed, ImportRequest, LifecycleInput, LIST_PAGE};
 
 /// A successful answer, plus the key version it used for the operations log.
 pub struct Outcome {
@@ -153,6 +153,54 @@ pub async fn dispatch(
                 Some(req.version),
             )
         }
+        Route::Export => {
+            let req: json::Export = json::parse(body)?;
+            note.detail = format!("under {}", req.transport_key);
+            let a = svc
+                .request_export(caller, name, req.version, &req.transport_key)
+                .await?;
+            note.detail = format!("approval {} requested: under {}", a.id, req.transport_key);
+            ok(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
+                Some(req.version),
+            )
+        }
+        Route::Import => {
+            let req: json::Import = json::parse(body)?;
+            note.key = Some(req.name.clone());
+            let import = ImportRequest {
+                name: req.name,
+                key_type: req.key_type,
+                encrypted_kek: json::b64("encrypted_kek", &req.encrypted_kek)?,
+                wrapped_key: json::b64("wrapped_key", &req.wrapped_key)?,
+                kcv: req.kcv,
+                settings: LifecycleInput {
+                    rotation_period: req.rotation_period,
+                    verify_grace: req.verify_grace,
+                    max_operations: req.max_operations,
+                    exportable: req.exportable,
+                },
+            };
+            let a = svc.request_import(caller, import).await?;
+            note.detail = format!("approval {} requested", a.id);
+            ok(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
+                None,
+            )
+        }
+        Route::WrappingKey => {
+            let pem = svc.import_wrapping_key()?;
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "public_key_pem": pem,
+                    "algorithm": "RSA-OAEP (SHA-1, MGF1-SHA1) for a one-time AES-256 KEK; the key material wrapped under the KEK with AES-KWP (RFC 5649)",
+                }),
+                None,
+            )
+        }
         Route::ListApprovals => {
             let list: Vec<ApprovalView> = svc
                 .pending_approvals(caller)
@@ -176,12 +224,25 @@ pub async fn dispatch(
                 "approval {}: {} by {} executed",
                 a.id, a.action, a.requested_by
             );
-            let Executed::Key(key) = done;
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "approval": ApprovalView::of(&a), "key": KeyView::of(&key) }),
-                a.version,
-            )
+            let body = match done {
+                Executed::Key(key) => {
+                    serde_json::json!({ "approval": ApprovalView::of(&a), "key": KeyView::of(&key) })
+                }
+                Executed::Export(x) => serde_json::json!({
+                    "approval": ApprovalView::of(&a),
+                    "export": {
+                        "key": x.key,
+                        "version": x.version,
+                        "algorithm": "AES-KWP (RFC 5649)",
+                        "wrapped_key": json::encode(&x.wrapped_key),
+                        "kcv": x.kcv,
+                        "transport_key": x.transport_key,
+                        "transport_version": x.transport_version,
+                        "transport_kcv": x.transport_kcv,
+                    }
+                }),
+            };
+            ok(StatusCode::OK, &body, a.version)
         }
         Route::CancelApproval => {
             note.key = svc.approval_key(name).await;

@@ -45,6 +45,30 @@ pub struct Revoke {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Export {
+    pub version: u32,
+    pub transport_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Import {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: String,
+    /// One-time AES-256 KEK, RSA-OAEP (SHA-1, MGF1-SHA1) under the wrapping key.
+    pub encrypted_kek: String,
+    /// The material, AES key wrap with padding (RFC 5649) under that KEK.
+    pub wrapped_key: String,
+    pub kcv: Option<String>,
+    pub rotation_period: Option<String>,
+    pub verify_grace: Option<String>,
+    pub max_operations: Option<u64>,
+    pub exportable: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Destroy {
     pub version: u32,
 }
@@ -148,6 +172,8 @@ pub struct VersionView {
     pub grace_until: Option<String>,
     pub operations: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub kcv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
 }
 
@@ -175,6 +201,7 @@ impl KeyView {
                     reason: v.reason.clone(),
                     grace_until: v.grace_until.map(rfc3339),
                     operations: v.operations.load(std::sync::atomic::Ordering::Relaxed),
+                    kcv: v.kcv.clone(),
                     public_key_pem: v
                         .public_key_der
                         .as_deref()

@@ -41,6 +41,9 @@ pub enum Route {
     ListApprovals,
     Approve,
     CancelApproval,
+    Export,
+    Import,
+    WrappingKey,
     Sign,
     Verify,
     Encrypt,
@@ -63,6 +66,9 @@ impl Route {
             Route::ListApprovals => "list_approvals",
             Route::Approve => "approve",
             Route::CancelApproval => "cancel_approval",
+            Route::Export => "export",
+            Route::Import => "import",
+            Route::WrappingKey => "wrapping_key",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -73,7 +79,11 @@ impl Route {
     fn has_body(self) -> bool {
         !matches!(
             self,
-            Route::ListKeys | Route::GetKey | Route::Audit | Route::ListApprovals
+            Route::ListKeys
+                | Route::GetKey
+                | Route::Audit
+                | Route::ListApprovals
+                | Route::WrappingKey
         )
     }
 }
@@ -91,6 +101,12 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
     if path == "/v1/audit" {
         return match *method {
             Method::GET => Ok((Route::Audit, None)),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
+        };
+    }
+    if path == "/v1/wrapping-key" {
+        return match *method {
+            Method::GET => Ok((Route::WrappingKey, None)),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         };
     }
@@ -116,6 +132,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
         let r = match custom {
             "revokePrefix" => Route::RevokePrefix,
             "rotatePrefix" => Route::RotatePrefix,
+            "import" => Route::Import,
             _ => return Err(unknown()),
         };
         if *method != Method::POST {
@@ -141,6 +158,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
                 "rotate" => Route::Rotate,
                 "revoke" => Route::Revoke,
                 "destroy" => Route::Destroy,
+                "export" => Route::Export,
                 _ => return Err(unknown()),
             };
             if *method != Method::POST {

@@ -107,6 +107,29 @@ pub trait KeyBackend: Send + Sync {
     /// Delete the key's objects from the device.
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()>;
 
+    /// Key check value of a symmetric key: the first 3 bytes of AES-CMAC over a zero block
+    /// (AES keys) or of HMAC-SHA256 over 32 zero bytes (HMAC keys). Lets operators compare keys
+    /// without seeing them.
+    fn check_value(&self, key: KeyRef<'_>) -> BackendResult<[u8; 3]>;
+
+    /// An exportable key wrapped (AES key wrap with padding, RFC 5649) under a transport key.
+    fn wrap(&self, key: KeyRef<'_>, transport: KeyRef<'_>) -> BackendResult<Vec<u8>>;
+
+    /// DER SubjectPublicKeyInfo of the RSA key clients wrap import material for; made in the
+    /// device on first use.
+    fn import_wrapping_key(&self) -> BackendResult<Vec<u8>>;
+
+    /// Import key material that arrives as an RSA-OAEP(SHA-1)-encrypted one-time AES-256 KEK
+    /// plus the material wrapped under that KEK (RFC 5649). The material becomes a
+    /// non-extractable key; it is never in the clear outside the device.
+    fn import(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        encrypted_kek: &[u8],
+        wrapped_key: &[u8],
+    ) -> BackendResult<GeneratedKey>;
+
     fn health(&self) -> Health;
 }
 

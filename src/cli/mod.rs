@@ -81,6 +81,9 @@ enum Command {
         #[arg(long)]
         aad: Option<String>,
     },
+    /// Dual-control approvals: list, approve, cancel.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// Measure raw token speed against tillkeyd's on the same token, in one run.
     Bench(bench::BenchArgs),
     /// Check or export the tamper-evident audit trail (reads the store and the token directly).
@@ -111,6 +114,24 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum ApprovalsCommand {
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+    Cancel {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     Create {
         #[command(flatten)]
@@ -130,6 +151,56 @@ enum KeysCommand {
         #[command(flatten)]
         conn: Conn,
         name: String,
+    },
+    /// New active version; the previous one verifies only until its grace ends.
+    Rotate {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke one version (or every version) at once.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Request destruction of a revoked or retired version (needs a second officer).
+    Destroy {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        version: u32,
+    },
+    /// Request export of an exportable version wrapped under a transport key (needs a second
+    /// officer; the approver receives the wrapped key).
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        version: u32,
+        #[arg(long)]
+        transport_key: String,
+    },
+    /// Import existing key material (BYOK). The material is wrapped here, under the daemon's
+    /// wrapping key, and never sent in the clear; a second officer approves the import.
+    Import {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        /// hmac-sha256, aes256-gcm or aes256-kw.
+        #[arg(long = "type")]
+        key_type: String,
+        /// File holding the raw key bytes.
+        #[arg(long)]
+        material_file: PathBuf,
     },
 }
 
@@ -283,6 +354,68 @@ async fn call(cmd: Command) -> Result<bool, String> {
             format!("/v1/keys/{name}:decrypt"),
             Some(json!({"ciphertext": ciphertext, "associated_data": aad(a)})),
         ),
+        Command::Keys(KeysCommand::Rotate { conn, name, reason }) => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:rotate"),
+            Some(json!({"reason": reason})),
+        ),
+        Command::Keys(KeysCommand::Revoke {
+            conn,
+            name,
+            version,
+            reason,
+        }) => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:revoke"),
+            Some(json!({"version": version, "reason": reason})),
+        ),
+        Command::Keys(KeysCommand::Destroy {
+            conn,
+            name,
+            version,
+        }) => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:destroy"),
+            Some(json!({"version": version})),
+        ),
+        Command::Keys(KeysCommand::Export {
+            conn,
+            name,
+            version,
+            transport_key,
+        }) => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:export"),
+            Some(json!({"version": version, "transport_key": transport_key})),
+        ),
+        Command::Keys(KeysCommand::Import {
+            conn,
+            name,
+            key_type,
+            material_file,
+        }) => {
+            let body = import_body(&conn, &name, &key_type, &material_file).await?;
+            (conn, Method::POST, "/v1/keys:import".into(), Some(body))
+        }
+        Command::Approvals(ApprovalsCommand::List { conn }) => {
+            (conn, Method::GET, "/v1/approvals".into(), None)
+        }
+        Command::Approvals(ApprovalsCommand::Approve { conn, id }) => (
+            conn,
+            Method::POST,
+            format!("/v1/approvals/{id}:approve"),
+            Some(json!({})),
+        ),
+        Command::Approvals(ApprovalsCommand::Cancel { conn, id }) => (
+            conn,
+            Method::POST,
+            format!("/v1/approvals/{id}:cancel"),
+            Some(json!({})),
+        ),
         Command::Pki(_) | Command::Bench(_) | Command::Audit(_) => {
             return Err("not an API call".into())
         }
@@ -298,6 +431,33 @@ async fn call(cmd: Command) -> Result<bool, String> {
         serde_json::to_string_pretty(&answer).unwrap_or_default()
     );
     Ok(status.is_success())
+}
+
+/// Fetch the wrapping key and wrap the material for it; only ciphertext leaves this process.
+async fn import_body(
+    conn: &Conn,
+    name: &str,
+    key_type: &str,
+    material_file: &std::path::Path,
+) -> Result<Value, String> {
+    let material = zeroize::Zeroizing::new(
+        std::fs::read(material_file).map_err(|e| format!("{}: {e}", material_file.display()))?,
+    );
+    let mut c = conn.client()?.connect().await.map_err(|e| e.to_string())?;
+    let (status, wk) = c
+        .call(Method::GET, "/v1/wrapping-key", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pem = wk["public_key_pem"]
+        .as_str()
+        .filter(|_| status.is_success())
+        .ok_or_else(|| format!("fetching the wrapping key: {wk}"))?;
+    let (kek, wrapped) = crate::exchange::wrap_for_import(pem, &material)?;
+    let kcv = (key_type == "hmac-sha256").then(|| crate::exchange::hmac_kcv(&material));
+    Ok(json!({
+        "name": name, "type": key_type,
+        "encrypted_kek": STANDARD.encode(kek), "wrapped_key": STANDARD.encode(wrapped), "kcv": kcv,
+    }))
 }
 
 /// Optional flags left unset are omitted rather than sent as `null`.

@@ -23,6 +23,8 @@ pub enum Operation {
     Revoke,
     Update,
     Destroy,
+    Import,
+    Export,
     Audit,
     Sign,
     Verify,
@@ -31,13 +33,15 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 11] = [
+    pub const ALL: [Operation; 13] = [
         Operation::Create,
         Operation::Read,
         Operation::Rotate,
         Operation::Revoke,
         Operation::Update,
         Operation::Destroy,
+        Operation::Import,
+        Operation::Export,
         Operation::Audit,
         Operation::Sign,
         Operation::Verify,
@@ -53,6 +57,8 @@ impl Operation {
             Operation::Revoke => "revoke",
             Operation::Update => "update",
             Operation::Destroy => "destroy",
+            Operation::Import => "import",
+            Operation::Export => "export",
             Operation::Audit => "audit",
             Operation::Sign => "sign",
             Operation::Verify => "verify",
@@ -76,6 +82,8 @@ fn role_operations(role: &str) -> Option<&'static [Operation]> {
             Operation::Revoke,
             Operation::Update,
             Operation::Destroy,
+            Operation::Import,
+            Operation::Export,
             Operation::Audit,
         ]),
         "auditor" => Some(&[Operation::Audit]),

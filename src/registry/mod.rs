@@ -44,6 +44,8 @@ pub struct VersionRecord {
     pub object: ObjectRef,
     /// DER SubjectPublicKeyInfo for asymmetric keys.
     pub public_key_der: Option<Vec<u8>>,
+    /// Key check value (hex) of symmetric keys.
+    pub kcv: Option<String>,
     /// Operations performed (sign, MAC, encrypt). Shared by every snapshot of this version and
     /// written to the database by [`Registry::flush_usage`], not on every operation.
     pub operations: Arc<AtomicU64>,
@@ -68,6 +70,7 @@ impl VersionRecord {
             grace_until: None,
             object,
             public_key_der,
+            kcv: None,
             operations: Arc::new(AtomicU64::new(0)),
             persisted_operations: Arc::new(AtomicU64::new(0)),
         }
@@ -142,6 +145,7 @@ const SCHEMA: &[&str] = &[
         operations BIGINT NOT NULL,
         object_ref TEXT NOT NULL,
         public_key TEXT,
+        kcv TEXT,
         PRIMARY KEY (name, version))",
 ];
 
@@ -220,7 +224,7 @@ impl Registry {
             map.insert(rec.name.as_str().to_owned(), rec);
         }
         let versions = sqlx::query(
-            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key FROM key_versions ORDER BY name, version",
+            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv FROM key_versions ORDER BY name, version",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -455,7 +459,7 @@ async fn insert_version(
     v: &VersionRecord,
 ) -> Result<(), RegistryError> {
     sqlx::query(
-        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(name.as_str())
     .bind(i64::from(v.version))
@@ -468,6 +472,7 @@ async fn insert_version(
     .bind(to_i64(v.operations.load(Ordering::Relaxed)))
     .bind(hex_encode(&v.object.0))
     .bind(v.public_key_der.as_deref().map(hex_encode))
+    .bind(v.kcv.as_deref())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -527,6 +532,7 @@ fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryE
         grace_until: row.try_get("grace_until")?,
         operations: Arc::new(AtomicU64::new(ops)),
         persisted_operations: Arc::new(AtomicU64::new(ops)),
+        kcv: row.try_get("kcv")?,
         object: ObjectRef(hex_decode(&object).ok_or_else(|| corrupt("object_ref"))?),
         public_key_der: match public {
             Some(p) => Some(hex_decode(&p).ok_or_else(|| corrupt("public_key"))?),

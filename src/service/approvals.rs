@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ring::rand::SecureRandom;
 
-use super::{unix_now, Caller, Service};
+use super::{unix_now, Caller, LifecycleInput, Service};
 use crate::backend::KeyRef;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, VersionState};
@@ -17,9 +17,137 @@ use crate::registry::KeyRecord;
 /// What an executed approval produced.
 pub enum Executed {
     Key(Arc<KeyRecord>),
+    Export(ExportResult),
+}
+
+/// A key version wrapped for injection into a terminal.
+pub struct ExportResult {
+    pub key: String,
+    pub version: u32,
+    /// RFC 5649 (AES key wrap with padding) under the transport key.
+    pub wrapped_key: Vec<u8>,
+    pub kcv: Option<String>,
+    pub transport_key: String,
+    pub transport_version: u32,
+    pub transport_kcv: Option<String>,
+}
+
+/// An import as the requesting officer sends it. The material itself never appears: only the
+/// RSA-OAEP-encrypted one-time KEK and the material wrapped under it.
+pub struct ImportRequest {
+    pub name: String,
+    pub key_type: String,
+    pub encrypted_kek: Vec<u8>,
+    pub wrapped_key: Vec<u8>,
+    /// The key check value the importer computed from the material (hex); checked after import.
+    pub kcv: Option<String>,
+    pub settings: LifecycleInput,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ImportParams {
+    key_type: String,
+    encrypted_kek: String,
+    wrapped_key: String,
+    kcv: Option<String>,
+    rotation_period: Option<String>,
+    verify_grace: Option<String>,
+    max_operations: Option<u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExportParams {
+    transport_key: String,
 }
 
 impl Service {
+    /// Step one of exporting a version for key injection: only keys created `exportable`, only
+    /// under a transport key (`aes256-kw`) the caller may also export with.
+    pub async fn request_export(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: u32,
+        transport: &str,
+    ) -> Result<ApprovalRecord, ServiceError> {
+        let name = self.authorize(caller, Operation::Export, name)?;
+        let transport = self.authorize(caller, Operation::Export, transport)?;
+        let key = self.lookup(&name)?;
+        let tkey = self.lookup(&transport)?;
+        exportable(&key, version)?;
+        transport_version(&tkey)?;
+        let params = serde_json::to_string(&ExportParams {
+            transport_key: transport.to_string(),
+        })
+        .map_err(|e| ServiceError::Internal {
+            detail: e.to_string(),
+        })?;
+        self.new_approval(caller, "export", &name, Some(version), params)
+            .await
+    }
+
+    /// Step one of importing key material (BYOK).
+    pub async fn request_import(
+        &self,
+        caller: &Caller,
+        req: ImportRequest,
+    ) -> Result<ApprovalRecord, ServiceError> {
+        let name = self.authorize(caller, Operation::Import, &req.name)?;
+        let key_type = crate::keys::KeyType::parse(&req.key_type)
+            .filter(|t| !t.is_asymmetric())
+            .ok_or_else(|| {
+                ServiceError::invalid(format!(
+                    "import type '{}' is not one of hmac-sha256, aes256-gcm, aes256-kw",
+                    req.key_type
+                ))
+            })?;
+        if req.settings.exportable == Some(true) {
+            return Err(ServiceError::invalid("imported keys are never exportable"));
+        }
+        req.settings.validate(key_type)?;
+        if self.registry.get(&name).is_some() {
+            return Err(ServiceError::AlreadyExists(format!(
+                "key '{name}' already exists"
+            )));
+        }
+        if req.encrypted_kek.is_empty()
+            || req.wrapped_key.len() < 24
+            || req.wrapped_key.len() > 1024
+        {
+            return Err(ServiceError::invalid(
+                "encrypted_kek and wrapped_key are required (wrapped_key: 24 to 1024 bytes)",
+            ));
+        }
+        if let Some(k) = &req.kcv {
+            if k.len() != 6 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ServiceError::invalid("kcv is 6 hexadecimal characters"));
+            }
+        }
+        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+        let params = ImportParams {
+            key_type: key_type.as_str().into(),
+            encrypted_kek: b64(&req.encrypted_kek),
+            wrapped_key: b64(&req.wrapped_key),
+            kcv: req.kcv.map(|k| k.to_ascii_lowercase()),
+            rotation_period: req.settings.rotation_period,
+            verify_grace: req.settings.verify_grace,
+            max_operations: req.settings.max_operations,
+        };
+        let params = serde_json::to_string(&params).map_err(|e| ServiceError::Internal {
+            detail: e.to_string(),
+        })?;
+        self.new_approval(caller, "import", &name, None, params)
+            .await
+    }
+
+    /// The public key importers wrap for (PEM), made in the token on first use.
+    pub fn import_wrapping_key(&self) -> Result<String, ServiceError> {
+        Ok(crate::encoding::pem(
+            "PUBLIC KEY",
+            &self.backend.import_wrapping_key()?,
+        ))
+    }
+
     /// Step one of destroying a revoked or retired version: record it for a second officer.
     pub async fn request_destroy(
         &self,
@@ -110,6 +238,8 @@ impl Service {
         }
         let result = match a.action.as_str() {
             "destroy" => self.execute_destroy(&a, caller).await.map(Executed::Key),
+            "export" => self.execute_export(&a).map(Executed::Export),
+            "import" => self.execute_import(&a, caller).await.map(Executed::Key),
             other => Err(ServiceError::Internal {
                 detail: format!("approval action {other} has no executor"),
             }),
@@ -188,6 +318,82 @@ impl Service {
         }
     }
 
+    fn execute_export(&self, a: &ApprovalRecord) -> Result<ExportResult, ServiceError> {
+        let p: ExportParams =
+            serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
+                detail: format!("approval params: {e}"),
+            })?;
+        let key = self.lookup(&KeyName::parse(&a.key)?)?;
+        let tkey = self.lookup(&KeyName::parse(&p.transport_key)?)?;
+        let version = a
+            .version
+            .ok_or_else(|| ServiceError::invalid("export needs a version"))?;
+        let v = exportable(&key, version)?;
+        let t = transport_version(&tkey)?;
+        let wrapped = self.backend.wrap(
+            KeyRef {
+                key_type: key.key_type,
+                object: &v.object,
+            },
+            KeyRef {
+                key_type: tkey.key_type,
+                object: &t.object,
+            },
+        )?;
+        Ok(ExportResult {
+            key: key.name.to_string(),
+            version,
+            wrapped_key: wrapped,
+            kcv: v.kcv.clone(),
+            transport_key: tkey.name.to_string(),
+            transport_version: t.version,
+            transport_kcv: t.kcv.clone(),
+        })
+    }
+
+    async fn execute_import(
+        &self,
+        a: &ApprovalRecord,
+        approver: &Caller,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let p: ImportParams =
+            serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
+                detail: format!("approval params: {e}"),
+            })?;
+        let unb64 = |s: &str| {
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s).map_err(|e| {
+                ServiceError::Internal {
+                    detail: format!("approval params: {e}"),
+                }
+            })
+        };
+        let key_type =
+            crate::keys::KeyType::parse(&p.key_type).ok_or_else(|| ServiceError::Internal {
+                detail: "approval params: key type".into(),
+            })?;
+        let settings = LifecycleInput {
+            rotation_period: p.rotation_period.clone(),
+            verify_grace: p.verify_grace.clone(),
+            max_operations: p.max_operations,
+            exportable: None,
+        };
+        let reason = format!(
+            "imported; requested by {}, approved by {}",
+            a.requested_by, approver.identity
+        );
+        self.import_key(
+            &KeyName::parse(&a.key)?,
+            key_type,
+            &settings,
+            &unb64(&p.encrypted_kek)?,
+            &unb64(&p.wrapped_key)?,
+            p.kcv.as_deref(),
+            &a.requested_by,
+            &reason,
+        )
+        .await
+    }
+
     async fn execute_destroy(
         &self,
         a: &ApprovalRecord,
@@ -225,8 +431,49 @@ impl Service {
 fn action_operation(action: &str) -> Option<Operation> {
     match action {
         "destroy" => Some(Operation::Destroy),
+        "export" => Some(Operation::Export),
+        "import" => Some(Operation::Import),
         _ => None,
     }
+}
+
+fn exportable(
+    key: &KeyRecord,
+    version: u32,
+) -> Result<&crate::registry::VersionRecord, ServiceError> {
+    if !key.lifecycle.exportable {
+        return Err(ServiceError::UnsupportedOperation(format!(
+            "key '{}' was not created exportable; it cannot leave the token",
+            key.name
+        )));
+    }
+    let v = key.version(version).ok_or_else(|| {
+        ServiceError::NotFound(format!("key '{}' has no version {version}", key.name))
+    })?;
+    if !v.state.may_check() {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "version {version} of '{}' is {}; only active or verify-only versions are exported",
+            key.name,
+            v.state.as_str()
+        )));
+    }
+    Ok(v)
+}
+
+fn transport_version(t: &KeyRecord) -> Result<&crate::registry::VersionRecord, ServiceError> {
+    if !t.key_type.wraps() {
+        return Err(ServiceError::UnsupportedOperation(format!(
+            "'{}' is a {} key, not a transport key (aes256-kw)",
+            t.name,
+            t.key_type.as_str()
+        )));
+    }
+    t.active().ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!(
+            "transport key '{}' has no active version",
+            t.name
+        ))
+    })
 }
 
 /// Only versions that can no longer be used may be destroyed.

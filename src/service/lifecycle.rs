@@ -35,6 +35,11 @@ pub struct PrefixOutcome {
 }
 
 impl LifecycleInput {
+    /// Check the settings without applying them (for requests carried out later).
+    pub fn validate(&self, key_type: KeyType) -> Result<(), ServiceError> {
+        self.apply(Lifecycle::default(), key_type, true).map(|_| ())
+    }
+
     /// Apply onto `base`. `rotation_period = "none"` and `max_operations = 0` switch those off.
     fn apply(
         &self,
@@ -205,6 +210,77 @@ impl Service {
         }
     }
 
+    /// Bring imported material in as a new key (the second half of an approved import).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn import_key(
+        &self,
+        name: &KeyName,
+        key_type: KeyType,
+        settings: &LifecycleInput,
+        encrypted_kek: &[u8],
+        wrapped_key: &[u8],
+        expected_kcv: Option<&str>,
+        requested_by: &str,
+        reason: &str,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let lifecycle = settings.apply(Lifecycle::default(), key_type, true)?;
+        let now = unix_now();
+        match self
+            .registry
+            .reserve(name, key_type, &lifecycle, now, requested_by)
+            .await
+        {
+            Err(RegistryError::Exists) => {
+                return Err(ServiceError::AlreadyExists(format!(
+                    "key '{name}' already exists"
+                )))
+            }
+            other => other?,
+        }
+        let label = format!("tillkey:{name}#1");
+        let imported = match self
+            .backend
+            .import(key_type, &label, encrypted_kek, wrapped_key)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                self.registry.release(name).await?;
+                return Err(e.into());
+            }
+        };
+        let mut v = VersionRecord::new(1, now, requested_by, imported.object, None);
+        v.reason = Some(reason.to_owned());
+        if let Err(e) = self.attach_check_value(key_type, &mut v) {
+            self.registry.release(name).await?;
+            return Err(e);
+        }
+        if let Some(expected) = expected_kcv {
+            if v.kcv.as_deref() != Some(expected) {
+                self.discard(key_type, &v);
+                self.registry.release(name).await?;
+                return Err(ServiceError::invalid(
+                    "the imported key's check value differs from the one given; nothing was imported",
+                ));
+            }
+        }
+        let rec = KeyRecord {
+            name: name.clone(),
+            key_type,
+            lifecycle,
+            created_at: now,
+            created_by: requested_by.to_owned(),
+            versions: vec![v.clone()],
+        };
+        match self.registry.insert_first_version(rec).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                self.discard(key_type, &v);
+                self.registry.release(name).await?;
+                Err(e.into())
+            }
+        }
+    }
+
     fn generate_version(
         &self,
         name: &KeyName,
@@ -216,13 +292,34 @@ impl Service {
     ) -> Result<VersionRecord, ServiceError> {
         let label = format!("tillkey:{name}#{version}");
         let g = self.backend.generate(key_type, &label, exportable)?;
-        Ok(VersionRecord::new(
-            version,
-            now,
-            by,
-            g.object,
-            g.public_key_der,
-        ))
+        let mut v = VersionRecord::new(version, now, by, g.object, g.public_key_der);
+        self.attach_check_value(key_type, &mut v)?;
+        Ok(v)
+    }
+
+    /// Compute and record the key check value of a new symmetric version; a version whose KCV
+    /// cannot be computed is removed from the token rather than kept half-described.
+    fn attach_check_value(
+        &self,
+        key_type: KeyType,
+        v: &mut VersionRecord,
+    ) -> Result<(), ServiceError> {
+        if key_type.is_asymmetric() {
+            return Ok(());
+        }
+        match self.backend.check_value(KeyRef {
+            key_type,
+            object: &v.object,
+        }) {
+            Ok(kcv) => {
+                v.kcv = Some(crate::registry::hex_encode(&kcv));
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(key_type, v);
+                Err(e.into())
+            }
+        }
     }
 
     /// Remove a freshly generated object that never reached the registry.

@@ -6,7 +6,7 @@ mod approvals;
 mod envelope;
 pub mod lifecycle;
 
-pub use approvals::Executed;
+pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;

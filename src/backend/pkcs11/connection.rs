@@ -23,6 +23,8 @@ use super::Pkcs11Settings;
 pub(super) enum OpError {
     Ck(Error),
     ObjectMissing,
+    /// The token refused the caller's data (e.g. a wrapped blob that does not unwrap).
+    Refused(String),
 }
 
 impl From<Error> for OpError {

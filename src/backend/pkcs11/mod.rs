@@ -7,6 +7,7 @@
 
 mod connection;
 mod errors;
+mod exchange;
 pub mod rawbench;
 mod templates;
 pub mod uri;
@@ -131,6 +132,10 @@ impl Pkcs11Backend {
                 conn.give_session(session);
                 Ok(v)
             }
+            Err(OpError::Refused(msg)) => {
+                conn.give_session(session);
+                Err(BackendError::InvalidInput(msg))
+            }
             Err(OpError::ObjectMissing) => {
                 conn.give_session(session);
                 Err(BackendError::Failed(format!(
@@ -208,7 +213,7 @@ fn supervise(backend: Weak<Pkcs11Backend>) {
 
 fn object_class(key_type: KeyType, public: bool) -> ObjectClass {
     match key_type {
-        KeyType::HmacSha256 | KeyType::Aes256Gcm => ObjectClass::SECRET_KEY,
+        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw => ObjectClass::SECRET_KEY,
         _ if public => ObjectClass::PUBLIC_KEY,
         _ => ObjectClass::PRIVATE_KEY,
     }
@@ -222,7 +227,7 @@ fn sign_mechanism(key_type: KeyType) -> Option<Mechanism<'static>> {
         KeyType::Ed25519 => Some(Mechanism::Eddsa(EddsaParams::new(
             EddsaSignatureScheme::Pure,
         ))),
-        KeyType::Aes256Gcm => None,
+        KeyType::Aes256Gcm | KeyType::Aes256Kw => None,
     }
 }
 
@@ -372,6 +377,28 @@ impl KeyBackend for Pkcs11Backend {
             conn.forget_handles(Some(&key.object.0));
             Ok(())
         })
+    }
+
+    fn check_value(&self, key: KeyRef<'_>) -> BackendResult<[u8; 3]> {
+        self.check_value_impl(key)
+    }
+
+    fn wrap(&self, key: KeyRef<'_>, transport: KeyRef<'_>) -> BackendResult<Vec<u8>> {
+        self.wrap_impl(key, transport)
+    }
+
+    fn import_wrapping_key(&self) -> BackendResult<Vec<u8>> {
+        self.import_wrapping_key_impl()
+    }
+
+    fn import(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        encrypted_kek: &[u8],
+        wrapped_key: &[u8],
+    ) -> BackendResult<GeneratedKey> {
+        self.import_impl(key_type, label, encrypted_kek, wrapped_key)
     }
 
     fn health(&self) -> Health {

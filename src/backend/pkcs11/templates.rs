@@ -8,6 +8,7 @@
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass};
 
+use super::exchange::secret_usage;
 use crate::keys::KeyType;
 
 /// DER OID of prime256v1 (secp256r1), the `CKA_EC_PARAMS` of P-256 keys.
@@ -42,33 +43,18 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str, exportable: bool) -> 
         Attribute::Sensitive(true),
         Attribute::Extractable(exportable && !key_type.is_asymmetric()),
         Attribute::Modifiable(false),
-        Attribute::Derive(false),
-        Attribute::Unwrap(false),
     ];
     match key_type {
-        KeyType::HmacSha256 | KeyType::Aes256Gcm => {
+        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw => {
             let mut attrs = common(ObjectClass::SECRET_KEY);
             attrs.extend(locked);
-            // CKA_WRAP exists for secret (and public) keys only.
-            attrs.push(Attribute::Wrap(false));
+            attrs.extend(secret_usage(key_type));
             attrs.push(Attribute::ValueLen(32.into()));
             let mechanism = if key_type == KeyType::HmacSha256 {
                 attrs.push(Attribute::KeyType(CkKeyType::GENERIC_SECRET));
-                attrs.extend([
-                    Attribute::Sign(true),
-                    Attribute::Verify(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                ]);
                 Mechanism::GenericSecretKeyGen
             } else {
                 attrs.push(Attribute::KeyType(CkKeyType::AES));
-                attrs.extend([
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Sign(false),
-                    Attribute::Verify(false),
-                ]);
                 Mechanism::AesKeyGen
             };
             Template::Secret { mechanism, attrs }
@@ -92,7 +78,12 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str, exportable: bool) -> 
             ]);
             let mut private = common(ObjectClass::PRIVATE_KEY);
             private.extend(locked);
-            private.extend([Attribute::Sign(true), Attribute::Decrypt(false)]);
+            private.extend([
+                Attribute::Sign(true),
+                Attribute::Decrypt(false),
+                Attribute::Derive(false),
+                Attribute::Unwrap(false),
+            ]);
             Template::Pair {
                 mechanism,
                 public,
