@@ -27,4 +27,5 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod service;
+pub mod statuslist;
 pub mod tls;

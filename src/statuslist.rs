@@ -1,0 +1,920 @@
+//! The signed key-status feed that offline POS verifiers poll: which key versions they must stop
+//! trusting, and since when.
+//!
+//! A verifier that has lost its link still has to decide whether a signature from a revoked key
+//! is acceptable, so the feed is a self-contained COSE_Sign1 (RFC 9052) it can keep and check
+//! without calling us. Two fields carry the fail-closed rules, and they are the caller's to
+//! enforce because this module has no clock and no memory of earlier lists:
+//! - `exp`: a verifier holding only an expired list treats every listed prefix as unknown
+//!   rather than trusting a stale picture, so an attacker who cuts the feed gains nothing.
+//! - `seq`: a verifier refuses a list whose `seq` is below the last one it accepted, so an
+//!   older, validly signed list cannot be replayed to un-revoke a key.
+//!
+//! This module knows nothing of the backend or PKCS#11: the signature is a callback, so the same
+//! code serves the HSM-backed signer, tests with an in-memory key, and verifier tooling.
+
+use coset::{cbor::value::Value, iana, CborSerializable, CoseSign1, TaggedCborSerializable};
+
+/// The three states a verifier must act on. Active versions are not listed: the feed is a deny
+/// list, so a verifier that misses an entry errs towards the key it already trusted only until
+/// `exp`, never beyond.
+pub const STATES: [&str; 3] = ["revoked", "retired", "destroyed"];
+
+/// Text content type in the protected header, so a verifier cannot be handed some other signed
+/// COSE object from the same key and be made to read it as a status list.
+pub const CONTENT_TYPE: &str = "application/tillkey-status+cbor";
+
+/// COSE_Sign1 tag (RFC 9052 section 2); the feed is always tagged so the message type is
+/// explicit on the wire.
+const COSE_SIGN1_TAG: u64 = 18;
+
+/// Ed25519 signatures are exactly this long; anything else is rejected before the verifier
+/// callback sees it.
+const ED25519_SIGNATURE_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusEntry {
+    pub kid: String,
+    pub version: u32,
+    /// One of [`STATES`]. `&'static str` so a decoded list can only hold the known values.
+    pub state: &'static str,
+    /// Unix seconds. Verifiers compare signature times against this, so a key revoked after
+    /// compromise does not invalidate what it signed before.
+    pub since: i64,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusList {
+    pub issuer: String,
+    /// The key-name prefix this list is authoritative for; a verifier ignores lists for other
+    /// prefixes instead of reading absence as "not revoked".
+    pub prefix: String,
+    /// Strictly increasing per (issuer, prefix); verifiers reject any list with a lower value
+    /// than the one they hold, so an old list cannot be replayed.
+    pub sequence: u64,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds. Past this, verifiers fail closed rather than trust a stale list.
+    pub expires_at: i64,
+    pub entries: Vec<StatusEntry>,
+}
+
+/// Why a status list was refused. Every malformed or unauthenticated input lands here; nothing
+/// in [`open1`] panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StatusError {
+    #[error("not a tagged COSE_Sign1 message: {0}")]
+    Envelope(String),
+    #[error("protected header has no algorithm; EdDSA (-8) is required")]
+    MissingAlgorithm,
+    #[error("unsupported algorithm {0}; only EdDSA (-8) is accepted")]
+    WrongAlgorithm(String),
+    #[error("protected header marks parameters critical ({0}); none are understood")]
+    CriticalHeaders(String),
+    #[error("content type is {0}, expected \"{CONTENT_TYPE}\"")]
+    WrongContentType(String),
+    #[error("payload is detached; a status list must carry its payload")]
+    DetachedPayload,
+    #[error("signature is {0} bytes, an Ed25519 signature is {ED25519_SIGNATURE_LEN}")]
+    SignatureLength(usize),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("malformed status list payload: {0}")]
+    Payload(String),
+}
+
+/// The CBOR payload: a map with text keys in this order,
+/// `{"iss", "prefix", "seq", "iat", "exp", "entries": [{"kid", "v", "state", "since",
+/// "reason"?}]}`, with `reason` left out when `None`.
+///
+/// Encoded by hand with definite lengths and shortest-form integers, so the bytes are a pure
+/// function of the list and this cannot fail (coset's own serializers return `Result`).
+pub fn payload(list: &StatusList) -> Vec<u8> {
+    let mut w = cbor::Writer::default();
+    w.map(6);
+    w.text("iss");
+    w.text(&list.issuer);
+    w.text("prefix");
+    w.text(&list.prefix);
+    w.text("seq");
+    w.uint(list.sequence);
+    w.text("iat");
+    w.int(list.issued_at);
+    w.text("exp");
+    w.int(list.expires_at);
+    w.text("entries");
+    w.array(list.entries.len());
+    for e in &list.entries {
+        w.map(if e.reason.is_some() { 5 } else { 4 });
+        w.text("kid");
+        w.text(&e.kid);
+        w.text("v");
+        w.uint(u64::from(e.version));
+        w.text("state");
+        w.text(e.state);
+        w.text("since");
+        w.int(e.since);
+        if let Some(reason) = &e.reason {
+            w.text("reason");
+            w.text(reason);
+        }
+    }
+    w.into_bytes()
+}
+
+/// Sign a status list as a tagged COSE_Sign1.
+///
+/// `sign` receives the exact RFC 9052 `Sig_structure` (`["Signature1", protected, h'',
+/// payload]`) and returns the 64-byte Ed25519 signature; its error is passed through untouched
+/// so the HSM signer keeps its own error type. `key_id` goes into the protected header so a
+/// verifier holding several feed keys knows which one to try, and cannot be tricked by an
+/// unprotected one.
+///
+/// `state` strings are not checked here; [`open1`] refuses anything outside [`STATES`], so a
+/// bad entry cannot reach a verifier as a silently ignored value.
+pub fn sign1<E>(
+    list: &StatusList,
+    key_id: &[u8],
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<Vec<u8>, E> {
+    let protected = protected_header(key_id);
+    let payload = payload(list);
+    let signature = sign(&sig_structure(&protected, &payload))?;
+
+    let mut w = cbor::Writer::default();
+    w.tag(COSE_SIGN1_TAG);
+    w.array(4);
+    w.bytes(&protected);
+    w.map(0); // unprotected header: nothing a verifier may rely on lives outside the signature
+    w.bytes(&payload);
+    w.bytes(&signature);
+    Ok(w.into_bytes())
+}
+
+/// Decode a tagged COSE_Sign1 status list and check its signature with `verify(sig_structure,
+/// signature)`. Returns the list and the protected `kid`.
+///
+/// Checks are in order of cost and trust: envelope, then the protected header (EdDSA only, no
+/// critical parameters, our content type), then the signature, and only then the payload, so
+/// unauthenticated bytes never reach the payload parser. Freshness (`exp`) and ordering (`seq`)
+/// are left to the caller, who has the clock and the previous list.
+pub fn open1(
+    bytes: &[u8],
+    verify: impl FnOnce(&[u8], &[u8]) -> bool,
+) -> Result<(StatusList, Vec<u8>), StatusError> {
+    let msg = CoseSign1::from_tagged_slice(bytes)
+        .map_err(|e| StatusError::Envelope(describe_envelope_error(bytes, &e)))?;
+    let header = &msg.protected.header;
+
+    match &header.alg {
+        None => return Err(StatusError::MissingAlgorithm),
+        Some(coset::Algorithm::Assigned(iana::Algorithm::EdDSA)) => {}
+        Some(other) => return Err(StatusError::WrongAlgorithm(format!("{other:?}"))),
+    }
+    if !header.crit.is_empty() {
+        return Err(StatusError::CriticalHeaders(format!("{:?}", header.crit)));
+    }
+    match &header.content_type {
+        Some(coset::ContentType::Text(t)) if t == CONTENT_TYPE => {}
+        Some(other) => return Err(StatusError::WrongContentType(format!("{other:?}"))),
+        None => return Err(StatusError::WrongContentType("absent".into())),
+    }
+    // coset signs a detached payload as if it were empty; a list must carry its own.
+    let Some(payload) = msg.payload.as_deref() else {
+        return Err(StatusError::DetachedPayload);
+    };
+    if msg.signature.len() != ED25519_SIGNATURE_LEN {
+        return Err(StatusError::SignatureLength(msg.signature.len()));
+    }
+    // Rebuilt from the protected bytes exactly as received (coset keeps them), not re-encoded.
+    let protected = msg.protected.original_data.as_deref().unwrap_or_default();
+    if !verify(&sig_structure(protected, payload), &msg.signature) {
+        return Err(StatusError::BadSignature);
+    }
+
+    let list = decode_payload(payload)?;
+    Ok((list, header.key_id.clone()))
+}
+
+/// `{1: -8, 3: CONTENT_TYPE, 4: key_id}`, keys in ascending order (RFC 8949 section 4.2.1).
+fn protected_header(key_id: &[u8]) -> Vec<u8> {
+    let mut w = cbor::Writer::default();
+    w.map(3);
+    w.int(iana::HeaderParameter::Alg as i64);
+    w.int(iana::Algorithm::EdDSA as i64);
+    w.int(iana::HeaderParameter::ContentType as i64);
+    w.text(CONTENT_TYPE);
+    w.int(iana::HeaderParameter::Kid as i64);
+    w.bytes(key_id);
+    w.into_bytes()
+}
+
+/// RFC 9052 section 4.4 `Sig_structure` for COSE_Sign1 with empty external AAD.
+fn sig_structure(protected: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut w = cbor::Writer::default();
+    w.array(4);
+    w.text("Signature1");
+    w.bytes(protected);
+    w.bytes(&[]);
+    w.bytes(payload);
+    w.into_bytes()
+}
+
+/// coset reports a wrong or missing tag as a bare "unexpected item"; say what was found.
+fn describe_envelope_error(bytes: &[u8], e: &coset::CoseError) -> String {
+    if bytes.is_empty() {
+        return "empty input".into();
+    }
+    match Value::from_slice(bytes) {
+        Ok(Value::Tag(t, _)) if t != COSE_SIGN1_TAG => {
+            format!("CBOR tag {t}, expected {COSE_SIGN1_TAG} (COSE_Sign1)")
+        }
+        Ok(Value::Tag(..)) => format!("COSE_Sign1 structure: {e}"),
+        Ok(_) => format!("untagged CBOR, expected tag {COSE_SIGN1_TAG} (COSE_Sign1)"),
+        Err(_) => format!("not well-formed CBOR: {e}"),
+    }
+}
+
+fn decode_payload(bytes: &[u8]) -> Result<StatusList, StatusError> {
+    let value =
+        Value::from_slice(bytes).map_err(|e| payload_err(format!("not well-formed CBOR: {e}")))?;
+    let mut top = Fields::new(value, "payload")?;
+    let list = StatusList {
+        issuer: text(top.take("iss")?, "iss")?,
+        prefix: text(top.take("prefix")?, "prefix")?,
+        sequence: integer(top.take("seq")?, "seq")?,
+        issued_at: integer(top.take("iat")?, "iat")?,
+        expires_at: integer(top.take("exp")?, "exp")?,
+        entries: match top.take("entries")? {
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| decode_entry(v, i))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(payload_err("\"entries\" is not an array")),
+        },
+    };
+    top.finish()?;
+    Ok(list)
+}
+
+fn decode_entry(value: Value, index: usize) -> Result<StatusEntry, StatusError> {
+    let what = format!("entries[{index}]");
+    let mut m = Fields::new(value, &what)?;
+    let state_text = text(m.take("state")?, &format!("{what}.state"))?;
+    let Some(state) = STATES.iter().copied().find(|s| *s == state_text) else {
+        return Err(payload_err(format!(
+            "{what}.state is {state_text:?}, expected one of {STATES:?}"
+        )));
+    };
+    let entry = StatusEntry {
+        kid: text(m.take("kid")?, &format!("{what}.kid"))?,
+        version: integer(m.take("v")?, &format!("{what}.v"))?,
+        state,
+        since: integer(m.take("since")?, &format!("{what}.since"))?,
+        reason: m
+            .take_optional("reason")
+            .map(|v| text(v, &format!("{what}.reason")))
+            .transpose()?,
+    };
+    m.finish()?;
+    Ok(entry)
+}
+
+fn payload_err(msg: impl Into<String>) -> StatusError {
+    StatusError::Payload(msg.into())
+}
+
+/// A CBOR map with text keys, consumed key by key. Duplicate and unknown keys are refused: a
+/// signed list carrying a field this verifier does not understand must not be half-applied.
+struct Fields {
+    what: String,
+    entries: Vec<(String, Value)>,
+}
+
+impl Fields {
+    fn new(value: Value, what: &str) -> Result<Self, StatusError> {
+        let Value::Map(pairs) = value else {
+            return Err(payload_err(format!("{what} is not a map")));
+        };
+        let mut entries: Vec<(String, Value)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            let Value::Text(k) = k else {
+                return Err(payload_err(format!("{what} has a non-text key")));
+            };
+            if entries.iter().any(|(seen, _)| *seen == k) {
+                return Err(payload_err(format!("{what} has duplicate key {k:?}")));
+            }
+            entries.push((k, v));
+        }
+        Ok(Self {
+            what: what.to_owned(),
+            entries,
+        })
+    }
+
+    fn take_optional(&mut self, key: &str) -> Option<Value> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        Some(self.entries.swap_remove(i).1)
+    }
+
+    fn take(&mut self, key: &str) -> Result<Value, StatusError> {
+        self.take_optional(key)
+            .ok_or_else(|| payload_err(format!("{} is missing {key:?}", self.what)))
+    }
+
+    fn finish(self) -> Result<(), StatusError> {
+        match self.entries.first() {
+            None => Ok(()),
+            Some((k, _)) => Err(payload_err(format!("{} has unknown key {k:?}", self.what))),
+        }
+    }
+}
+
+fn text(value: Value, what: &str) -> Result<String, StatusError> {
+    match value {
+        Value::Text(t) => Ok(t),
+        _ => Err(payload_err(format!("{what} is not a text string"))),
+    }
+}
+
+fn integer<T: TryFrom<i128>>(value: Value, what: &str) -> Result<T, StatusError> {
+    match value {
+        Value::Integer(i) => {
+            T::try_from(i128::from(i)).map_err(|_| payload_err(format!("{what} is out of range")))
+        }
+        _ => Err(payload_err(format!("{what} is not an integer"))),
+    }
+}
+
+/// Just enough of a CBOR encoder (RFC 8949) for the payload and the COSE envelope: definite
+/// lengths, shortest-form heads. Writing into a `Vec` cannot fail, which keeps [`payload`] and
+/// [`sign1`] free of error paths that have nothing to do with signing.
+mod cbor {
+    #[derive(Default)]
+    pub(super) struct Writer(Vec<u8>);
+
+    impl Writer {
+        fn head(&mut self, major: u8, n: u64) {
+            let m = major << 5;
+            match n {
+                0..=23 => self.0.push(m | n as u8),
+                24..=0xff => self.0.extend_from_slice(&[m | 24, n as u8]),
+                0x100..=0xffff => {
+                    self.0.push(m | 25);
+                    self.0.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                0x1_0000..=0xffff_ffff => {
+                    self.0.push(m | 26);
+                    self.0.extend_from_slice(&(n as u32).to_be_bytes());
+                }
+                _ => {
+                    self.0.push(m | 27);
+                    self.0.extend_from_slice(&n.to_be_bytes());
+                }
+            }
+        }
+
+        pub(super) fn uint(&mut self, n: u64) {
+            self.head(0, n);
+        }
+
+        pub(super) fn int(&mut self, n: i64) {
+            if n >= 0 {
+                self.head(0, n.unsigned_abs());
+            } else {
+                // -1 - n, i.e. !n, is non-negative and fits for every negative i64.
+                self.head(1, (!n).unsigned_abs());
+            }
+        }
+
+        pub(super) fn bytes(&mut self, b: &[u8]) {
+            self.head(2, b.len() as u64);
+            self.0.extend_from_slice(b);
+        }
+
+        pub(super) fn text(&mut self, s: &str) {
+            self.head(3, s.len() as u64);
+            self.0.extend_from_slice(s.as_bytes());
+        }
+
+        pub(super) fn array(&mut self, len: usize) {
+            self.head(4, len as u64);
+        }
+
+        pub(super) fn map(&mut self, len: usize) {
+            self.head(5, len as u64);
+        }
+
+        pub(super) fn tag(&mut self, tag: u64) {
+            self.head(6, tag);
+        }
+
+        pub(super) fn into_bytes(self) -> Vec<u8> {
+            self.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coset::{CoseSign1Builder, HeaderBuilder};
+    use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+
+    fn key() -> Ed25519KeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    fn sample() -> StatusList {
+        StatusList {
+            issuer: "tillkey.example".into(),
+            prefix: "pos/".into(),
+            sequence: 42,
+            issued_at: 1_700_000_000,
+            expires_at: 1_700_086_400,
+            entries: vec![
+                StatusEntry {
+                    kid: "pos/terminal-signing".into(),
+                    version: 3,
+                    state: "revoked",
+                    since: 1_699_990_000,
+                    reason: Some("key compromise".into()),
+                },
+                StatusEntry {
+                    kid: "pos/receipt".into(),
+                    version: 1,
+                    state: "retired",
+                    since: -5,
+                    reason: None,
+                },
+            ],
+        }
+    }
+
+    fn sign_with(kp: &Ed25519KeyPair, list: &StatusList) -> Vec<u8> {
+        sign1(list, b"feed-1", |tbs| {
+            Ok::<_, ()>(kp.sign(tbs).as_ref().to_vec())
+        })
+        .unwrap()
+    }
+
+    fn verifier(kp: &Ed25519KeyPair) -> impl FnOnce(&[u8], &[u8]) -> bool + '_ {
+        move |tbs, sig| {
+            UnparsedPublicKey::new(&ED25519, kp.public_key().as_ref())
+                .verify(tbs, sig)
+                .is_ok()
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let kp = key();
+        let list = sample();
+        let cose = sign_with(&kp, &list);
+        let (got, kid) = open1(&cose, verifier(&kp)).unwrap();
+        assert_eq!(got, list);
+        assert_eq!(kid, b"feed-1");
+    }
+
+    #[test]
+    fn round_trip_extreme_integers_and_empty_entries() {
+        let kp = key();
+        let mut list = sample();
+        list.sequence = u64::MAX;
+        list.issued_at = i64::MIN;
+        list.expires_at = i64::MAX;
+        list.entries[0].version = u32::MAX;
+        list.entries[0].state = "destroyed";
+        let cose = sign_with(&kp, &list);
+        assert_eq!(open1(&cose, verifier(&kp)).unwrap().0, list);
+
+        list.entries.clear();
+        let cose = sign_with(&kp, &list);
+        assert_eq!(open1(&cose, verifier(&kp)).unwrap().0, list);
+    }
+
+    /// The hand encoder must produce exactly what coset/ciborium would, so other COSE stacks
+    /// read the same bytes we sign.
+    #[test]
+    fn encoding_matches_coset_and_ciborium() {
+        let list = sample();
+        let p = payload(&list);
+        let entry = |e: &StatusEntry| {
+            let mut m = vec![
+                (Value::from("kid"), Value::from(e.kid.as_str())),
+                (Value::from("v"), Value::from(e.version)),
+                (Value::from("state"), Value::from(e.state)),
+                (Value::from("since"), Value::from(e.since)),
+            ];
+            if let Some(r) = &e.reason {
+                m.push((Value::from("reason"), Value::from(r.as_str())));
+            }
+            Value::Map(m)
+        };
+        let expected = Value::Map(vec![
+            (Value::from("iss"), Value::from(list.issuer.as_str())),
+            (Value::from("prefix"), Value::from(list.prefix.as_str())),
+            (Value::from("seq"), Value::from(list.sequence)),
+            (Value::from("iat"), Value::from(list.issued_at)),
+            (Value::from("exp"), Value::from(list.expires_at)),
+            (
+                Value::from("entries"),
+                Value::Array(list.entries.iter().map(entry).collect()),
+            ),
+        ]);
+        assert_eq!(expected.clone().to_vec().unwrap(), p);
+        assert_eq!(Value::from_slice(&p).unwrap(), expected);
+
+        let mut sig = None;
+        let ours = sign1(&list, b"k", |tbs| {
+            sig = Some(tbs.to_vec());
+            Ok::<_, ()>(vec![7; 64])
+        })
+        .unwrap();
+        let theirs = CoseSign1Builder::new()
+            .protected(
+                HeaderBuilder::new()
+                    .algorithm(iana::Algorithm::EdDSA)
+                    .content_type(CONTENT_TYPE.into())
+                    .key_id(b"k".to_vec())
+                    .build(),
+            )
+            .payload(p)
+            .signature(vec![7; 64])
+            .build();
+        assert_eq!(sig.unwrap(), theirs.tbs_data(&[]));
+        assert_eq!(ours, theirs.to_tagged_vec().unwrap());
+    }
+
+    #[test]
+    fn cbor_heads_are_shortest_form() {
+        for n in [
+            0i64,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as i64,
+            u32::MAX as i64 + 1,
+            i64::MAX,
+            -1,
+            -24,
+            -25,
+            -256,
+            -257,
+            -65_537,
+            i64::MIN,
+        ] {
+            let mut w = cbor::Writer::default();
+            w.int(n);
+            assert_eq!(w.into_bytes(), Value::from(n).to_vec().unwrap(), "{n}");
+        }
+    }
+
+    #[test]
+    fn signer_error_is_passed_through() {
+        let r = sign1(&sample(), b"k", |_| Err::<Vec<u8>, _>("hsm down"));
+        assert_eq!(r, Err("hsm down"));
+    }
+
+    #[test]
+    fn flipped_payload_byte_fails() {
+        let kp = key();
+        let cose = sign_with(&kp, &sample());
+        // Flip a byte inside the issuer text, so the CBOR stays well-formed and only the
+        // signature can catch it.
+        let at = cose
+            .windows(b"tillkey.example".len())
+            .position(|w| w == b"tillkey.example")
+            .unwrap();
+        let mut bad = cose.clone();
+        bad[at] ^= 0x01;
+        assert_eq!(open1(&bad, verifier(&kp)), Err(StatusError::BadSignature));
+
+        // Every single-byte flip anywhere is refused, and none panics.
+        for i in 0..cose.len() {
+            let mut bad = cose.clone();
+            bad[i] ^= 0x01;
+            assert!(open1(&bad, verifier(&kp)).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let cose = sign_with(&key(), &sample());
+        assert_eq!(
+            open1(&cose, verifier(&key())),
+            Err(StatusError::BadSignature)
+        );
+    }
+
+    fn reassemble(protected: coset::Header, payload: Option<Vec<u8>>, sig: Vec<u8>) -> Vec<u8> {
+        CoseSign1 {
+            protected: coset::ProtectedHeader {
+                original_data: None,
+                header: protected,
+            },
+            unprotected: coset::Header::default(),
+            payload,
+            signature: sig,
+        }
+        .to_tagged_vec()
+        .unwrap()
+    }
+
+    fn good_header() -> HeaderBuilder {
+        HeaderBuilder::new()
+            .algorithm(iana::Algorithm::EdDSA)
+            .content_type(CONTENT_TYPE.into())
+            .key_id(b"k".to_vec())
+    }
+
+    #[test]
+    fn wrong_alg_fails_even_with_a_valid_signature() {
+        let kp = key();
+        let p = payload(&sample());
+        for alg in [iana::Algorithm::ES256, iana::Algorithm::PS256] {
+            let hdr = HeaderBuilder::new()
+                .algorithm(alg)
+                .content_type(CONTENT_TYPE.into())
+                .build();
+            // Signed correctly over its own Sig_structure: only the alg check can refuse it.
+            let unsigned = CoseSign1Builder::new()
+                .protected(hdr.clone())
+                .payload(p.clone())
+                .build();
+            let sig = kp.sign(&unsigned.tbs_data(&[])).as_ref().to_vec();
+            let cose = reassemble(hdr, Some(p.clone()), sig);
+            assert!(matches!(
+                open1(&cose, verifier(&kp)),
+                Err(StatusError::WrongAlgorithm(_))
+            ));
+        }
+        let no_alg = HeaderBuilder::new()
+            .content_type(CONTENT_TYPE.into())
+            .build();
+        let cose = reassemble(no_alg, Some(p), vec![0; 64]);
+        assert_eq!(
+            open1(&cose, |_, _| true),
+            Err(StatusError::MissingAlgorithm)
+        );
+    }
+
+    #[test]
+    fn alg_only_in_unprotected_header_is_refused() {
+        let mut msg = CoseSign1Builder::new()
+            .protected(
+                HeaderBuilder::new()
+                    .content_type(CONTENT_TYPE.into())
+                    .build(),
+            )
+            .unprotected(
+                HeaderBuilder::new()
+                    .algorithm(iana::Algorithm::EdDSA)
+                    .build(),
+            )
+            .payload(payload(&sample()))
+            .build();
+        msg.signature = vec![0; 64];
+        let cose = msg.to_tagged_vec().unwrap();
+        assert_eq!(
+            open1(&cose, |_, _| true),
+            Err(StatusError::MissingAlgorithm)
+        );
+    }
+
+    #[test]
+    fn header_and_shape_checks() {
+        let p = payload(&sample());
+        let accept_all = |_: &[u8], _: &[u8]| true;
+
+        let crit = good_header()
+            .add_critical(iana::HeaderParameter::Iv)
+            .build();
+        assert!(matches!(
+            open1(&reassemble(crit, Some(p.clone()), vec![0; 64]), accept_all),
+            Err(StatusError::CriticalHeaders(_))
+        ));
+
+        let other_type = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::EdDSA)
+            .content_type("application/cwt".into())
+            .build();
+        assert!(matches!(
+            open1(
+                &reassemble(other_type, Some(p.clone()), vec![0; 64]),
+                accept_all
+            ),
+            Err(StatusError::WrongContentType(_))
+        ));
+        let no_type = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::EdDSA)
+            .build();
+        assert!(matches!(
+            open1(
+                &reassemble(no_type, Some(p.clone()), vec![0; 64]),
+                accept_all
+            ),
+            Err(StatusError::WrongContentType(_))
+        ));
+
+        assert_eq!(
+            open1(
+                &reassemble(good_header().build(), None, vec![0; 64]),
+                accept_all
+            ),
+            Err(StatusError::DetachedPayload)
+        );
+        assert_eq!(
+            open1(
+                &reassemble(good_header().build(), Some(p.clone()), vec![0; 63]),
+                accept_all
+            ),
+            Err(StatusError::SignatureLength(63))
+        );
+        // Sanity: the same message with a 64-byte signature gets as far as the payload.
+        assert!(open1(
+            &reassemble(good_header().build(), Some(p), vec![0; 64]),
+            accept_all
+        )
+        .is_ok());
+    }
+
+    type Pairs = Vec<(Value, Value)>;
+
+    /// Payloads a verifier would accept the signature on but must still refuse.
+    #[test]
+    fn malformed_payloads_are_refused() {
+        let accept_all = |_: &[u8], _: &[u8]| true;
+        let open_payload = |p: Vec<u8>| {
+            open1(
+                &reassemble(good_header().build(), Some(p), vec![0; 64]),
+                accept_all,
+            )
+        };
+        let base = || Value::from_slice(&payload(&sample())).unwrap();
+        let with = |f: &dyn Fn(&mut Pairs)| {
+            let Value::Map(mut m) = base() else {
+                unreachable!()
+            };
+            f(&mut m);
+            Value::Map(m).to_vec().unwrap()
+        };
+        let entry0 = |m: &mut Pairs| -> Pairs {
+            let Value::Array(a) = &m[5].1 else {
+                unreachable!()
+            };
+            let Value::Map(e) = &a[0] else { unreachable!() };
+            e.clone()
+        };
+        let set_entry0 = |m: &mut Pairs, e: Pairs| {
+            let Value::Array(a) = &mut m[5].1 else {
+                unreachable!()
+            };
+            a[0] = Value::Map(e);
+        };
+
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("not CBOR", vec![0xff, 0x00]),
+            ("trailing bytes", [payload(&sample()), vec![0x00]].concat()),
+            ("not a map", Value::from(1).to_vec().unwrap()),
+            (
+                "missing exp",
+                with(&|m| {
+                    m.remove(4);
+                }),
+            ),
+            ("unknown key", with(&|m| m.push(("x".into(), 1.into())))),
+            ("duplicate key", with(&|m| m.push(("seq".into(), 1.into())))),
+            ("non-text key", with(&|m| m.push((1.into(), 1.into())))),
+            ("seq negative", with(&|m| m[2].1 = Value::from(-1))),
+            ("seq text", with(&|m| m[2].1 = Value::from("1"))),
+            ("entries not array", with(&|m| m[5].1 = Value::from(0))),
+            (
+                "bad state",
+                with(&|m| {
+                    let mut e = entry0(m);
+                    e[2].1 = "active".into();
+                    set_entry0(m, e);
+                }),
+            ),
+            (
+                "version too big",
+                with(&|m| {
+                    let mut e = entry0(m);
+                    e[1].1 = Value::from(u64::from(u32::MAX) + 1);
+                    set_entry0(m, e);
+                }),
+            ),
+            (
+                "reason not text",
+                with(&|m| {
+                    let mut e = entry0(m);
+                    e[4].1 = Value::Null;
+                    set_entry0(m, e);
+                }),
+            ),
+            (
+                "entry extra key",
+                with(&|m| {
+                    let mut e = entry0(m);
+                    e.push(("note".into(), "x".into()));
+                    set_entry0(m, e);
+                }),
+            ),
+            (
+                "entry missing kid",
+                with(&|m| {
+                    let mut e = entry0(m);
+                    e.remove(0);
+                    set_entry0(m, e);
+                }),
+            ),
+        ];
+        for (name, p) in cases {
+            match open_payload(p) {
+                Err(StatusError::Payload(msg)) => assert!(!msg.is_empty(), "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_inputs_are_errors_not_panics() {
+        let kp = key();
+        let good = sign_with(&kp, &sample());
+        let never = |_: &[u8], _: &[u8]| -> bool { panic!("verify called on garbage") };
+
+        assert!(matches!(open1(&[], never), Err(StatusError::Envelope(_))));
+        // Untagged: the same array without the 0xd2 tag byte.
+        assert_eq!(good[0], 0xd2);
+        let e = open1(&good[1..], never).unwrap_err();
+        assert!(e.to_string().contains("untagged"), "{e}");
+        // A COSE_Mac0 (tag 17) with the same shape.
+        let mut mac0 = good.clone();
+        mac0[0] = 0xd1;
+        let e = open1(&mac0, never).unwrap_err();
+        assert!(e.to_string().contains("tag 17"), "{e}");
+        let mac0 = coset::CoseMac0Builder::new()
+            .protected(good_header().build())
+            .payload(payload(&sample()))
+            .tag(vec![0; 32])
+            .build()
+            .to_tagged_vec()
+            .unwrap();
+        assert!(matches!(open1(&mac0, never), Err(StatusError::Envelope(_))));
+        // Trailing data after a valid message.
+        let trailing = [good.clone(), vec![0]].concat();
+        assert!(matches!(
+            open1(&trailing, never),
+            Err(StatusError::Envelope(_))
+        ));
+
+        // Every truncation.
+        for n in 0..good.len() {
+            assert!(open1(&good[..n], never).is_err(), "truncated to {n}");
+        }
+
+        // Hostile lengths and nesting: huge declared sizes, deep nesting.
+        let hostile: Vec<Vec<u8>> = vec![
+            vec![0xd2, 0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            vec![
+                0xd2, 0x84, 0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+            vec![
+                0xd2, 0x84, 0x40, 0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+            [vec![0xd2], vec![0x81; 10_000]].concat(),
+            [vec![0xd2], vec![0x9f; 10_000]].concat(),
+            [vec![0xd2], vec![0xd2; 10_000]].concat(),
+            vec![0xd2, 0x84, 0x41, 0xa0, 0xa0, 0xf6, 0x40], // protected bstr wrapping garbage
+        ];
+        for h in hostile {
+            assert!(open1(&h, never).is_err());
+        }
+
+        // Deterministic pseudo-random bytes, with and without a leading tag 18.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for round in 0..2_000 {
+            let len = (round % 97) + 1;
+            let mut buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if round % 2 == 0 {
+                buf[0] = 0xd2;
+            }
+            let _ = open1(&buf, |_, _| false);
+        }
+    }
+}
