@@ -21,6 +21,7 @@ use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
+use crate::service::status::STATUS_KEY;
 use crate::service::{ensure_service_key, Service};
 
 /// The HMAC key in the token that authenticates audit entries.
@@ -113,6 +114,14 @@ async fn run(config: Config) -> Result<(), Startup> {
         .map_err(|e| {
             Startup::Unavailable(format!(
                 "audit key: {e} {}",
+                e.internal_detail().unwrap_or("")
+            ))
+        })?;
+    ensure_service_key(&registry, &backend, STATUS_KEY, KeyType::Ed25519)
+        .await
+        .map_err(|e| {
+            Startup::Unavailable(format!(
+                "status-list key: {e} {}",
                 e.internal_detail().unwrap_or("")
             ))
         })?;

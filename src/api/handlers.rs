@@ -190,6 +190,25 @@ pub async fn dispatch(
                 None,
             )
         }
+        Route::StatusList => {
+            let q = list_query(query)?;
+            note.key = Some(q.prefix.clone());
+            let s = svc.status_list(caller, &q.prefix)?;
+            note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
+            ok(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "cose_sign1": json::encode(&s.cose),
+                    "format": "COSE_Sign1 (RFC 9052), EdDSA; payload CBOR {iss, prefix, seq, iat, exp, entries[{kid, v, state, since, reason?}]}",
+                    "kid": s.kid,
+                    "public_key_pem": crate::encoding::pem("PUBLIC KEY", &s.public_key_der),
+                    "seq": s.sequence,
+                    "issued_at": json::rfc3339(s.issued_at),
+                    "expires_at": json::rfc3339(s.expires_at),
+                }),
+                None,
+            )
+        }
         Route::WrappingKey => {
             let pem = svc.import_wrapping_key()?;
             ok(

@@ -44,6 +44,7 @@ pub enum Route {
     Export,
     Import,
     WrappingKey,
+    StatusList,
     Sign,
     Verify,
     Encrypt,
@@ -69,6 +70,7 @@ impl Route {
             Route::Export => "export",
             Route::Import => "import",
             Route::WrappingKey => "wrapping_key",
+            Route::StatusList => "status_list",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -84,6 +86,7 @@ impl Route {
                 | Route::Audit
                 | Route::ListApprovals
                 | Route::WrappingKey
+                | Route::StatusList
         )
     }
 }
@@ -101,6 +104,12 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
     if path == "/v1/audit" {
         return match *method {
             Method::GET => Ok((Route::Audit, None)),
+            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
+        };
+    }
+    if path == "/v1/status-list" {
+        return match *method {
+            Method::GET => Ok((Route::StatusList, None)),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         };
     }

@@ -11,6 +11,7 @@
 
 mod chain;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -68,6 +69,8 @@ struct Pending {
 pub struct AuditLog {
     queue: mpsc::Sender<Pending>,
     failure: Arc<Mutex<Option<String>>>,
+    /// Sequence number of the last durable entry.
+    head: Arc<AtomicU64>,
 }
 
 impl AuditLog {
@@ -94,6 +97,7 @@ impl AuditLog {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         let failure = Arc::new(Mutex::new(None));
+        let head = Arc::new(AtomicU64::new(next_seq - 1));
         let writer = Writer {
             pool,
             backend,
@@ -101,9 +105,14 @@ impl AuditLog {
             next_seq,
             prev,
             failure: failure.clone(),
+            head: head.clone(),
         };
         tokio::spawn(writer.run(rx));
-        Ok(Self { queue: tx, failure })
+        Ok(Self {
+            queue: tx,
+            failure,
+            head,
+        })
     }
 
     /// Append and wait until the entry is durable; the answer is the receipt (sequence number).
@@ -116,6 +125,12 @@ impl AuditLog {
         wait.await
             .map_err(|_| unavailable("audit writer stopped".into()))?
             .map_err(|e| unavailable(format!("audit trail: {e}")))
+    }
+
+    /// Sequence number of the newest durable entry: it only grows, across restarts too, so it
+    /// orders anything issued from the daemon's state (the status list's `seq`).
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::SeqCst)
     }
 
     /// `Some(reason)` while the last write failed.
@@ -134,6 +149,7 @@ struct Writer {
     next_seq: u64,
     prev: String,
     failure: Arc<Mutex<Option<String>>>,
+    head: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -200,6 +216,7 @@ impl Writer {
         tx.commit().await.map_err(|e| e.to_string())?;
         self.next_seq = first + entries.len() as u64;
         self.prev = prev;
+        self.head.store(self.next_seq - 1, Ordering::SeqCst);
         Ok(first)
     }
 }

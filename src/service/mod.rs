@@ -5,6 +5,7 @@
 mod approvals;
 mod envelope;
 pub mod lifecycle;
+pub mod status;
 
 pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};

@@ -1,0 +1,109 @@
+//! The signed key-status feed for offline verifiers (`GET /v1/status-list`).
+//!
+//! A POS that verifies "paid" tokens offline must learn which key versions to stop trusting.
+//! The list is a COSE_Sign1 (see [`crate::statuslist`]) signed by an Ed25519 key held in the
+//! token; verifiers pin its public key at provisioning, refuse a list past `exp` (fail closed
+//! when the feed is cut) and refuse a `seq` lower than the last one they accepted (no replay of
+//! an older list that predates a revocation).
+
+use super::{unix_now, Caller, Service};
+use crate::backend::KeyRef;
+use crate::error::ServiceError;
+use crate::keys::{KeyName, KeyType, VersionState};
+use crate::policy::Operation;
+use crate::statuslist::{StatusEntry, StatusList};
+
+/// The Ed25519 key in the token that signs the feed.
+pub const STATUS_KEY: &str = "tillkey/status-list";
+/// How long a list may be relied on; verifiers poll well within it.
+pub const STATUS_TTL: i64 = 3600;
+
+pub struct SignedStatus {
+    pub cose: Vec<u8>,
+    pub kid: String,
+    pub public_key_der: Vec<u8>,
+    pub sequence: u64,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub entries: usize,
+}
+
+impl Service {
+    /// Revoked, retired and destroyed versions under `prefix` of the keys the caller may read or
+    /// verify with, signed now.
+    pub fn status_list(&self, caller: &Caller, prefix: &str) -> Result<SignedStatus, ServiceError> {
+        if prefix.len() > crate::keys::MAX_NAME_LEN + 1
+            || !prefix
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
+        {
+            return Err(ServiceError::invalid(
+                "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'",
+            ));
+        }
+        let policy = self.policy.current();
+        let visible = |name: &str| {
+            policy.allows(&caller.identity, Operation::Verify, name)
+                || policy.allows(&caller.identity, Operation::Read, name)
+        };
+        let (keys, _) = self.registry.list(prefix, None, usize::MAX, |k| {
+            !k.name.is_reserved() && visible(k.name.as_str())
+        });
+        let mut entries = Vec::new();
+        for key in &keys {
+            for v in &key.versions {
+                let state = match v.state {
+                    VersionState::Revoked => "revoked",
+                    VersionState::Retired => "retired",
+                    VersionState::Destroyed => "destroyed",
+                    VersionState::Active | VersionState::VerifyOnly => continue,
+                };
+                entries.push(StatusEntry {
+                    kid: key.name.to_string(),
+                    version: v.version,
+                    state,
+                    since: v.state_changed_at,
+                    reason: v.reason.clone(),
+                });
+            }
+        }
+        let signer = self
+            .registry
+            .get(&KeyName::parse(STATUS_KEY)?)
+            .ok_or_else(|| ServiceError::Internal {
+                detail: format!("{STATUS_KEY} is missing"),
+            })?;
+        let active = signer.active().ok_or_else(|| ServiceError::Internal {
+            detail: format!("{STATUS_KEY} has no active version"),
+        })?;
+        let now = unix_now();
+        let list = StatusList {
+            issuer: "tillkey".into(),
+            prefix: prefix.to_owned(),
+            sequence: self.audit.head(),
+            issued_at: now,
+            expires_at: now + STATUS_TTL,
+            entries,
+        };
+        let kid = format!("{STATUS_KEY}#{}", active.version);
+        let key = KeyRef {
+            key_type: KeyType::Ed25519,
+            object: &active.object,
+        };
+        let cose = crate::statuslist::sign1(&list, kid.as_bytes(), |tbs| {
+            self.backend.sign(key, tbs).map_err(|e| e.to_string())
+        })
+        .map_err(|e| ServiceError::Internal {
+            detail: format!("signing the status list: {e}"),
+        })?;
+        Ok(SignedStatus {
+            cose,
+            kid,
+            public_key_der: active.public_key_der.clone().unwrap_or_default(),
+            sequence: list.sequence,
+            issued_at: list.issued_at,
+            expires_at: list.expires_at,
+            entries: list.entries.len(),
+        })
+    }
+}
