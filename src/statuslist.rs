@@ -13,7 +13,10 @@
 //! This module knows nothing of the backend or PKCS#11: the signature is a callback, so the same
 //! code serves the HSM-backed signer, tests with an in-memory key, and verifier tooling.
 
-use coset::{cbor::value::Value, iana, CborSerializable, CoseSign1, TaggedCborSerializable};
+use coset::{
+    cbor::value::Value, iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder,
+    TaggedCborSerializable,
+};
 
 /// The three states a verifier must act on. Active versions are not listed: the feed is a deny
 /// list, so a verifier that misses an entry errs towards the key it already trusted only until
@@ -24,9 +27,9 @@ pub const STATES: [&str; 3] = ["revoked", "retired", "destroyed"];
 /// COSE object from the same key and be made to read it as a status list.
 pub const CONTENT_TYPE: &str = "application/tillkey-status+cbor";
 
-/// COSE_Sign1 tag (RFC 9052 section 2); the feed is always tagged so the message type is
+/// COSE_Sign1 tag (RFC 9052 section 2, 18); the feed is always tagged so the message type is
 /// explicit on the wire.
-const COSE_SIGN1_TAG: u64 = 18;
+const COSE_SIGN1_TAG: u64 = <CoseSign1 as TaggedCborSerializable>::TAG;
 
 /// Ed25519 signatures are exactly this long; anything else is rejected before the verifier
 /// callback sees it.
@@ -60,8 +63,8 @@ pub struct StatusList {
     pub entries: Vec<StatusEntry>,
 }
 
-/// Why a status list was refused. Every malformed or unauthenticated input lands here; nothing
-/// in [`open1`] panics.
+/// Why a status list could not be built or was refused. Every malformed or unauthenticated
+/// input lands here; nothing in [`open1`] panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StatusError {
     #[error("not a tagged COSE_Sign1 message: {0}")]
@@ -82,74 +85,78 @@ pub enum StatusError {
     BadSignature,
     #[error("malformed status list payload: {0}")]
     Payload(String),
+    #[error("signing failed: {0}")]
+    Signer(String),
+    #[error("CBOR encoding failed: {0}")]
+    Encoding(String),
 }
 
 /// The CBOR payload: a map with text keys in this order,
 /// `{"iss", "prefix", "seq", "iat", "exp", "entries": [{"kid", "v", "state", "since",
 /// "reason"?}]}`, with `reason` left out when `None`.
 ///
-/// Encoded by hand with definite lengths and shortest-form integers, so the bytes are a pure
-/// function of the list and this cannot fail (coset's own serializers return `Result`).
-pub fn payload(list: &StatusList) -> Vec<u8> {
-    let mut w = cbor::Writer::default();
-    w.map(6);
-    w.text("iss");
-    w.text(&list.issuer);
-    w.text("prefix");
-    w.text(&list.prefix);
-    w.text("seq");
-    w.uint(list.sequence);
-    w.text("iat");
-    w.int(list.issued_at);
-    w.text("exp");
-    w.int(list.expires_at);
-    w.text("entries");
-    w.array(list.entries.len());
-    for e in &list.entries {
-        w.map(if e.reason.is_some() { 5 } else { 4 });
-        w.text("kid");
-        w.text(&e.kid);
-        w.text("v");
-        w.uint(u64::from(e.version));
-        w.text("state");
-        w.text(e.state);
-        w.text("since");
-        w.int(e.since);
-        if let Some(reason) = &e.reason {
-            w.text("reason");
-            w.text(reason);
-        }
-    }
-    w.into_bytes()
+/// Built as a ciborium [`Value`] and serialized by ciborium (definite lengths, shortest-form
+/// integers), so the bytes are a pure function of the list. Writing into a `Vec` does not fail
+/// in practice; the error is surfaced rather than unwrapped all the same.
+pub fn payload(list: &StatusList) -> Result<Vec<u8>, StatusError> {
+    let entries = list
+        .entries
+        .iter()
+        .map(|e| {
+            let mut m = vec![
+                (Value::from("kid"), Value::from(e.kid.as_str())),
+                (Value::from("v"), Value::from(e.version)),
+                (Value::from("state"), Value::from(e.state)),
+                (Value::from("since"), Value::from(e.since)),
+            ];
+            if let Some(reason) = &e.reason {
+                m.push((Value::from("reason"), Value::from(reason.as_str())));
+            }
+            Value::Map(m)
+        })
+        .collect();
+    let value = Value::Map(vec![
+        (Value::from("iss"), Value::from(list.issuer.as_str())),
+        (Value::from("prefix"), Value::from(list.prefix.as_str())),
+        (Value::from("seq"), Value::from(list.sequence)),
+        (Value::from("iat"), Value::from(list.issued_at)),
+        (Value::from("exp"), Value::from(list.expires_at)),
+        (Value::from("entries"), Value::Array(entries)),
+    ]);
+    let mut out = Vec::new();
+    coset::cbor::ser::into_writer(&value, &mut out)
+        .map_err(|e| StatusError::Encoding(e.to_string()))?;
+    Ok(out)
 }
 
 /// Sign a status list as a tagged COSE_Sign1.
 ///
 /// `sign` receives the exact RFC 9052 `Sig_structure` (`["Signature1", protected, h'',
-/// payload]`) and returns the 64-byte Ed25519 signature; its error is passed through untouched
-/// so the HSM signer keeps its own error type. `key_id` goes into the protected header so a
-/// verifier holding several feed keys knows which one to try, and cannot be tricked by an
-/// unprotected one.
+/// payload]`, from coset's `tbs_data`) and returns the 64-byte Ed25519 signature; its error
+/// comes back as [`StatusError::Signer`]. `key_id` goes into the protected header (alg EdDSA,
+/// content type [`CONTENT_TYPE`], kid) so a verifier holding several feed keys knows which one
+/// to try, and cannot be tricked by an unprotected one. The unprotected header stays empty:
+/// nothing a verifier may rely on lives outside the signature.
 ///
 /// `state` strings are not checked here; [`open1`] refuses anything outside [`STATES`], so a
 /// bad entry cannot reach a verifier as a silently ignored value.
-pub fn sign1<E>(
+pub fn sign1(
     list: &StatusList,
     key_id: &[u8],
-    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
-) -> Result<Vec<u8>, E> {
-    let protected = protected_header(key_id);
-    let payload = payload(list);
-    let signature = sign(&sig_structure(&protected, &payload))?;
-
-    let mut w = cbor::Writer::default();
-    w.tag(COSE_SIGN1_TAG);
-    w.array(4);
-    w.bytes(&protected);
-    w.map(0); // unprotected header: nothing a verifier may rely on lives outside the signature
-    w.bytes(&payload);
-    w.bytes(&signature);
-    Ok(w.into_bytes())
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, StatusError> {
+    let protected = HeaderBuilder::new()
+        .algorithm(iana::Algorithm::EdDSA)
+        .content_type(CONTENT_TYPE.to_owned())
+        .key_id(key_id.to_vec())
+        .build();
+    let mut msg = CoseSign1Builder::new()
+        .protected(protected)
+        .payload(payload(list)?)
+        .build();
+    msg.signature = sign(&msg.tbs_data(&[])).map_err(StatusError::Signer)?;
+    msg.to_tagged_vec()
+        .map_err(|e| StatusError::Encoding(e.to_string()))
 }
 
 /// Decode a tagged COSE_Sign1 status list and check its signature with `verify(sig_structure,
@@ -187,38 +194,14 @@ pub fn open1(
     if msg.signature.len() != ED25519_SIGNATURE_LEN {
         return Err(StatusError::SignatureLength(msg.signature.len()));
     }
-    // Rebuilt from the protected bytes exactly as received (coset keeps them), not re-encoded.
-    let protected = msg.protected.original_data.as_deref().unwrap_or_default();
-    if !verify(&sig_structure(protected, payload), &msg.signature) {
+    // coset keeps the protected bytes exactly as received and builds the Sig_structure from
+    // them, so a non-canonical but signed header still verifies and nothing is re-encoded.
+    if !verify(&msg.tbs_data(&[]), &msg.signature) {
         return Err(StatusError::BadSignature);
     }
 
     let list = decode_payload(payload)?;
     Ok((list, header.key_id.clone()))
-}
-
-/// `{1: -8, 3: CONTENT_TYPE, 4: key_id}`, keys in ascending order (RFC 8949 section 4.2.1).
-fn protected_header(key_id: &[u8]) -> Vec<u8> {
-    let mut w = cbor::Writer::default();
-    w.map(3);
-    w.int(iana::HeaderParameter::Alg as i64);
-    w.int(iana::Algorithm::EdDSA as i64);
-    w.int(iana::HeaderParameter::ContentType as i64);
-    w.text(CONTENT_TYPE);
-    w.int(iana::HeaderParameter::Kid as i64);
-    w.bytes(key_id);
-    w.into_bytes()
-}
-
-/// RFC 9052 section 4.4 `Sig_structure` for COSE_Sign1 with empty external AAD.
-fn sig_structure(protected: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut w = cbor::Writer::default();
-    w.array(4);
-    w.text("Signature1");
-    w.bytes(protected);
-    w.bytes(&[]);
-    w.bytes(payload);
-    w.into_bytes()
 }
 
 /// coset reports a wrong or missing tag as a bare "unexpected item"; say what was found.
@@ -348,79 +331,9 @@ fn integer<T: TryFrom<i128>>(value: Value, what: &str) -> Result<T, StatusError>
     }
 }
 
-/// Just enough of a CBOR encoder (RFC 8949) for the payload and the COSE envelope: definite
-/// lengths, shortest-form heads. Writing into a `Vec` cannot fail, which keeps [`payload`] and
-/// [`sign1`] free of error paths that have nothing to do with signing.
-mod cbor {
-    #[derive(Default)]
-    pub(super) struct Writer(Vec<u8>);
-
-    impl Writer {
-        fn head(&mut self, major: u8, n: u64) {
-            let m = major << 5;
-            match n {
-                0..=23 => self.0.push(m | n as u8),
-                24..=0xff => self.0.extend_from_slice(&[m | 24, n as u8]),
-                0x100..=0xffff => {
-                    self.0.push(m | 25);
-                    self.0.extend_from_slice(&(n as u16).to_be_bytes());
-                }
-                0x1_0000..=0xffff_ffff => {
-                    self.0.push(m | 26);
-                    self.0.extend_from_slice(&(n as u32).to_be_bytes());
-                }
-                _ => {
-                    self.0.push(m | 27);
-                    self.0.extend_from_slice(&n.to_be_bytes());
-                }
-            }
-        }
-
-        pub(super) fn uint(&mut self, n: u64) {
-            self.head(0, n);
-        }
-
-        pub(super) fn int(&mut self, n: i64) {
-            if n >= 0 {
-                self.head(0, n.unsigned_abs());
-            } else {
-                // -1 - n, i.e. !n, is non-negative and fits for every negative i64.
-                self.head(1, (!n).unsigned_abs());
-            }
-        }
-
-        pub(super) fn bytes(&mut self, b: &[u8]) {
-            self.head(2, b.len() as u64);
-            self.0.extend_from_slice(b);
-        }
-
-        pub(super) fn text(&mut self, s: &str) {
-            self.head(3, s.len() as u64);
-            self.0.extend_from_slice(s.as_bytes());
-        }
-
-        pub(super) fn array(&mut self, len: usize) {
-            self.head(4, len as u64);
-        }
-
-        pub(super) fn map(&mut self, len: usize) {
-            self.head(5, len as u64);
-        }
-
-        pub(super) fn tag(&mut self, tag: u64) {
-            self.head(6, tag);
-        }
-
-        pub(super) fn into_bytes(self) -> Vec<u8> {
-            self.0
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use coset::{CoseSign1Builder, HeaderBuilder};
     use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
     fn key() -> Ed25519KeyPair {
@@ -456,10 +369,7 @@ mod tests {
     }
 
     fn sign_with(kp: &Ed25519KeyPair, list: &StatusList) -> Vec<u8> {
-        sign1(list, b"feed-1", |tbs| {
-            Ok::<_, ()>(kp.sign(tbs).as_ref().to_vec())
-        })
-        .unwrap()
+        sign1(list, b"feed-1", |tbs| Ok(kp.sign(tbs).as_ref().to_vec())).unwrap()
     }
 
     fn verifier(kp: &Ed25519KeyPair) -> impl FnOnce(&[u8], &[u8]) -> bool + '_ {
@@ -497,90 +407,34 @@ mod tests {
         assert_eq!(open1(&cose, verifier(&kp)).unwrap().0, list);
     }
 
-    /// The hand encoder must produce exactly what coset/ciborium would, so other COSE stacks
-    /// read the same bytes we sign.
+    /// Key order and the omitted `reason` are part of the documented layout.
     #[test]
-    fn encoding_matches_coset_and_ciborium() {
-        let list = sample();
-        let p = payload(&list);
-        let entry = |e: &StatusEntry| {
-            let mut m = vec![
-                (Value::from("kid"), Value::from(e.kid.as_str())),
-                (Value::from("v"), Value::from(e.version)),
-                (Value::from("state"), Value::from(e.state)),
-                (Value::from("since"), Value::from(e.since)),
-            ];
-            if let Some(r) = &e.reason {
-                m.push((Value::from("reason"), Value::from(r.as_str())));
-            }
-            Value::Map(m)
+    fn payload_layout() {
+        let Value::Map(top) = Value::from_slice(&payload(&sample()).unwrap()).unwrap() else {
+            panic!("payload is not a map")
         };
-        let expected = Value::Map(vec![
-            (Value::from("iss"), Value::from(list.issuer.as_str())),
-            (Value::from("prefix"), Value::from(list.prefix.as_str())),
-            (Value::from("seq"), Value::from(list.sequence)),
-            (Value::from("iat"), Value::from(list.issued_at)),
-            (Value::from("exp"), Value::from(list.expires_at)),
-            (
-                Value::from("entries"),
-                Value::Array(list.entries.iter().map(entry).collect()),
-            ),
-        ]);
-        assert_eq!(expected.clone().to_vec().unwrap(), p);
-        assert_eq!(Value::from_slice(&p).unwrap(), expected);
-
-        let mut sig = None;
-        let ours = sign1(&list, b"k", |tbs| {
-            sig = Some(tbs.to_vec());
-            Ok::<_, ()>(vec![7; 64])
-        })
-        .unwrap();
-        let theirs = CoseSign1Builder::new()
-            .protected(
-                HeaderBuilder::new()
-                    .algorithm(iana::Algorithm::EdDSA)
-                    .content_type(CONTENT_TYPE.into())
-                    .key_id(b"k".to_vec())
-                    .build(),
-            )
-            .payload(p)
-            .signature(vec![7; 64])
-            .build();
-        assert_eq!(sig.unwrap(), theirs.tbs_data(&[]));
-        assert_eq!(ours, theirs.to_tagged_vec().unwrap());
-    }
-
-    #[test]
-    fn cbor_heads_are_shortest_form() {
-        for n in [
-            0i64,
-            23,
-            24,
-            255,
-            256,
-            65_535,
-            65_536,
-            u32::MAX as i64,
-            u32::MAX as i64 + 1,
-            i64::MAX,
-            -1,
-            -24,
-            -25,
-            -256,
-            -257,
-            -65_537,
-            i64::MIN,
-        ] {
-            let mut w = cbor::Writer::default();
-            w.int(n);
-            assert_eq!(w.into_bytes(), Value::from(n).to_vec().unwrap(), "{n}");
-        }
+        let keys = |m: &[(Value, Value)]| -> Vec<String> {
+            m.iter()
+                .map(|(k, _)| k.as_text().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            keys(&top),
+            ["iss", "prefix", "seq", "iat", "exp", "entries"]
+        );
+        let Value::Array(entries) = &top[5].1 else {
+            panic!("entries is not an array")
+        };
+        let entry_keys: Vec<_> = entries.iter().map(|e| keys(e.as_map().unwrap())).collect();
+        assert_eq!(entry_keys[0], ["kid", "v", "state", "since", "reason"]);
+        assert_eq!(entry_keys[1], ["kid", "v", "state", "since"]);
     }
 
     #[test]
     fn signer_error_is_passed_through() {
-        let r = sign1(&sample(), b"k", |_| Err::<Vec<u8>, _>("hsm down"));
-        assert_eq!(r, Err("hsm down"));
+        let r = sign1(&sample(), b"k", |_| Err("hsm down".into()));
+        assert_eq!(r, Err(StatusError::Signer("hsm down".into())));
+        assert_eq!(r.unwrap_err().to_string(), "signing failed: hsm down");
     }
 
     #[test]
@@ -638,7 +492,7 @@ mod tests {
     #[test]
     fn wrong_alg_fails_even_with_a_valid_signature() {
         let kp = key();
-        let p = payload(&sample());
+        let p = payload(&sample()).unwrap();
         for alg in [iana::Algorithm::ES256, iana::Algorithm::PS256] {
             let hdr = HeaderBuilder::new()
                 .algorithm(alg)
@@ -679,7 +533,7 @@ mod tests {
                     .algorithm(iana::Algorithm::EdDSA)
                     .build(),
             )
-            .payload(payload(&sample()))
+            .payload(payload(&sample()).unwrap())
             .build();
         msg.signature = vec![0; 64];
         let cose = msg.to_tagged_vec().unwrap();
@@ -691,7 +545,7 @@ mod tests {
 
     #[test]
     fn header_and_shape_checks() {
-        let p = payload(&sample());
+        let p = payload(&sample()).unwrap();
         let accept_all = |_: &[u8], _: &[u8]| true;
 
         let crit = good_header()
@@ -758,7 +612,7 @@ mod tests {
                 accept_all,
             )
         };
-        let base = || Value::from_slice(&payload(&sample())).unwrap();
+        let base = || Value::from_slice(&payload(&sample()).unwrap()).unwrap();
         let with = |f: &dyn Fn(&mut Pairs)| {
             let Value::Map(mut m) = base() else {
                 unreachable!()
@@ -782,7 +636,10 @@ mod tests {
 
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("not CBOR", vec![0xff, 0x00]),
-            ("trailing bytes", [payload(&sample()), vec![0x00]].concat()),
+            (
+                "trailing bytes",
+                [payload(&sample()).unwrap(), vec![0x00]].concat(),
+            ),
             ("not a map", Value::from(1).to_vec().unwrap()),
             (
                 "missing exp",
@@ -863,7 +720,7 @@ mod tests {
         assert!(e.to_string().contains("tag 17"), "{e}");
         let mac0 = coset::CoseMac0Builder::new()
             .protected(good_header().build())
-            .payload(payload(&sample()))
+            .payload(payload(&sample()).unwrap())
             .tag(vec![0; 32])
             .build()
             .to_tagged_vec()

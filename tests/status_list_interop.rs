@@ -102,7 +102,7 @@ fn run_verifier(dir: &Path, cose: &[u8], pem: &str) -> Output {
 
 fn signed(kp: &Ed25519KeyPair, list: &StatusList) -> Vec<u8> {
     sign1(list, b"feed-key-1", |tbs| {
-        Ok::<_, ()>(kp.sign(tbs).as_ref().to_vec())
+        Ok(kp.sign(tbs).as_ref().to_vec())
     })
     .unwrap()
 }
