@@ -117,7 +117,7 @@ async fn run(config: Config) -> Result<(), Startup> {
                 e.internal_detail().unwrap_or("")
             ))
         })?;
-    ensure_service_key(&registry, &backend, STATUS_KEY, KeyType::Ed25519)
+    ensure_service_key(&registry, &backend, STATUS_KEY, KeyType::EcdsaP256)
         .await
         .map_err(|e| {
             Startup::Unavailable(format!(

@@ -31,9 +31,9 @@ pub const CONTENT_TYPE: &str = "application/tillkey-status+cbor";
 /// explicit on the wire.
 const COSE_SIGN1_TAG: u64 = <CoseSign1 as TaggedCborSerializable>::TAG;
 
-/// Ed25519 signatures are exactly this long; anything else is rejected before the verifier
+/// ES256 signatures (raw r || s on P-256) are exactly this long; anything else is rejected before the verifier
 /// callback sees it.
-const ED25519_SIGNATURE_LEN: usize = 64;
+const P256_SIGNATURE_LEN: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusEntry {
@@ -69,9 +69,9 @@ pub struct StatusList {
 pub enum StatusError {
     #[error("not a tagged COSE_Sign1 message: {0}")]
     Envelope(String),
-    #[error("protected header has no algorithm; EdDSA (-8) is required")]
+    #[error("protected header has no algorithm; ES256 (-7) is required")]
     MissingAlgorithm,
-    #[error("unsupported algorithm {0}; only EdDSA (-8) is accepted")]
+    #[error("unsupported algorithm {0}; only ES256 (-7) is accepted")]
     WrongAlgorithm(String),
     #[error("protected header marks parameters critical ({0}); none are understood")]
     CriticalHeaders(String),
@@ -79,7 +79,7 @@ pub enum StatusError {
     WrongContentType(String),
     #[error("payload is detached; a status list must carry its payload")]
     DetachedPayload,
-    #[error("signature is {0} bytes, an Ed25519 signature is {ED25519_SIGNATURE_LEN}")]
+    #[error("signature is {0} bytes, an ES256 signature is {P256_SIGNATURE_LEN}")]
     SignatureLength(usize),
     #[error("signature does not verify")]
     BadSignature,
@@ -132,8 +132,8 @@ pub fn payload(list: &StatusList) -> Result<Vec<u8>, StatusError> {
 /// Sign a status list as a tagged COSE_Sign1.
 ///
 /// `sign` receives the exact RFC 9052 `Sig_structure` (`["Signature1", protected, h'',
-/// payload]`, from coset's `tbs_data`) and returns the 64-byte Ed25519 signature; its error
-/// comes back as [`StatusError::Signer`]. `key_id` goes into the protected header (alg EdDSA,
+/// payload]`, from coset's `tbs_data`) and returns the 64-byte ES256 signature (ECDSA P-256 over SHA-256 of those bytes, raw r || s); its error
+/// comes back as [`StatusError::Signer`]. `key_id` goes into the protected header (alg ES256,
 /// content type [`CONTENT_TYPE`], kid) so a verifier holding several feed keys knows which one
 /// to try, and cannot be tricked by an unprotected one. The unprotected header stays empty:
 /// nothing a verifier may rely on lives outside the signature.
@@ -146,7 +146,7 @@ pub fn sign1(
     sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
 ) -> Result<Vec<u8>, StatusError> {
     let protected = HeaderBuilder::new()
-        .algorithm(iana::Algorithm::EdDSA)
+        .algorithm(iana::Algorithm::ES256)
         .content_type(CONTENT_TYPE.to_owned())
         .key_id(key_id.to_vec())
         .build();
@@ -162,7 +162,7 @@ pub fn sign1(
 /// Decode a tagged COSE_Sign1 status list and check its signature with `verify(sig_structure,
 /// signature)`. Returns the list and the protected `kid`.
 ///
-/// Checks are in order of cost and trust: envelope, then the protected header (EdDSA only, no
+/// Checks are in order of cost and trust: envelope, then the protected header (ES256 only, no
 /// critical parameters, our content type), then the signature, and only then the payload, so
 /// unauthenticated bytes never reach the payload parser. Freshness (`exp`) and ordering (`seq`)
 /// are left to the caller, who has the clock and the previous list.
@@ -176,7 +176,7 @@ pub fn open1(
 
     match &header.alg {
         None => return Err(StatusError::MissingAlgorithm),
-        Some(coset::Algorithm::Assigned(iana::Algorithm::EdDSA)) => {}
+        Some(coset::Algorithm::Assigned(iana::Algorithm::ES256)) => {}
         Some(other) => return Err(StatusError::WrongAlgorithm(format!("{other:?}"))),
     }
     if !header.crit.is_empty() {
@@ -191,7 +191,7 @@ pub fn open1(
     let Some(payload) = msg.payload.as_deref() else {
         return Err(StatusError::DetachedPayload);
     };
-    if msg.signature.len() != ED25519_SIGNATURE_LEN {
+    if msg.signature.len() != P256_SIGNATURE_LEN {
         return Err(StatusError::SignatureLength(msg.signature.len()));
     }
     // coset keeps the protected bytes exactly as received and builds the Sig_structure from
@@ -334,12 +334,15 @@ fn integer<T: TryFrom<i128>>(value: Value, what: &str) -> Result<T, StatusError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+    use ring::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+        ECDSA_P256_SHA256_FIXED_SIGNING,
+    };
 
-    fn key() -> Ed25519KeyPair {
+    fn key() -> EcdsaKeyPair {
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap()
     }
 
     fn sample() -> StatusList {
@@ -368,13 +371,20 @@ mod tests {
         }
     }
 
-    fn sign_with(kp: &Ed25519KeyPair, list: &StatusList) -> Vec<u8> {
-        sign1(list, b"feed-1", |tbs| Ok(kp.sign(tbs).as_ref().to_vec())).unwrap()
+    fn sign_with(kp: &EcdsaKeyPair, list: &StatusList) -> Vec<u8> {
+        sign1(list, b"feed-1", |tbs| {
+            Ok(kp
+                .sign(&ring::rand::SystemRandom::new(), tbs)
+                .unwrap()
+                .as_ref()
+                .to_vec())
+        })
+        .unwrap()
     }
 
-    fn verifier(kp: &Ed25519KeyPair) -> impl FnOnce(&[u8], &[u8]) -> bool + '_ {
+    fn verifier(kp: &EcdsaKeyPair) -> impl FnOnce(&[u8], &[u8]) -> bool + '_ {
         move |tbs, sig| {
-            UnparsedPublicKey::new(&ED25519, kp.public_key().as_ref())
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, kp.public_key().as_ref())
                 .verify(tbs, sig)
                 .is_ok()
         }
@@ -484,7 +494,7 @@ mod tests {
 
     fn good_header() -> HeaderBuilder {
         HeaderBuilder::new()
-            .algorithm(iana::Algorithm::EdDSA)
+            .algorithm(iana::Algorithm::ES256)
             .content_type(CONTENT_TYPE.into())
             .key_id(b"k".to_vec())
     }
@@ -493,7 +503,7 @@ mod tests {
     fn wrong_alg_fails_even_with_a_valid_signature() {
         let kp = key();
         let p = payload(&sample()).unwrap();
-        for alg in [iana::Algorithm::ES256, iana::Algorithm::PS256] {
+        for alg in [iana::Algorithm::EdDSA, iana::Algorithm::PS256] {
             let hdr = HeaderBuilder::new()
                 .algorithm(alg)
                 .content_type(CONTENT_TYPE.into())
@@ -503,7 +513,11 @@ mod tests {
                 .protected(hdr.clone())
                 .payload(p.clone())
                 .build();
-            let sig = kp.sign(&unsigned.tbs_data(&[])).as_ref().to_vec();
+            let sig = kp
+                .sign(&ring::rand::SystemRandom::new(), &unsigned.tbs_data(&[]))
+                .unwrap()
+                .as_ref()
+                .to_vec();
             let cose = reassemble(hdr, Some(p.clone()), sig);
             assert!(matches!(
                 open1(&cose, verifier(&kp)),
@@ -530,7 +544,7 @@ mod tests {
             )
             .unprotected(
                 HeaderBuilder::new()
-                    .algorithm(iana::Algorithm::EdDSA)
+                    .algorithm(iana::Algorithm::ES256)
                     .build(),
             )
             .payload(payload(&sample()).unwrap())
@@ -557,7 +571,7 @@ mod tests {
         ));
 
         let other_type = HeaderBuilder::new()
-            .algorithm(iana::Algorithm::EdDSA)
+            .algorithm(iana::Algorithm::ES256)
             .content_type("application/cwt".into())
             .build();
         assert!(matches!(
@@ -568,7 +582,7 @@ mod tests {
             Err(StatusError::WrongContentType(_))
         ));
         let no_type = HeaderBuilder::new()
-            .algorithm(iana::Algorithm::EdDSA)
+            .algorithm(iana::Algorithm::ES256)
             .build();
         assert!(matches!(
             open1(

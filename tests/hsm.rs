@@ -59,19 +59,20 @@ async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
     let secret: Vec<&String> = blocks
         .iter()
         .filter(|b| b.starts_with("Secret Key Object") || b.starts_with("Private Key Object"))
-        // The daemon's own audit key is checked the same way below, but counted separately.
-        .filter(|b| !b.contains("tillkey:tillkey/audit#1"))
+        // The daemon's own keys (audit, status feed) are checked the same way, counted apart.
+        .filter(|b| !b.contains("tillkey:tillkey/"))
         .collect();
     assert_eq!(secret.len(), 4, "{listing}");
-    let audit_key = blocks
-        .iter()
-        .find(|b| b.contains("tillkey:tillkey/audit#1"))
-        .expect("the audit key is in the token");
-    assert!(audit_key.starts_with("Secret Key Object"), "{audit_key}");
-    assert!(
-        audit_key.contains("Access:     sensitive, always sensitive, never extractable, local"),
-        "{audit_key}"
-    );
+    for service_key in ["tillkey:tillkey/audit#1", "tillkey:tillkey/status-list#1"] {
+        let block = blocks
+            .iter()
+            .find(|b| b.contains(service_key) && !b.starts_with("Public Key Object"))
+            .unwrap_or_else(|| panic!("{service_key} is in the token"));
+        assert!(
+            block.contains("Access:     sensitive, always sensitive, never extractable, local"),
+            "{block}"
+        );
+    }
     for b in &secret {
         assert!(
             b.contains("Access:     sensitive, always sensitive, never extractable, local"),
@@ -82,7 +83,7 @@ async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
     }
     let publics = blocks
         .iter()
-        .filter(|b| b.starts_with("Public Key Object"))
+        .filter(|b| b.starts_with("Public Key Object") && !b.contains("tillkey:tillkey/"))
         .count();
     assert_eq!(publics, 2, "{listing}");
     for b in blocks.iter().filter(|b| b.starts_with("Public Key Object")) {

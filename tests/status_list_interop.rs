@@ -7,26 +7,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use base64::Engine;
-use ring::signature::{Ed25519KeyPair, KeyPair};
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
 use tillkey::statuslist::{sign1, StatusEntry, StatusList};
-
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/verify_status_list.py")
 }
 
-fn key() -> Ed25519KeyPair {
+fn key() -> EcdsaKeyPair {
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap()
 }
 
-fn public_pem(kp: &Ed25519KeyPair) -> String {
-    let der = [&ED25519_SPKI_PREFIX[..], kp.public_key().as_ref()].concat();
+fn public_pem(kp: &EcdsaKeyPair) -> String {
+    let der = tillkey::encoding::spki_from_ec_point(
+        tillkey::keys::KeyType::EcdsaP256,
+        kp.public_key().as_ref(),
+    )
+    .unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n")
 }
@@ -100,9 +100,13 @@ fn run_verifier(dir: &Path, cose: &[u8], pem: &str) -> Output {
         .expect("python3 must be on PATH (with pycose and cbor2 installed) for this test")
 }
 
-fn signed(kp: &Ed25519KeyPair, list: &StatusList) -> Vec<u8> {
+fn signed(kp: &EcdsaKeyPair, list: &StatusList) -> Vec<u8> {
     sign1(list, b"feed-key-1", |tbs| {
-        Ok(kp.sign(tbs).as_ref().to_vec())
+        Ok(kp
+            .sign(&ring::rand::SystemRandom::new(), tbs)
+            .unwrap()
+            .as_ref()
+            .to_vec())
     })
     .unwrap()
 }

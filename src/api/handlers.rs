@@ -199,7 +199,7 @@ pub async fn dispatch(
                 StatusCode::OK,
                 &serde_json::json!({
                     "cose_sign1": json::encode(&s.cose),
-                    "format": "COSE_Sign1 (RFC 9052), EdDSA; payload CBOR {iss, prefix, seq, iat, exp, entries[{kid, v, state, since, reason?}]}",
+                    "format": "COSE_Sign1 (RFC 9052), ES256; payload CBOR {iss, prefix, seq, iat, exp, entries[{kid, v, state, since, reason?}]}",
                     "kid": s.kid,
                     "public_key_pem": crate::encoding::pem("PUBLIC KEY", &s.public_key_der),
                     "seq": s.sequence,

@@ -1,8 +1,9 @@
 //! The signed key-status feed for offline verifiers (`GET /v1/status-list`).
 //!
 //! A POS that verifies "paid" tokens offline must learn which key versions to stop trusting.
-//! The list is a COSE_Sign1 (see [`crate::statuslist`]) signed by an Ed25519 key held in the
-//! token; verifiers pin its public key at provisioning, refuse a list past `exp` (fail closed
+//! The list is a COSE_Sign1 (see [`crate::statuslist`]) signed with ES256 by a P-256 key held in
+//! the token (ES256 rather than EdDSA because every backend has it: SoftHSM behind a p11-kit proxy
+//! and TPMs hold no Ed25519 keys). Verifiers pin its public key at provisioning, refuse a list past `exp` (fail closed
 //! when the feed is cut) and refuse a `seq` lower than the last one they accepted (no replay of
 //! an older list that predates a revocation).
 
@@ -13,7 +14,7 @@ use crate::keys::{KeyName, KeyType, VersionState};
 use crate::policy::Operation;
 use crate::statuslist::{StatusEntry, StatusList};
 
-/// The Ed25519 key in the token that signs the feed.
+/// The P-256 key in the token that signs the feed.
 pub const STATUS_KEY: &str = "tillkey/status-list";
 /// How long a list may be relied on; verifiers poll well within it.
 pub const STATUS_TTL: i64 = 3600;
@@ -87,7 +88,7 @@ impl Service {
         };
         let kid = format!("{STATUS_KEY}#{}", active.version);
         let key = KeyRef {
-            key_type: KeyType::Ed25519,
+            key_type: KeyType::EcdsaP256,
             object: &active.object,
         };
         let cose = crate::statuslist::sign1(&list, kid.as_bytes(), |tbs| {

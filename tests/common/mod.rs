@@ -228,6 +228,13 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failing test shows what the daemon said, errors first.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            for line in logs.iter().filter(|l| l.contains("\"ERROR\"") || l.contains("\"WARN\"")) {
+                eprintln!("tillkeyd: {line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -13,16 +13,12 @@ import sys
 from collections.abc import Mapping
 
 import cbor2
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_pem_public_key,
-)
-from pycose.algorithms import EdDSA
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pycose.algorithms import Es256
 from pycose.headers import Algorithm
-from pycose.keys import OKPKey
-from pycose.keys.curves import Ed25519
+from pycose.keys import EC2Key
+from pycose.keys.curves import P256
 from pycose.messages import CoseMessage, Sign1Message
 
 
@@ -60,20 +56,20 @@ def main(argv):
         encoded = f.read()
     with open(argv[2], "rb") as f:
         public = load_pem_public_key(f.read())
-    if not isinstance(public, Ed25519PublicKey):
-        raise ValueError(f"public key is {type(public).__name__}, not Ed25519")
-    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise ValueError(f"public key is {type(public).__name__}, not P-256")
+    numbers = public.public_numbers()
 
     msg = decode_sign1(encoded)
     if not isinstance(msg, Sign1Message):
         raise ValueError(f"not a COSE_Sign1 message: {type(msg).__name__}")
     alg = msg.phdr.get(Algorithm)
-    if alg is not EdDSA:
-        raise ValueError(f"protected alg is {alg!r}, expected EdDSA")
+    if alg is not Es256:
+        raise ValueError(f"protected alg is {alg!r}, expected ES256")
     if msg.payload is None:
         raise ValueError("payload is detached")
 
-    msg.key = OKPKey(crv=Ed25519, x=raw)
+    msg.key = EC2Key(crv=P256, x=numbers.x.to_bytes(32, "big"), y=numbers.y.to_bytes(32, "big"))
     if not msg.verify_signature():
         raise ValueError("signature does not verify")
 

@@ -48,6 +48,10 @@ pub struct Pkcs11Settings {
 
 pub struct Pkcs11Backend {
     settings: Pkcs11Settings,
+    /// Token-object creation and deletion, one at a time: SoftHSM's file object store fails
+    /// concurrent creations with `CKR_GENERAL_ERROR`. These calls are rare next to signing, which
+    /// stays fully parallel.
+    object_writes: Mutex<()>,
     live: RwLock<Option<Arc<Connection>>>,
     health: Mutex<Health>,
     wake: (Mutex<bool>, Condvar),
@@ -60,6 +64,7 @@ impl Pkcs11Backend {
         let conn = Connection::open(&settings)?;
         let backend = Arc::new(Self {
             settings,
+            object_writes: Mutex::new(()),
             live: RwLock::new(Some(Arc::new(conn))),
             health: Mutex::new(Health::Ready),
             wake: (Mutex::new(false), Condvar::new()),
@@ -267,6 +272,7 @@ impl KeyBackend for Pkcs11Backend {
             .map_err(|_| BackendError::Failed("system random generator failed".into()))?;
         let object = ObjectRef(id.to_vec());
         let template = templates::for_type(key_type, &id, label, exportable);
+        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
         self.with_session("generate", &object, |_, s| match &template {
             Template::Secret { mechanism, attrs } => {
                 s.generate_key(mechanism, attrs)?;
@@ -370,6 +376,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
+        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
         self.with_session("destroy", key.object, |conn, s| {
             for h in conn.all_objects(s, &key.object.0)? {
                 s.destroy_object(h)?;
@@ -388,6 +395,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn import_wrapping_key(&self) -> BackendResult<Vec<u8>> {
+        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
         self.import_wrapping_key_impl()
     }
 
@@ -398,6 +406,7 @@ impl KeyBackend for Pkcs11Backend {
         encrypted_kek: &[u8],
         wrapped_key: &[u8],
     ) -> BackendResult<GeneratedKey> {
+        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
         self.import_impl(key_type, label, encrypted_kek, wrapped_key)
     }
 
