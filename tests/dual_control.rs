@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -21,21 +20,7 @@ async fn revoked_key(d: &Daemon, name: &str) {
 }
 
 fn token_labels(env: &Env) -> String {
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "tillkey-dev",
-            "--login",
-            "--pin",
-            &env.pin(),
-            "--list-objects",
-        ])
-        .env("SOFTHSM2_CONF", env.softhsm_conf())
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pkcs11_tool(env, &["--list-objects"]).1
 }
 
 #[tokio::test]

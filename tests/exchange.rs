@@ -80,21 +80,7 @@ async fn imported_hmac_key_computes_the_same_mac_as_its_material() {
     );
 
     // The imported value cannot be read back out of the token.
-    let listing = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "tillkey-dev",
-            "--login",
-            "--pin",
-            &env.pin(),
-            "--list-objects",
-        ])
-        .env("SOFTHSM2_CONF", env.softhsm_conf())
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let (_, listing) = pkcs11_tool(&env, &["--list-objects"]);
     let block = listing
         .split("Secret Key Object")
         .find(|b| b.contains("tillkey:stores/9/pos/1/qr-mac#1"))

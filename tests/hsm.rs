@@ -9,33 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn pkcs11_tool(env: &Env, module: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            module,
-            "--token-label",
-            "tillkey-dev",
-            "--login",
-            "--pin",
-            &env.pin(),
-        ])
-        .args(args)
-        .env("SOFTHSM2_CONF", env.softhsm_conf())
-        .output()
-        .expect("pkcs11-tool (package opensc)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
 #[tokio::test]
 async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
     let env = Env::new();
@@ -43,7 +16,7 @@ async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
     for t in ["hmac-sha256", "ecdsa-p256", "ed25519", "aes256-gcm"] {
         create(&d, &format!("stores/1/{t}"), t).await;
     }
-    let (ok, listing) = pkcs11_tool(&env, SOFTHSM, &["--list-objects"]);
+    let (ok, listing) = pkcs11_tool(&env, &["--list-objects"]);
     assert!(ok, "{listing}");
     // One block per object; every private and secret key is locked down and labelled.
     let mut blocks: Vec<String> = Vec::new();
@@ -103,11 +76,7 @@ async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
         .find_map(|l| l.trim().strip_prefix("ID:"))
         .unwrap()
         .trim();
-    let (ok, out) = pkcs11_tool(
-        &env,
-        SOFTHSM,
-        &["--read-object", "--type", "secrkey", "--id", id],
-    );
+    let (ok, out) = pkcs11_tool(&env, &["--read-object", "--type", "secrkey", "--id", id]);
     assert!(!ok, "the secret key value was readable: {out}");
 }
 

@@ -231,7 +231,10 @@ impl Drop for Daemon {
         // A failing test shows what the daemon said, errors first.
         if std::thread::panicking() {
             let logs = self.logs();
-            for line in logs.iter().filter(|l| l.contains("\"ERROR\"") || l.contains("\"WARN\"")) {
+            for line in logs
+                .iter()
+                .filter(|l| l.contains("\"ERROR\"") || l.contains("\"WARN\""))
+            {
                 eprintln!("tillkeyd: {line}");
             }
         }
@@ -307,6 +310,33 @@ pub fn assert_error(got: &(u16, Value), status: u16, code: &str) {
         "error without message: {}",
         got.1
     );
+}
+
+/// Run OpenSC's `pkcs11-tool` as the token's user against the environment's SoftHSM token:
+/// (succeeded, stdout + stderr).
+pub fn pkcs11_tool(env: &Env, args: &[&str]) -> (bool, String) {
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "tillkey-dev",
+            "--login",
+            "--pin",
+        ])
+        .arg(env.pin())
+        .args(args)
+        .env("SOFTHSM2_CONF", env.softhsm_conf())
+        .output()
+        .expect("pkcs11-tool (package opensc)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 pub fn write(path: &Path, data: impl AsRef<[u8]>) {
