@@ -364,3 +364,42 @@ async fn the_operations_log_has_one_event_per_request_and_no_secrets() {
     );
     assert_eq!(requests[6]["outcome"], "invalid_argument");
 }
+
+#[tokio::test]
+async fn the_pin_can_come_from_a_systemd_credential() {
+    let mut env = Env::new();
+    let creds = env.path("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    write(&creds.join("hsm-pin"), env.pin());
+    std::fs::set_permissions(
+        creds.join("hsm-pin"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
+    assert!(config.contains("pin_file = \"pin\""));
+    write(
+        &env.path("tillkeyd.toml"),
+        config.replace("pin_file = \"pin\"", "pin_credential = \"hsm-pin\""),
+    );
+    // No PIN file to fall back on.
+    std::fs::remove_file(env.path("pin")).unwrap();
+
+    // Without $CREDENTIALS_DIRECTORY the daemon says what is missing.
+    let (status, err) = env.run_to_exit();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("CREDENTIALS_DIRECTORY"), "{err}");
+
+    env.daemon_env
+        .push(("CREDENTIALS_DIRECTORY".into(), creds.display().to_string()));
+    let d = env.start();
+    create(&d, "stores/1/mac", "hmac-sha256").await;
+    let mut svc = d.conn("service").await;
+    let (s, _) = post(
+        &mut svc,
+        "/v1/keys/stores/1/mac:sign",
+        json!({"message": "aGk="}),
+    )
+    .await;
+    assert_eq!(s, 200);
+}
