@@ -29,3 +29,4 @@ pub mod registry;
 pub mod service;
 pub mod statuslist;
 pub mod tls;
+pub mod tokens;

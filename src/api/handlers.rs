@@ -14,6 +14,7 @@ pub struct Outcome {
     pub status: StatusCode,
     pub body: Vec<u8>,
     pub version: Option<u32>,
+    pub content_type: &'static str,
 }
 
 /// What the audit entry and the log record about a request beyond its path, filled in by the
@@ -38,7 +39,83 @@ fn ok<T: Serialize>(
         status,
         body,
         version,
+        content_type: "application/json",
     })
+}
+
+/// An issued token as JSON (with its size and QR version), or with `?format=svg` the QR image.
+fn issued(
+    query: &str,
+    t: crate::tokens::pos::Issued,
+    note: &mut Note,
+) -> Result<Outcome, ServiceError> {
+    note.detail = format!("{} {} purchase {}", t.claims.kind, t.kid, t.claims.purchase);
+    match query {
+        "" | "format=json" => {}
+        "format=svg" => {
+            return Ok(Outcome {
+                status: StatusCode::OK,
+                body: crate::tokens::qr::svg(&t.text)?.into_bytes(),
+                version: None,
+                content_type: "image/svg+xml",
+            })
+        }
+        other => {
+            return Err(ServiceError::invalid(format!(
+                "unknown query '{other}'; use format=json or format=svg"
+            )))
+        }
+    }
+    ok(
+        StatusCode::OK,
+        &serde_json::json!({
+            "token": t.text,
+            "type": t.claims.kind,
+            "kid": t.kid,
+            "key": t.key,
+            "chars": t.text.len(),
+            "qr_version": crate::tokens::qr::version(&t.text)?,
+            "qr_error_correction": "M",
+            "issued_at": json::rfc3339(t.claims.issued_at),
+            "expires_at": json::rfc3339(t.claims.expires_at),
+            "repeated": t.repeated,
+        }),
+        None,
+    )
+}
+
+fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let cl = &c.claims;
+    note.key = Some(c.key.clone());
+    note.detail = format!(
+        "{} purchase {}: {}",
+        cl.kind,
+        cl.purchase,
+        c.reason.as_deref().unwrap_or("valid")
+    );
+    let mut v = serde_json::json!({
+        "valid": c.valid,
+        "type": cl.kind,
+        "store_id": cl.store,
+        "pos_id": cl.pos,
+        "purchase_id": cl.purchase,
+        "amount": cl.amount,
+        "currency": cl.currency,
+        "issued_at": json::rfc3339(cl.issued_at),
+        "expires_at": json::rfc3339(cl.expires_at),
+        "kid": c.kid,
+        "key": c.key,
+    });
+    if let Some(r) = &c.reason {
+        v["reason"] = r.clone().into();
+    }
+    if let Some(d) = &cl.description {
+        v["description"] = d.clone().into();
+    }
+    if let Some(p) = &cl.payment_ref {
+        v["payment_ref"] = p.clone().into();
+    }
+    ok(StatusCode::OK, &v, None)
 }
 
 pub async fn dispatch(
@@ -189,6 +266,46 @@ pub async fn dispatch(
                 &serde_json::json!({ "approval": ApprovalView::of(&a) }),
                 None,
             )
+        }
+        Route::PosRequestIssue => {
+            let req: json::PosRequestIssue = json::parse(body)?;
+            note.key = Some(format!(
+                "stores/{}/pos/{}/qr-request",
+                req.store_id, req.pos_id
+            ));
+            let t = svc
+                .issue_pos_request(
+                    caller,
+                    crate::tokens::pos::PosRequest {
+                        store: req.store_id,
+                        pos: req.pos_id,
+                        purchase: req.purchase_id,
+                        amount: req.amount,
+                        currency: req.currency,
+                        description: req.description,
+                        ttl: req.ttl,
+                    },
+                )
+                .await?;
+            issued(query, t, note)
+        }
+        Route::PosPaidIssue => {
+            let req: json::PosPaidIssue = json::parse(body)?;
+            let t = svc
+                .issue_pos_paid(caller, &req.request_token, &req.payment_ref)
+                .await?;
+            note.key = Some(t.key.clone());
+            issued(query, t, note)
+        }
+        Route::PosRequestVerify => {
+            let req: json::TokenVerify = json::parse(body)?;
+            let c = svc.check_token(caller, &req.token, "pos-request")?;
+            checked(&c, note)
+        }
+        Route::PosPaidVerify => {
+            let req: json::TokenVerify = json::parse(body)?;
+            let c = svc.verify_pos_paid(caller, &req.token).await?;
+            checked(&c, note)
         }
         Route::StatusList => {
             let q = list_query(query)?;

@@ -45,6 +45,32 @@ pub struct Revoke {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PosRequestIssue {
+    pub store_id: String,
+    pub pos_id: String,
+    pub purchase_id: String,
+    /// Minor units (cents).
+    pub amount: i64,
+    pub currency: String,
+    pub description: Option<String>,
+    pub ttl: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PosPaidIssue {
+    pub request_token: String,
+    pub payment_ref: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenVerify {
+    pub token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Export {
     pub version: u32,
     pub transport_key: String,

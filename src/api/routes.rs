@@ -45,6 +45,10 @@ pub enum Route {
     Import,
     WrappingKey,
     StatusList,
+    PosRequestIssue,
+    PosRequestVerify,
+    PosPaidIssue,
+    PosPaidVerify,
     Sign,
     Verify,
     Encrypt,
@@ -71,6 +75,10 @@ impl Route {
             Route::Import => "import",
             Route::WrappingKey => "wrapping_key",
             Route::StatusList => "status_list",
+            Route::PosRequestIssue => "pos_request_issue",
+            Route::PosRequestVerify => "pos_request_verify",
+            Route::PosPaidIssue => "pos_paid_issue",
+            Route::PosPaidVerify => "pos_paid_verify",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -106,6 +114,19 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             Method::GET => Ok((Route::Audit, None)),
             _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
         };
+    }
+    if let Some(rest) = path.strip_prefix("/v1/tokens/") {
+        let r = match rest {
+            "pos-request:issue" => Route::PosRequestIssue,
+            "pos-request:verify" => Route::PosRequestVerify,
+            "pos-paid:issue" => Route::PosPaidIssue,
+            "pos-paid:verify" => Route::PosPaidVerify,
+            _ => return Err(unknown()),
+        };
+        if *method != Method::POST {
+            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
+        }
+        return Ok((r, None));
     }
     if path == "/v1/status-list" {
         return match *method {
@@ -246,8 +267,12 @@ pub async fn handle(
 
     let elapsed = started.elapsed();
     let mut allow = None;
+    let mut content_type = "application/json";
     let (status, body, version, outcome) = match result {
-        Ok(o) => (o.status, o.body, o.version, "ok"),
+        Ok(o) => {
+            content_type = o.content_type;
+            (o.status, o.body, o.version, "ok")
+        }
         Err(e) => {
             if let ServiceError::MethodNotAllowed { allow: a } = e {
                 allow = Some(a);
@@ -292,6 +317,10 @@ pub async fn handle(
         .get_or_create(&OperationLabel { operation })
         .observe(elapsed.as_secs_f64());
     let mut resp = respond(status, body, &request_id);
+    if content_type != "application/json" {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
     if let Some(a) = allow {
         resp.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static(a));

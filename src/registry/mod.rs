@@ -8,6 +8,7 @@
 //! schema serves both engines.
 
 pub mod approvals;
+pub mod purchases;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,7 +188,10 @@ impl Registry {
                 .execute(&pool)
                 .await?;
         }
-        for stmt in SCHEMA.iter().chain([&approvals::SCHEMA]) {
+        for stmt in SCHEMA
+            .iter()
+            .chain([&approvals::SCHEMA, &purchases::SCHEMA])
+        {
             sqlx::query(stmt).execute(&pool).await?;
         }
         // A crash between reserving a name and recording its first version leaves a key with no

@@ -51,8 +51,8 @@ pub struct Verified {
 }
 
 pub struct Service {
-    backend: SharedBackend,
-    registry: Registry,
+    pub(crate) backend: SharedBackend,
+    pub(crate) registry: Registry,
     policy: PolicyHandle,
     audit: AuditLog,
     rng: SystemRandom,
@@ -141,7 +141,7 @@ impl Service {
         self.registry.len()
     }
 
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         caller: &Caller,
         op: Operation,
@@ -242,7 +242,7 @@ impl Service {
 
     /// The active version, with one use counted against its `max_operations`. A version at its
     /// limit is rotated first, so the caller gets the new one.
-    async fn claim_active(
+    pub(crate) async fn claim_active(
         &self,
         name: &KeyName,
         op: &str,

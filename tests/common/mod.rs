@@ -342,3 +342,28 @@ pub fn pkcs11_tool(env: &Env, args: &[&str]) -> (bool, String) {
 pub fn write(path: &Path, data: impl AsRef<[u8]>) {
     std::fs::write(path, data).expect("write");
 }
+
+/// Import known key material under `name` (officer requests, officer2 approves), so a test can
+/// compute what the token computes. Panics unless both steps succeed.
+pub async fn import_known(d: &Daemon, name: &str, key_type: &str, material: &[u8]) {
+    let mut alice = d.conn("officer").await;
+    let (_, wk) = get(&mut alice, "/v1/wrapping-key").await;
+    let (kek, wrapped) =
+        tillkey::exchange::wrap_for_import(wk["public_key_pem"].as_str().expect("pem"), material)
+            .expect("wrap");
+    let body = serde_json::json!({"name": name, "type": key_type, "encrypted_kek": b64(&kek), "wrapped_key": b64(&wrapped)});
+    let (s, req) = post(&mut alice, "/v1/keys:import", body).await;
+    assert_eq!(s, 202, "{req}");
+    let id = req["approval"]["id"]
+        .as_str()
+        .expect("approval id")
+        .to_owned();
+    let mut bob = d.conn("officer2").await;
+    let (s, done) = post(
+        &mut bob,
+        &format!("/v1/approvals/{id}:approve"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+}
