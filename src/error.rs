@@ -18,8 +18,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
-    /// The request is well formed but the state it needs is gone (an approval expired or was
-    /// already decided).
+    /// The request is well formed but the state it needs is not there: an approval expired or
+    /// was decided, a version is in the wrong state for a dual-controlled action, a purchase was
+    /// paid for another amount, a sealed message's counter went backwards.
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("request body is larger than {limit} bytes")]
@@ -27,6 +28,8 @@ pub enum ServiceError {
     #[error("{0}")]
     UnsupportedOperation(String),
     /// `allow` lists the methods the path does accept (sent as the `Allow` header).
+    #[error("too many requests from this client; slow down")]
+    RateLimited,
     #[error("method not allowed; this path accepts {allow}")]
     MethodNotAllowed { allow: &'static str },
     #[error("the key backend is unavailable; retry later")]
@@ -48,6 +51,7 @@ impl ServiceError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedOperation(_) => "unsupported_operation",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::RateLimited => "rate_limited",
             Self::Unavailable { .. } => "unavailable",
             Self::Internal { .. } => "internal",
         }
@@ -62,6 +66,7 @@ impl ServiceError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -242,7 +242,11 @@ impl Default for Lifecycle {
 /// unambiguous in a config review, and enough for cryptoperiods.
 pub fn parse_duration(s: &str) -> Result<u64, ServiceError> {
     let bad = || ServiceError::invalid(format!("'{s}' is not a duration like 90d, 12h, 30m or 5s"));
-    let (digits, unit) = s.split_at(s.len().saturating_sub(1));
+    // Split on a character boundary: the last character may be any UTF-8 from a client.
+    let Some((cut, _)) = s.char_indices().last() else {
+        return Err(bad());
+    };
+    let (digits, unit) = s.split_at(cut);
     let n: u64 = digits.parse().map_err(|_| bad())?;
     let scale = match unit {
         "s" => 1,
@@ -290,6 +294,9 @@ mod duration_tests {
             "1.5h",
             "99999999999999999d",
             " 5s",
+            "5é",
+            "é",
+            "5日",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

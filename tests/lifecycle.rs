@@ -435,6 +435,30 @@ async fn prefix_actions_cover_hundreds_of_keys_in_one_call() {
     )
     .await;
     assert_error(&r, 404, "not_found");
+    // Whole segments only: "stores/7/" is not a prefix of "stores/77/...".
+    let r = post(
+        &mut c,
+        "/v1/keys:revokePrefix",
+        json!({"prefix": "stores/7", "reason": "x"}),
+    )
+    .await;
+    assert_error(&r, 400, "invalid_argument");
+    let r = post(
+        &mut c,
+        "/v1/keys:revokePrefix",
+        json!({"prefix": "stores/7/", "reason": "x"}),
+    )
+    .await;
+    assert_error(&r, 404, "not_found");
+    // Without any revoke grant, an empty prefix is a refusal, not a hint that nothing is there.
+    let mut stranger = d.conn("stranger").await;
+    let r = post(
+        &mut stranger,
+        "/v1/keys:revokePrefix",
+        json!({"prefix": "stores/99/", "reason": "x"}),
+    )
+    .await;
+    assert_error(&r, 403, "permission_denied");
 }
 
 #[tokio::test]

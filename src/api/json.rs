@@ -65,6 +65,83 @@ pub struct PosPaidIssue {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct OtpIssue {
+    pub key: String,
+    pub subject: String,
+    pub ttl: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyedToken {
+    pub key: String,
+    pub token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRegister {
+    pub realm: String,
+    pub subject: String,
+    pub public_key_pem: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTokenVerify {
+    pub realm: String,
+    pub token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeIssue {
+    pub key: String,
+    pub subject: String,
+    pub ttl: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeVerify {
+    pub response: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seal {
+    pub sender: String,
+    pub plaintext: String,
+    pub associated_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Open {
+    pub sender: String,
+    pub counter: i64,
+    pub ciphertext: String,
+    pub associated_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiftIssue {
+    pub key: String,
+    #[serde(default)]
+    pub pin: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiftCheck {
+    pub key: String,
+    pub code: String,
+    pub pin: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenVerify {
     pub token: String,
 }

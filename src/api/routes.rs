@@ -49,6 +49,20 @@ pub enum Route {
     PosRequestVerify,
     PosPaidIssue,
     PosPaidVerify,
+    OtpIssue,
+    OtpRedeem,
+    DeviceRegister,
+    DeviceRevoke,
+    DeviceTokenVerify,
+    ChallengeIssue,
+    ChallengeVerify,
+    Seal,
+    Open,
+    GiftIssue,
+    GiftCheck,
+    GiftReissue,
+    GiftRevoke,
+    GiftUnlock,
     Sign,
     Verify,
     Encrypt,
@@ -79,6 +93,20 @@ impl Route {
             Route::PosRequestVerify => "pos_request_verify",
             Route::PosPaidIssue => "pos_paid_issue",
             Route::PosPaidVerify => "pos_paid_verify",
+            Route::OtpIssue => "customer_otp_issue",
+            Route::OtpRedeem => "customer_otp_redeem",
+            Route::DeviceRegister => "device_register",
+            Route::DeviceRevoke => "device_revoke",
+            Route::DeviceTokenVerify => "customer_signed_verify",
+            Route::ChallengeIssue => "challenge_issue",
+            Route::ChallengeVerify => "challenge_verify",
+            Route::Seal => "seal",
+            Route::Open => "open",
+            Route::GiftIssue => "giftcode_issue",
+            Route::GiftCheck => "giftcode_check",
+            Route::GiftReissue => "giftcode_reissue",
+            Route::GiftRevoke => "giftcode_revoke",
+            Route::GiftUnlock => "giftcode_unlock",
             Route::Sign => "sign",
             Route::Verify => "verify",
             Route::Encrypt => "encrypt",
@@ -121,12 +149,52 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             "pos-request:verify" => Route::PosRequestVerify,
             "pos-paid:issue" => Route::PosPaidIssue,
             "pos-paid:verify" => Route::PosPaidVerify,
+            "customer-otp:issue" => Route::OtpIssue,
+            "customer-otp:redeem" => Route::OtpRedeem,
+            "customer-signed:verify" => Route::DeviceTokenVerify,
             _ => return Err(unknown()),
         };
         if *method != Method::POST {
             return Err(ServiceError::MethodNotAllowed { allow: "POST" });
         }
         return Ok((r, None));
+    }
+    // Flat POST resources and POST custom methods on an id: /v1/{collection}[/{id}]:{method}.
+    let simple = |r| {
+        if *method == Method::POST {
+            Ok(r)
+        } else {
+            Err(ServiceError::MethodNotAllowed { allow: "POST" })
+        }
+    };
+    match path {
+        "/v1/devices" => return simple((Route::DeviceRegister, None)),
+        "/v1/challenges" => return simple((Route::ChallengeIssue, None)),
+        "/v1/giftcodes:issue" => return simple((Route::GiftIssue, None)),
+        "/v1/giftcodes:check" => return simple((Route::GiftCheck, None)),
+        _ => {}
+    }
+    for (collection, methods) in [
+        ("/v1/devices/", &[("revoke", Route::DeviceRevoke)][..]),
+        ("/v1/challenges/", &[("verify", Route::ChallengeVerify)][..]),
+        (
+            "/v1/giftcodes/",
+            &[
+                ("reissue", Route::GiftReissue),
+                ("revoke", Route::GiftRevoke),
+                ("unlock", Route::GiftUnlock),
+            ][..],
+        ),
+    ] {
+        if let Some(rest) = path.strip_prefix(collection) {
+            let (id, custom) = rest.rsplit_once(':').ok_or_else(unknown)?;
+            let r = methods
+                .iter()
+                .find(|(m, _)| *m == custom)
+                .map(|(_, r)| *r)
+                .ok_or_else(unknown)?;
+            return simple((r, Some(id)));
+        }
     }
     if path == "/v1/status-list" {
         return match *method {
@@ -189,6 +257,8 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
                 "revoke" => Route::Revoke,
                 "destroy" => Route::Destroy,
                 "export" => Route::Export,
+                "seal" => Route::Seal,
+                "open" => Route::Open,
                 _ => return Err(unknown()),
             };
             if *method != Method::POST {

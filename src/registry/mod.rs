@@ -9,6 +9,7 @@
 
 pub mod approvals;
 pub mod purchases;
+pub mod retail;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,6 +192,7 @@ impl Registry {
         for stmt in SCHEMA
             .iter()
             .chain([&approvals::SCHEMA, &purchases::SCHEMA])
+            .chain(retail::SCHEMA)
         {
             sqlx::query(stmt).execute(&pool).await?;
         }

@@ -110,12 +110,16 @@ impl Service {
                 "key '{name}' already exists"
             )));
         }
-        if req.encrypted_kek.is_empty()
-            || req.wrapped_key.len() < 24
-            || req.wrapped_key.len() > 1024
-        {
+        // RFC 5649 output is the material rounded up to 8 bytes plus 8: the blob's length says
+        // how long the material is, so a 16-byte key cannot slip in as an AES-256 key.
+        let allowed = if key_type == crate::keys::KeyType::HmacSha256 {
+            40..=72
+        } else {
+            40..=40
+        };
+        if req.encrypted_kek.is_empty() || !allowed.contains(&req.wrapped_key.len()) {
             return Err(ServiceError::invalid(
-                "encrypted_kek and wrapped_key are required (wrapped_key: 24 to 1024 bytes)",
+                "wrapped_key must wrap 32-byte material (hmac-sha256: 32 to 64 bytes), i.e. 40 to 72 bytes of RFC 5649 output",
             ));
         }
         if let Some(k) = &req.kcv {
@@ -222,6 +226,14 @@ impl Service {
             detail: format!("approval {id} has unknown action {}", a.action),
         })?;
         self.authorize(caller, op, &a.key)?;
+        if a.action == "export" {
+            // The approver vouches for the destination too, as the requester had to.
+            let p: ExportParams =
+                serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
+                    detail: format!("approval params: {e}"),
+                })?;
+            self.authorize(caller, op, &p.transport_key)?;
+        }
         if a.requested_by == caller.identity {
             return Err(ServiceError::PermissionDenied(
                 "dual control: the officer who requested an action cannot approve it".into(),

@@ -60,6 +60,8 @@ pub struct Service {
     changes: tokio::sync::Mutex<()>,
     /// Seconds a dual-control approval stays open.
     approval_ttl: u64,
+    /// Gift-code checks per client identity.
+    pub(crate) throttle: crate::tokens::giftcode::Throttle,
 }
 
 impl Service {
@@ -77,6 +79,7 @@ impl Service {
             rng: SystemRandom::new(),
             changes: tokio::sync::Mutex::new(()),
             approval_ttl: crate::config::DEFAULT_APPROVAL_TTL,
+            throttle: Default::default(),
         }
     }
 
@@ -101,6 +104,11 @@ impl Service {
         self
     }
 
+    /// The process's CSPRNG (the OS generator).
+    pub(crate) fn rng(&self) -> &SystemRandom {
+        &self.rng
+    }
+
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
@@ -111,7 +119,7 @@ impl Service {
         &self,
         caller: &Caller,
         q: &audit::Query,
-    ) -> Result<Vec<audit::Entry>, ServiceError> {
+    ) -> Result<(Vec<audit::Entry>, Option<u64>), ServiceError> {
         let policy = self.policy.current();
         if !policy.grants_any(&caller.identity, Operation::Audit) {
             return Err(ServiceError::PermissionDenied(format!(
@@ -119,22 +127,41 @@ impl Service {
                 caller.identity
             )));
         }
-        let entries = audit::read(self.registry.pool(), q)
-            .await
-            .map_err(|detail| ServiceError::Internal {
-                detail: format!("reading audit: {detail}"),
-            })?;
-        Ok(entries
-            .into_iter()
-            .filter(|e| {
+        // The policy filter runs after the query, so keep reading (bounded) until the page is
+        // full; `next_since` lets the caller continue where this page stopped looking.
+        let mut out = Vec::new();
+        let mut cursor = audit::Query {
+            since: q.since,
+            key: q.key.clone(),
+            identity: q.identity.clone(),
+            limit: q.limit,
+        };
+        for _ in 0..20 {
+            let batch = audit::read(self.registry.pool(), &cursor)
+                .await
+                .map_err(|detail| ServiceError::Internal {
+                    detail: format!("reading audit: {detail}"),
+                })?;
+            let exhausted = batch.len() < cursor.limit;
+            for e in batch {
+                cursor.since = e.seq;
                 let key = if e.key.is_empty() {
                     "-"
                 } else {
                     e.key.as_str()
                 };
-                policy.allows(&caller.identity, Operation::Audit, key)
-            })
-            .collect())
+                if policy.allows(&caller.identity, Operation::Audit, key) {
+                    out.push(e);
+                    if out.len() == q.limit {
+                        return Ok((out, Some(cursor.since)));
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((out, None));
+            }
+        }
+        Ok((out, Some(cursor.since)))
     }
 
     pub fn key_count(&self) -> usize {
@@ -170,7 +197,7 @@ impl Service {
         }
     }
 
-    fn lookup(&self, name: &KeyName) -> Result<Arc<KeyRecord>, ServiceError> {
+    pub(crate) fn lookup(&self, name: &KeyName) -> Result<Arc<KeyRecord>, ServiceError> {
         self.registry
             .get(name)
             .ok_or_else(|| ServiceError::NotFound(format!("no key named '{name}'")))
@@ -389,18 +416,28 @@ fn authorize_all(
     op: Operation,
     prefix: &str,
 ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
-    let valid = !prefix.is_empty()
+    // Whole segments only: "stores/1/" must never also take "stores/12/...".
+    let valid = prefix.ends_with('/')
+        && prefix.len() > 1
         && prefix.len() <= crate::keys::MAX_NAME_LEN + 1
         && prefix
             .bytes()
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'));
     if !valid {
         return Err(ServiceError::invalid(
-            "prefix is required and may contain only a-z, 0-9, '.', '_', '-' and '/'",
+            "prefix is required, ends with '/' (whole segments), and contains only a-z, 0-9, '.', '_', '-' and '/'",
         ));
     }
     let (keys, _) = svc.registry.list(prefix, None, usize::MAX, |_| true);
     if keys.is_empty() {
+        // Only someone who may act on keys at all learns that a prefix is empty.
+        if !svc.policy.current().grants_any(&caller.identity, op) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not {}",
+                caller.identity,
+                op.as_str()
+            )));
+        }
         return Err(ServiceError::NotFound(format!("no keys under '{prefix}'")));
     }
     let policy = svc.policy.current();

@@ -143,7 +143,7 @@ fn check_fields(r: &PosRequest) -> Result<(), ServiceError> {
 
 impl Service {
     /// Seal `claims` with the active version of `name` (MAC for HMAC keys, ES256 for P-256).
-    async fn seal(
+    async fn seal_claims(
         &self,
         caller: &Caller,
         name: &str,
@@ -191,7 +191,7 @@ impl Service {
             expires_at: now + ttl(r.ttl, REQUEST_TTL)?,
         };
         let key = request_key(&r.store, &r.pos);
-        let (kid, cose) = self.seal(caller, &key, "req", &claims).await?;
+        let (kid, cose) = self.seal_claims(caller, &key, "req", &claims).await?;
         Ok(Issued {
             text: cwt::to_text(REQUEST_PREFIX, &cose),
             claims,
@@ -351,7 +351,7 @@ impl Service {
         } else {
             (paid_mac_key(&r.store, &r.pos), "paid")
         };
-        let (kid, cose) = self.seal(caller, &key, role, &claims).await?;
+        let (kid, cose) = self.seal_claims(caller, &key, role, &claims).await?;
         let text = cwt::to_text(PAID_PREFIX, &cose);
         match self
             .registry
