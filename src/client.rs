@@ -98,6 +98,22 @@ impl Client {
         })
     }
 
+    /// The bare mutual-TLS stream, for callers that speak HTTP themselves (slow-client tests).
+    pub async fn connect_tls(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        TlsConnector::from(self.config.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(ClientError::Tls)
+    }
+
     pub async fn connect(&self) -> Result<Connection, ClientError> {
         let tcp = TcpStream::connect(self.addr)
             .await

@@ -16,6 +16,9 @@ use crate::backend::pkcs11::{Pkcs11Settings, TokenSelector};
 /// Largest request body the API accepts unless configured otherwise (64 KiB): enough for any
 /// message a retail flow signs, small enough that a flood of large bodies cannot exhaust memory.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// How long SIGTERM waits for in-flight requests (10 s).
+pub const DEFAULT_DRAIN_TIMEOUT: u64 = 10;
+
 /// How long a dual-control request waits for its second officer (24 h).
 pub const DEFAULT_APPROVAL_TTL: u64 = 24 * 3600;
 
@@ -49,6 +52,8 @@ struct RawServer {
     admin_listen: String,
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
+    allow_root: Option<bool>,
+    drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +106,10 @@ pub enum LogFormat {
 
 /// Validated configuration.
 pub struct Config {
+    /// Run even as root (refused by default: the daemon needs no privilege).
+    pub allow_root: bool,
+    /// How long SIGTERM waits for in-flight requests before exiting (seconds).
+    pub drain_timeout: u64,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub max_body_bytes: usize,
@@ -269,7 +278,16 @@ impl Config {
             None => DEFAULT_APPROVAL_TTL,
         };
 
+        let drain_timeout = match &raw.server.drain_timeout {
+            Some(t) => {
+                crate::keys::parse_duration(t).map_err(|e| format!("server.drain_timeout: {e}"))?
+            }
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
+
         Ok(Config {
+            allow_root: raw.server.allow_root.unwrap_or(false),
+            drain_timeout,
             approval_ttl,
             listen,
             admin_listen,

@@ -41,6 +41,11 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    // A key service needs no privilege; as root, a bug would have all of it.
+    if crate::systemd::effective_uid() == Some(0) && !config.allow_root {
+        tracing::error!("refusing to run as root; run as a dedicated user (see systemd/) or set server.allow_root = true");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
         .enable_all()
@@ -163,9 +168,26 @@ async fn run(config: Config) -> Result<(), Startup> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let scheduler = tokio::spawn(schedule(state.clone(), stop_rx.clone()));
-    let api_task = tokio::spawn(api::serve_api(api_listener, state.clone(), stop_rx.clone()));
+    let drain = std::time::Duration::from_secs(config.drain_timeout);
+    let api_task = tokio::spawn(api::serve_api(
+        api_listener,
+        state.clone(),
+        stop_rx.clone(),
+        drain,
+    ));
     let admin_task = tokio::spawn(api::serve_admin(admin_listener, state.clone(), stop_rx));
     tracing::info!(api_addr = %api_addr, admin_addr = %admin_addr, "listening");
+    crate::systemd::ready();
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        // Pings come from the runtime that serves requests: a wedged runtime stops them.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                crate::systemd::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
 
     let signal_err = |e: std::io::Error| Startup::Unavailable(format!("signal handler: {e}"));
     let mut hup = signal(SignalKind::hangup()).map_err(signal_err)?;
@@ -173,12 +195,20 @@ async fn run(config: Config) -> Result<(), Startup> {
     let mut int = signal(SignalKind::interrupt()).map_err(signal_err)?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload_policy(&state, &config.policy_dir),
+            _ = hup.recv() => {
+                crate::systemd::reloading();
+                reload_policy(&state, &config.policy_dir);
+                crate::systemd::ready();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down");
+    tracing::info!(
+        drain_timeout_s = config.drain_timeout,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    crate::systemd::stopping();
     let _ = stop_tx.send(true);
     let _ = api_task.await;
     let _ = admin_task.await;

@@ -27,9 +27,9 @@ pub enum ServiceError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedOperation(String),
-    /// `allow` lists the methods the path does accept (sent as the `Allow` header).
     #[error("too many requests from this client; slow down")]
     RateLimited,
+    /// `allow` lists the methods the path does accept (sent as the `Allow` header).
     #[error("method not allowed; this path accepts {allow}")]
     MethodNotAllowed { allow: &'static str },
     #[error("the key backend is unavailable; retry later")]

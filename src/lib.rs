@@ -28,5 +28,6 @@ pub mod policy;
 pub mod registry;
 pub mod service;
 pub mod statuslist;
+pub mod systemd;
 pub mod tls;
 pub mod tokens;

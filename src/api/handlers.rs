@@ -44,27 +44,30 @@ fn ok<T: Serialize>(
 }
 
 /// An issued token as JSON (with its size and QR version), or with `?format=svg` the QR image.
+/// `format=json` (default) or `format=svg`; checked before anything is issued or recorded.
+fn wants_svg(query: &str) -> Result<bool, ServiceError> {
+    match query {
+        "" | "format=json" => Ok(false),
+        "format=svg" => Ok(true),
+        other => Err(ServiceError::invalid(format!(
+            "unknown query '{other}'; use format=json or format=svg"
+        ))),
+    }
+}
+
 fn issued(
     query: &str,
     t: crate::tokens::pos::Issued,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
     note.detail = format!("{} {} purchase {}", t.claims.kind, t.kid, t.claims.purchase);
-    match query {
-        "" | "format=json" => {}
-        "format=svg" => {
-            return Ok(Outcome {
-                status: StatusCode::OK,
-                body: crate::tokens::qr::svg(&t.text)?.into_bytes(),
-                version: None,
-                content_type: "image/svg+xml",
-            })
-        }
-        other => {
-            return Err(ServiceError::invalid(format!(
-                "unknown query '{other}'; use format=json or format=svg"
-            )))
-        }
+    if wants_svg(query)? {
+        return Ok(Outcome {
+            status: StatusCode::OK,
+            body: crate::tokens::qr::svg(&t.text)?.into_bytes(),
+            version: None,
+            content_type: "image/svg+xml",
+        });
     }
     ok(
         StatusCode::OK,
@@ -268,6 +271,7 @@ pub async fn dispatch(
             )
         }
         Route::PosRequestIssue => {
+            wants_svg(query)?;
             let req: json::PosRequestIssue = json::parse(body)?;
             note.key = Some(format!(
                 "stores/{}/pos/{}/qr-request",
@@ -290,6 +294,7 @@ pub async fn dispatch(
             issued(query, t, note)
         }
         Route::PosPaidIssue => {
+            wants_svg(query)?;
             let req: json::PosPaidIssue = json::parse(body)?;
             let t = svc
                 .issue_pos_paid(caller, &req.request_token, &req.payment_ref)

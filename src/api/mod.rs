@@ -34,12 +34,15 @@ pub struct AppState {
     pub tls: RwLock<Arc<ServerConfig>>,
 }
 
-/// Accept mTLS connections until `shutdown` turns true.
+/// Accept mTLS connections until `shutdown` turns true, then let in-flight requests finish
+/// (idle keep-alive connections close at once) for at most `drain`.
 pub async fn serve_api(
     listener: TcpListener,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
 ) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -51,10 +54,11 @@ pub async fn serve_api(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let config = state.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
             let tls = match tokio::time::timeout(
@@ -89,9 +93,18 @@ pub async fn serve_api(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with error");
             }
         });
+    }
+    drop(listener);
+    let open = graceful.count();
+    match tokio::time::timeout(drain, graceful.shutdown()).await {
+        Ok(()) => tracing::info!(connections = open, "drained"),
+        Err(_) => tracing::warn!(
+            drain_s = drain.as_secs(),
+            "drain time over; closing the remaining connections"
+        ),
     }
 }

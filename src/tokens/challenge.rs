@@ -150,7 +150,13 @@ impl Service {
         aad: &[u8],
     ) -> Result<(Vec<u8>, i64, u32), ServiceError> {
         sender_ok(sender)?;
-        self.authorize(caller, Operation::Encrypt, name)?;
+        let key = self.authorize(caller, Operation::Encrypt, name)?;
+        // Check the key before taking a counter, so a refused request leaves no gap.
+        if !self.lookup(&key)?.key_type.encrypts() {
+            return Err(ServiceError::UnsupportedOperation(
+                "seal needs an aes256-gcm key".into(),
+            ));
+        }
         let counter = self.registry.next_counter(name, sender).await?;
         let (ct, v) = self
             .encrypt(caller, name, plaintext, &seal_aad(sender, counter, aad))

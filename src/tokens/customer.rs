@@ -40,7 +40,7 @@ fn subject_ok(s: &str) -> Result<(), ServiceError> {
         Ok(())
     } else {
         Err(ServiceError::invalid(
-            "subject is 1-128 printable characters",
+            "subject is 1-128 bytes of printable characters",
         ))
     }
 }
@@ -137,6 +137,11 @@ impl Service {
     ) -> Result<Option<String>, ServiceError> {
         let name = self.authorize(caller, Operation::Verify, key)?;
         let record = self.lookup(&name)?;
+        if record.key_type != KeyType::HmacSha256 {
+            return Err(ServiceError::UnsupportedOperation(
+                "one-time tokens are indexed with an hmac-sha256 key".into(),
+            ));
+        }
         let secret = token
             .trim()
             .strip_prefix(OTP_PREFIX)

@@ -168,6 +168,11 @@ impl Service {
         }
         let name = self.authorize(caller, Operation::Verify, key)?;
         let record = self.lookup(&name)?;
+        if record.key_type != KeyType::HmacSha256 {
+            return Err(ServiceError::UnsupportedOperation(
+                "gift codes are indexed with an hmac-sha256 key".into(),
+            ));
+        }
         let canonical = normalize(code);
         // A code that cannot exist still costs the same HMAC and lookup as one that might.
         let probe = canonical.clone().unwrap_or_else(|| "0".repeat(16));

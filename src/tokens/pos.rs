@@ -315,7 +315,7 @@ impl Service {
     ) -> Result<Issued, ServiceError> {
         if !(1..=64).contains(&payment_ref.len()) || payment_ref.chars().any(char::is_control) {
             return Err(ServiceError::invalid(
-                "payment_ref is 1-64 printable characters",
+                "payment_ref is 1-64 bytes of printable characters",
             ));
         }
         let req = self.check_token(caller, request_text, REQUEST)?;
@@ -326,6 +326,14 @@ impl Service {
             )));
         }
         let r = req.claims;
+        let sign_key = paid_sign_key(&r.store);
+        let (key, role) = if self.registry.get(&KeyName::parse(&sign_key)?).is_some() {
+            (sign_key, "store")
+        } else {
+            (paid_mac_key(&r.store, &r.pos), "paid")
+        };
+        // A repeat needs the same grant as the first payment.
+        self.authorize(caller, Operation::Sign, &key)?;
         if let Some(existing) = self
             .registry
             .purchase(&r.store, &r.pos, &r.purchase)
@@ -344,12 +352,6 @@ impl Service {
             issued_at: now,
             expires_at: now + PAID_TTL as i64,
             ..r.clone()
-        };
-        let sign_key = paid_sign_key(&r.store);
-        let (key, role) = if self.registry.get(&KeyName::parse(&sign_key)?).is_some() {
-            (sign_key, "store")
-        } else {
-            (paid_mac_key(&r.store, &r.pos), "paid")
         };
         let (kid, cose) = self.seal_claims(caller, &key, role, &claims).await?;
         let text = cwt::to_text(PAID_PREFIX, &cose);

@@ -187,7 +187,13 @@ impl Daemon {
 
     /// Stop with SIGTERM and return the exit status.
     pub fn stop(mut self) -> ExitStatus {
-        self.signal("TERM");
+        // It may already be on its way out (a TERM sent earlier): then just collect it.
+        if self.child.try_wait().expect("wait").is_none() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
