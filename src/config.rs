@@ -62,6 +62,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
+    crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +130,8 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Revoked client certificates (PEM CRLs), re-read on SIGHUP.
+    pub crl: Option<PathBuf>,
 }
 
 pub enum BackendConfig {
@@ -203,6 +206,10 @@ impl Config {
             cert: file("tls.cert", &raw.tls.cert)?,
             key: file("tls.key", &raw.tls.key)?,
             client_ca: file("tls.client_ca", &raw.tls.client_ca)?,
+            crl: match &raw.tls.crl {
+                Some(p) => Some(file("tls.crl", p)?),
+                None => None,
+            },
         };
 
         let backend = match raw.backend {

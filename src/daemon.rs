@@ -198,6 +198,7 @@ async fn run(config: Config) -> Result<(), Startup> {
             _ = hup.recv() => {
                 crate::systemd::reloading();
                 reload_policy(&state, &config.policy_dir);
+                reload_tls(&state, &config.tls);
                 crate::systemd::ready();
             }
             _ = term.recv() => break,
@@ -230,6 +231,28 @@ async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// SIGHUP: the server certificate and key, the client CA bundle and the CRL are read again;
+/// if any of them does not load, the configuration in force stays and the log says why.
+/// Established connections keep the session they have.
+fn reload_tls(state: &AppState, files: &crate::config::TlsFiles) {
+    let outcome = match crate::tls::server_config(files) {
+        Ok(config) => {
+            *state.tls.write().unwrap_or_else(|p| p.into_inner()) = config;
+            tracing::info!("TLS certificate, client CA and CRL reloaded");
+            "ok"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS reload refused; the previous certificates stay in force");
+            "invalid"
+        }
+    };
+    state
+        .metrics
+        .tls_reloads
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
 }
 
 /// SIGHUP: a valid new policy replaces the old one whole; an invalid one is refused and the old

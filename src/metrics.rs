@@ -36,6 +36,7 @@ pub struct Metrics {
     pub backend_ready: Gauge,
     pub keys: Gauge,
     pub policy_reloads: Family<OutcomeLabel, Counter>,
+    pub tls_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,6 +59,12 @@ impl Metrics {
         let backend_ready = Gauge::default();
         let keys = Gauge::default();
         let policy_reloads = Family::<OutcomeLabel, Counter>::default();
+        let tls_reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "TLS material reloads by outcome",
+            tls_reloads.clone(),
+        );
         registry.register(
             "requests",
             "API requests by operation and outcome",
@@ -92,6 +99,7 @@ impl Metrics {
             backend_ready,
             keys,
             policy_reloads,
+            tls_reloads,
         }
     }
 

@@ -12,6 +12,7 @@ use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
 /// Trust domain of the development identities.
@@ -61,6 +62,62 @@ impl Authority {
 
     pub fn cert_pem(&self) -> String {
         self.cert.pem()
+    }
+
+    /// A CA kept in `dir` as `ca.crt` and `ca.key` (mode 0600).
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let read = |f: &str| {
+            fs::read_to_string(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
+        };
+        let key = KeyPair::from_pem(&read("ca.key")?).map_err(err)?;
+        // Rebuilt from the stored certificate: same subject and key, so what it signs chains
+        // to the ca.crt that clients and the daemon trust.
+        let params = CertificateParams::from_ca_cert_pem(&read("ca.crt")?).map_err(err)?;
+        let cert = params.self_signed(&key).map_err(err)?;
+        Ok(Self { cert, key })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), String> {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::write(dir.join("ca.crt"), self.cert.pem()).map_err(|e| format!("ca.crt: {e}"))?;
+        write_private(&dir.join("ca.key"), self.key.serialize_pem().as_bytes())
+    }
+
+    /// Sign a CRL listing every serial in `dir/revoked.txt` into `dir/crl.pem`.
+    pub fn write_crl(&self, dir: &Path) -> Result<(), String> {
+        let list = fs::read_to_string(dir.join("revoked.txt")).unwrap_or_default();
+        let mut revoked = Vec::new();
+        for line in list.lines().filter(|l| !l.trim().is_empty()) {
+            let (serial, at) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("revoked.txt: bad line '{line}'"))?;
+            let serial = crate::registry::hex_decode(serial)
+                .ok_or_else(|| format!("revoked.txt: bad serial '{serial}'"))?;
+            let at: i64 = at
+                .trim()
+                .parse()
+                .map_err(|_| format!("revoked.txt: bad time in '{line}'"))?;
+            revoked.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&serial),
+                revocation_time: OffsetDateTime::from_unix_timestamp(at)
+                    .map_err(|e| e.to_string())?,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let now = OffsetDateTime::now_utc();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(7),
+            // Every CRL this CA writes carries a higher number than the last (the clock).
+            crl_number: rcgen::SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.cert, &self.key)
+        .map_err(err)?;
+        fs::write(dir.join("crl.pem"), crl.pem().map_err(err)?).map_err(|e| format!("crl.pem: {e}"))
     }
 
     /// Issue a leaf valid from `not_before` for `valid_days`.
@@ -133,7 +190,9 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
 pub fn dev(dir: &Path) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca = Authority::new("tillkey dev CA", 3650)?;
-    fs::write(dir.join("ca.crt"), ca.cert_pem()).map_err(|e| format!("ca.crt: {e}"))?;
+    // Kept (ca.key, 0600) so the dev CA can issue and revoke like a production one.
+    ca.save(dir)?;
+    ca.write_crl(dir)?;
     let now = OffsetDateTime::now_utc() - Duration::hours(1);
     let server = ca.issue(
         Leaf::Server {
@@ -189,6 +248,9 @@ pub fn dev(dir: &Path) -> Result<(), String> {
         )?,
     )?;
     let other = Authority::new("someone else's CA", 3650)?;
+    // Kept as a CA directory of its own, so tests can add it (with its CRL) to the trust bundle.
+    other.save(&dir.join("foreign-ca"))?;
+    other.write_crl(&dir.join("foreign-ca"))?;
     write_pair(
         dir,
         "foreign",
@@ -202,4 +264,36 @@ pub fn dev(dir: &Path) -> Result<(), String> {
         )?,
     )?;
     Ok(())
+}
+
+/// Add the certificate in `cert_file` to the CA's revocation list and re-sign the CRL. The
+/// daemon applies it on its next SIGHUP.
+pub fn revoke(dir: &Path, cert_file: &Path) -> Result<String, String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let ca = Authority::load(dir)?;
+    let pem = fs::read(cert_file).map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref())
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    let (_, ca_cert) =
+        X509Certificate::from_der(ca.cert.der()).map_err(|e| format!("ca.crt: {e}"))?;
+    if cert.issuer() != ca_cert.subject() {
+        return Err(format!("{} was not issued by this CA", cert_file.display()));
+    }
+    let serial = crate::registry::hex_encode(cert.raw_serial());
+    let path = dir.join("revoked.txt");
+    let mut list = fs::read_to_string(&path).unwrap_or_default();
+    if !list
+        .lines()
+        .any(|l| l.split(' ').next() == Some(serial.as_str()))
+    {
+        list.push_str(&format!(
+            "{serial} {}\n",
+            OffsetDateTime::now_utc().unix_timestamp()
+        ));
+        fs::write(&path, list).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    ca.write_crl(dir)?;
+    Ok(serial)
 }

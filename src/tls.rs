@@ -44,10 +44,24 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// Build the whole server configuration from the files. Called at start and on SIGHUP: a reload
+/// replaces the configuration only if every file loads, and only new handshakes see it.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let provider = provider();
     let roots = load_roots(&files.client_ca)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(crl) = &files.crl {
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(crl)
+            .map_err(|e| format!("{}: {e}", crl.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", crl.display()))?;
+        if crls.is_empty() {
+            return Err(format!("{}: no CRL found", crl.display()));
+        }
+        builder = builder.with_crls(crls);
+    }
+    let verifier = builder
         .build()
         .map_err(|e| format!("client CA {}: {e}", files.client_ca.display()))?;
     let mut config = ServerConfig::builder_with_provider(provider)

@@ -95,6 +95,40 @@ enum Command {
 enum PkiCommand {
     /// Make a development CA, server certificate and client certificates in DIR.
     Dev { dir: PathBuf },
+    /// Create a CA in DIR (ca.crt, ca.key 0600, an empty crl.pem).
+    Ca {
+        dir: PathBuf,
+        #[arg(long, default_value = "tillkey CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a certificate from the CA in DIR: a client (identity in a URI SAN) or the server.
+    Issue {
+        dir: PathBuf,
+        /// Writes OUT.crt and OUT.key (0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Client identity, e.g. spiffe://example.com/svc/payments.
+        #[arg(long, conflicts_with_all = ["dns", "ip"])]
+        uri: Option<String>,
+        #[arg(long, default_value = "tillkey client")]
+        cn: String,
+        /// Server DNS names (makes a server certificate).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Server IP addresses.
+        #[arg(long)]
+        ip: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Revoke a certificate issued by the CA in DIR; tillkeyd applies DIR/crl.pem on SIGHUP.
+    Revoke {
+        dir: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +295,22 @@ pub fn main() -> ExitCode {
             println!("development PKI written to {}", dir.display());
             true
         }),
+        Command::Pki(PkiCommand::Ca { dir, name, days }) => crate::pki::Authority::new(&name, days)
+            .and_then(|ca| {
+                ca.save(&dir)?;
+                ca.write_crl(&dir)
+            })
+            .map(|()| {
+                println!("CA written to {}", dir.display());
+                true
+            }),
+        Command::Pki(PkiCommand::Issue { dir, out, uri, cn, dns, ip, days }) => {
+            issue(&dir, &out, uri.as_deref(), &cn, &dns, &ip, days).map(|()| true)
+        }
+        Command::Pki(PkiCommand::Revoke { dir, cert }) => crate::pki::revoke(&dir, &cert).map(|serial| {
+            println!("revoked serial {serial}; send tillkeyd SIGHUP (systemctl reload tillkeyd) to apply");
+            true
+        }),
         Command::Bench(args) => bench::run(args).map(|()| true),
         Command::Audit(AuditCommand::Verify { config }) => {
             runtime().and_then(|rt| rt.block_on(audit::verify(&config)))
@@ -278,6 +328,42 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn issue(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    uri: Option<&str>,
+    cn: &str,
+    dns: &[String],
+    ip: &[String],
+    days: i64,
+) -> Result<(), String> {
+    use crate::pki::{Authority, Leaf};
+    let ca = Authority::load(dir)?;
+    let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
+    let ip: Vec<&str> = ip.iter().map(String::as_str).collect();
+    let leaf = if dns.is_empty() && ip.is_empty() {
+        Leaf::Client { uri, cn }
+    } else {
+        Leaf::Server {
+            dns: &dns,
+            ips: &ip,
+        }
+    };
+    let issued = ca.issue(
+        leaf,
+        time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+        days,
+    )?;
+    let parent = out.parent().unwrap_or(std::path::Path::new("."));
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("--out needs a file name")?;
+    crate::pki::write_pair(parent, name, &issued)?;
+    println!("wrote {0}.crt and {0}.key", out.display());
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

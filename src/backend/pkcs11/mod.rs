@@ -12,6 +12,7 @@ pub mod rawbench;
 mod templates;
 pub mod uri;
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -33,6 +34,11 @@ use super::{
 use crate::encoding;
 use crate::keys::KeyType;
 
+thread_local! {
+    /// Set while this thread holds the token exclusively (see `Pkcs11Backend::exclusively`).
+    static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
+}
+
 /// How long a request waits for a free session before answering `Unavailable`.
 const SESSION_WAIT: Duration = Duration::from_secs(5);
 /// How often the supervisor probes a healthy token, and retries a failed one.
@@ -48,10 +54,11 @@ pub struct Pkcs11Settings {
 
 pub struct Pkcs11Backend {
     settings: Pkcs11Settings,
-    /// Token-object creation and deletion, one at a time: SoftHSM's file object store fails
-    /// concurrent creations with `CKR_GENERAL_ERROR`. These calls are rare next to signing, which
-    /// stays fully parallel.
-    object_writes: Mutex<()>,
+    /// Token-object creation and deletion run alone: SoftHSM's file object store fails them
+    /// (`CKR_GENERAL_ERROR`, `CKR_TEMPLATE_INCONSISTENT`) when other sessions use the token at
+    /// the same moment. Every other call takes the shared side, which costs nothing while no
+    /// key is being created; creations are rare next to signing.
+    token_writes: RwLock<()>,
     live: RwLock<Option<Arc<Connection>>>,
     health: Mutex<Health>,
     wake: (Mutex<bool>, Condvar),
@@ -64,7 +71,7 @@ impl Pkcs11Backend {
         let conn = Connection::open(&settings)?;
         let backend = Arc::new(Self {
             settings,
-            object_writes: Mutex::new(()),
+            token_writes: RwLock::new(()),
             live: RwLock::new(Some(Arc::new(conn))),
             health: Mutex::new(Health::Ready),
             wake: (Mutex::new(false), Condvar::new()),
@@ -104,6 +111,21 @@ impl Pkcs11Backend {
         cv.notify_one();
     }
 
+    /// Run `f` with the token to itself (no other session's call in flight); for calls that
+    /// create or delete token objects.
+    fn exclusively<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                EXCLUSIVE.with(|e| e.set(false));
+            }
+        }
+        let _alone = self.token_writes.write().unwrap_or_else(|p| p.into_inner());
+        EXCLUSIVE.with(|e| e.set(true));
+        let _reset = Reset;
+        f()
+    }
+
     /// Run `f` on a pooled session, classifying failures once. A stale handle is looked up again
     /// once; a fatal error tears the connection down.
     fn with_session<T>(
@@ -112,6 +134,13 @@ impl Pkcs11Backend {
         object: &ObjectRef,
         f: impl Fn(&Connection, &Session) -> Result<T, OpError>,
     ) -> BackendResult<T> {
+        // Shared with other calls, excluded while a token object is written (unless this thread
+        // is the writer).
+        let _shared = if EXCLUSIVE.with(Cell::get) {
+            None
+        } else {
+            Some(self.token_writes.read().unwrap_or_else(|p| p.into_inner()))
+        };
         let conn = self.current().ok_or_else(|| {
             BackendError::Unavailable(format!(
                 "pkcs11 token {} is reconnecting",
@@ -272,39 +301,42 @@ impl KeyBackend for Pkcs11Backend {
             .map_err(|_| BackendError::Failed("system random generator failed".into()))?;
         let object = ObjectRef(id.to_vec());
         let template = templates::for_type(key_type, &id, label, exportable);
-        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
-        self.with_session("generate", &object, |_, s| match &template {
-            Template::Secret { mechanism, attrs } => {
-                s.generate_key(mechanism, attrs)?;
-                Ok(None)
-            }
-            Template::Pair {
-                mechanism,
-                public,
-                private,
-            } => {
-                let (pub_h, _) = s.generate_key_pair(mechanism, public, private)?;
-                let attrs = s.get_attributes(pub_h, &[AttributeType::EcPoint])?;
-                let point = attrs.into_iter().find_map(|a| match a {
-                    Attribute::EcPoint(p) => Some(p),
-                    _ => None,
-                });
-                Ok(point)
-            }
-        })
-        .and_then(|point| {
-            let public_key_der = match point {
-                None => None,
-                Some(p) => Some(encoding::spki_from_ec_point(key_type, &p).ok_or_else(|| {
-                    BackendError::Failed(format!(
-                        "pkcs11 generate: unexpected CKA_EC_POINT of {} bytes",
-                        p.len()
-                    ))
-                })?),
-            };
-            Ok(GeneratedKey {
-                object: object.clone(),
-                public_key_der,
+        self.exclusively(|| {
+            self.with_session("generate", &object, |_, s| match &template {
+                Template::Secret { mechanism, attrs } => {
+                    s.generate_key(mechanism, attrs)?;
+                    Ok(None)
+                }
+                Template::Pair {
+                    mechanism,
+                    public,
+                    private,
+                } => {
+                    let (pub_h, _) = s.generate_key_pair(mechanism, public, private)?;
+                    let attrs = s.get_attributes(pub_h, &[AttributeType::EcPoint])?;
+                    let point = attrs.into_iter().find_map(|a| match a {
+                        Attribute::EcPoint(p) => Some(p),
+                        _ => None,
+                    });
+                    Ok(point)
+                }
+            })
+            .and_then(|point| {
+                let public_key_der = match point {
+                    None => None,
+                    Some(p) => {
+                        Some(encoding::spki_from_ec_point(key_type, &p).ok_or_else(|| {
+                            BackendError::Failed(format!(
+                                "pkcs11 generate: unexpected CKA_EC_POINT of {} bytes",
+                                p.len()
+                            ))
+                        })?)
+                    }
+                };
+                Ok(GeneratedKey {
+                    object: object.clone(),
+                    public_key_der,
+                })
             })
         })
     }
@@ -376,13 +408,14 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
-        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
-        self.with_session("destroy", key.object, |conn, s| {
-            for h in conn.all_objects(s, &key.object.0)? {
-                s.destroy_object(h)?;
-            }
-            conn.forget_handles(Some(&key.object.0));
-            Ok(())
+        self.exclusively(|| {
+            self.with_session("destroy", key.object, |conn, s| {
+                for h in conn.all_objects(s, &key.object.0)? {
+                    s.destroy_object(h)?;
+                }
+                conn.forget_handles(Some(&key.object.0));
+                Ok(())
+            })
         })
     }
 
@@ -395,8 +428,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn import_wrapping_key(&self) -> BackendResult<Vec<u8>> {
-        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
-        self.import_wrapping_key_impl()
+        self.exclusively(|| self.import_wrapping_key_impl())
     }
 
     fn import(
@@ -406,8 +438,7 @@ impl KeyBackend for Pkcs11Backend {
         encrypted_kek: &[u8],
         wrapped_key: &[u8],
     ) -> BackendResult<GeneratedKey> {
-        let _one_at_a_time = self.object_writes.lock().unwrap_or_else(|p| p.into_inner());
-        self.import_impl(key_type, label, encrypted_kek, wrapped_key)
+        self.exclusively(|| self.import_impl(key_type, label, encrypted_kek, wrapped_key))
     }
 
     fn health(&self) -> Health {
