@@ -108,6 +108,7 @@ impl Client {
                 addr: self.addr,
                 source,
             })?;
+        let _ = tcp.set_nodelay(true);
         TlsConnector::from(self.config.clone())
             .connect(self.server_name.clone(), tcp)
             .await
@@ -115,17 +116,7 @@ impl Client {
     }
 
     pub async fn connect(&self) -> Result<Connection, ClientError> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: self.addr,
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(self.config.clone())
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(ClientError::Tls)?;
+        let tls = self.connect_tls().await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
