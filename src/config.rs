@@ -37,6 +37,33 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     approvals: RawApprovals,
+    #[serde(default)]
+    tokens: RawTokens,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    clock_window: Option<String>,
+    giftcode_pin_attempts: Option<u32>,
+}
+
+/// Settings of the retail token flows.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSettings {
+    /// Accepted difference between a device's clock and ours (seconds).
+    pub clock_window: i64,
+    /// Wrong PINs before a gift code locks.
+    pub giftcode_pin_attempts: i64,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            clock_window: 30,
+            giftcode_pin_attempts: 5,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +150,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds a dual-control approval stays open.
     pub approval_ttl: u64,
+    pub tokens: TokenSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -292,7 +320,24 @@ impl Config {
             None => DEFAULT_DRAIN_TIMEOUT,
         };
 
+        let mut tokens = TokenSettings::default();
+        if let Some(w) = &raw.tokens.clock_window {
+            let w =
+                crate::keys::parse_duration(w).map_err(|e| format!("tokens.clock_window: {e}"))?;
+            if w > 600 {
+                return Err("tokens.clock_window: at most 10m".into());
+            }
+            tokens.clock_window = w as i64;
+        }
+        if let Some(n) = raw.tokens.giftcode_pin_attempts {
+            if !(1..=20).contains(&n) {
+                return Err("tokens.giftcode_pin_attempts: 1 to 20".into());
+            }
+            tokens.giftcode_pin_attempts = i64::from(n);
+        }
+
         Ok(Config {
+            tokens,
             allow_root: raw.server.allow_root.unwrap_or(false),
             drain_timeout,
             approval_ttl,

@@ -146,7 +146,8 @@ async fn run(config: Config) -> Result<(), Startup> {
 
     let state = Arc::new(AppState {
         service: Service::new(backend, registry, PolicyHandle::new(policy), audit)
-            .with_approval_ttl(config.approval_ttl),
+            .with_approval_ttl(config.approval_ttl)
+            .with_token_settings(config.tokens),
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),

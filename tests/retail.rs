@@ -587,3 +587,71 @@ async fn gift_code_checks_are_throttled_per_client() {
     .await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test]
+async fn clock_window_and_pin_attempts_follow_the_configuration() {
+    let env = Env::new();
+    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
+    write(
+        &env.path("tillkeyd.toml"),
+        format!("{config}\n[tokens]\nclock_window = \"5s\"\ngiftcode_pin_attempts = 2\n"),
+    );
+    let d = env.start();
+    create(&d, "stores/1212/giftcodes/pepper", "hmac-sha256").await;
+    let mut svc = d.conn("service").await;
+    let key = "stores/1212/giftcodes/pepper";
+    let (_, g) = post(
+        &mut svc,
+        "/v1/giftcodes:issue",
+        json!({"key": key, "pin": true}),
+    )
+    .await;
+    let (code, pin) = (g["code"].as_str().unwrap(), g["pin"].as_str().unwrap());
+    for _ in 0..2 {
+        post(
+            &mut svc,
+            "/v1/giftcodes:check",
+            json!({"key": key, "code": code, "pin": "000000"}),
+        )
+        .await;
+    }
+    let (_, v) = post(
+        &mut svc,
+        "/v1/giftcodes:check",
+        json!({"key": key, "code": code, "pin": pin}),
+    )
+    .await;
+    assert_eq!(v["valid"], false, "locked after 2 wrong PINs");
+
+    let work = tempfile::tempdir().unwrap();
+    let phone = work.path().join("phone.pem");
+    let pem = device(&["keygen", "ed25519", phone.to_str().unwrap()]);
+    let mut officer = d.conn("officer").await;
+    let (_, reg) = post(
+        &mut officer,
+        "/v1/devices",
+        json!({"realm": "stores/1212/devices", "subject": "al", "public_key_pem": pem}),
+    )
+    .await;
+    let id = reg["device_id"].as_str().unwrap().to_owned();
+    // 20 s old: inside the default 30 s window, outside the configured 5 s.
+    let t = device(&["sign", phone.to_str().unwrap(), &id, "al", "-20"]);
+    let (_, v) = post(
+        &mut svc,
+        "/v1/tokens/customer-signed:verify",
+        json!({"realm": "stores/1212/devices", "token": t}),
+    )
+    .await;
+    assert!(
+        v["reason"].as_str().unwrap_or("").contains("clock window"),
+        "{v}"
+    );
+    let t = device(&["sign", phone.to_str().unwrap(), &id, "al", "-2"]);
+    let (_, v) = post(
+        &mut svc,
+        "/v1/tokens/customer-signed:verify",
+        json!({"realm": "stores/1212/devices", "token": t}),
+    )
+    .await;
+    assert_eq!(v["valid"], true, "{v}");
+}

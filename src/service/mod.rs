@@ -62,6 +62,7 @@ pub struct Service {
     approval_ttl: u64,
     /// Gift-code checks per client identity.
     pub(crate) throttle: crate::tokens::giftcode::Throttle,
+    pub(crate) tokens: crate::config::TokenSettings,
 }
 
 impl Service {
@@ -80,6 +81,7 @@ impl Service {
             changes: tokio::sync::Mutex::new(()),
             approval_ttl: crate::config::DEFAULT_APPROVAL_TTL,
             throttle: Default::default(),
+            tokens: Default::default(),
         }
     }
 
@@ -97,6 +99,11 @@ impl Service {
             tracing::warn!(error = %e, "could not persist usage counts at shutdown");
         }
         self.registry.close().await;
+    }
+
+    pub fn with_token_settings(mut self, tokens: crate::config::TokenSettings) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     pub fn with_approval_ttl(mut self, seconds: u64) -> Self {

@@ -26,8 +26,6 @@ pub const DEVICE_PREFIX: &str = "TKD1:";
 const OTP_LABEL: &[u8] = b"tillkey/customer-otp/v1\0";
 const OTP_TTL: u64 = 120;
 const OTP_MAX_TTL: u64 = 900;
-/// Accepted difference between a device's clock and ours.
-pub const CLOCK_WINDOW: i64 = 30;
 /// A device token may not claim to live longer than this.
 const DEVICE_MAX_LIFE: i64 = 300;
 
@@ -274,7 +272,7 @@ impl Service {
             return refuse(check, "the signature does not verify");
         }
         let now = unix_now();
-        if (claims.iat - now).abs() > CLOCK_WINDOW {
+        if (claims.iat - now).abs() > self.tokens.clock_window {
             return refuse(check, "iat is outside the clock window");
         }
         if claims.exp <= now || claims.exp - claims.iat > DEVICE_MAX_LIFE {
@@ -285,7 +283,7 @@ impl Service {
             .use_nonce(
                 &device_id,
                 &hex_encode(&claims.nonce),
-                claims.exp + CLOCK_WINDOW,
+                claims.exp + self.tokens.clock_window,
             )
             .await?
         {

@@ -20,8 +20,6 @@ use crate::service::{unix_now, Caller, Service};
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const CODE_LABEL: &[u8] = b"tillkey/giftcode/v1\0";
 const PIN_LABEL: &[u8] = b"tillkey/giftpin/v1\0";
-/// Wrong PINs before a code locks.
-pub const PIN_LIMIT: i64 = 5;
 /// Checks per client identity: a burst, then this many per second.
 const BURST: f64 = 20.0;
 const PER_SECOND: f64 = 5.0;
@@ -203,9 +201,12 @@ impl Service {
                     ))
                 });
             if !right {
-                let failed = self.registry.giftcode_wrong_pin(&g.id, PIN_LIMIT).await?;
-                if failed >= PIN_LIMIT {
-                    tracing::warn!(giftcode = %g.id, "gift code locked after {PIN_LIMIT} wrong PINs");
+                let failed = self
+                    .registry
+                    .giftcode_wrong_pin(&g.id, self.tokens.giftcode_pin_attempts)
+                    .await?;
+                if failed >= self.tokens.giftcode_pin_attempts {
+                    tracing::warn!(giftcode = %g.id, failed, "gift code locked after too many wrong PINs");
                 }
                 return Ok(None);
             }
