@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod provision;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,9 @@ enum Command {
         #[arg(long)]
         aad: Option<String>,
     },
+    /// Provision stores and terminals.
+    #[command(subcommand)]
+    Provision(ProvisionCommand),
     /// Dual-control approvals: list, approve, cancel.
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
@@ -144,6 +148,26 @@ enum AuditCommand {
     Export {
         #[arg(long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisionCommand {
+    /// Create the keys a manifest of stores and terminals calls for, from key templates.
+    /// Idempotent; reports (never retires) keys of stores or terminals no longer listed.
+    Enrol {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value = "policies/templates.toml")]
+        templates: PathBuf,
+        /// Report what would be created, create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
     },
 }
 
@@ -312,6 +336,9 @@ pub fn main() -> ExitCode {
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel }) => {
+            runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel)))
+        }
         Command::Audit(AuditCommand::Verify { config }) => {
             runtime().and_then(|rt| rt.block_on(audit::verify(&config)))
         }
@@ -502,7 +529,7 @@ async fn call(cmd: Command) -> Result<bool, String> {
             format!("/v1/approvals/{id}:cancel"),
             Some(json!({})),
         ),
-        Command::Pki(_) | Command::Bench(_) | Command::Audit(_) => {
+        Command::Pki(_) | Command::Bench(_) | Command::Audit(_) | Command::Provision(_) => {
             return Err("not an API call".into())
         }
     };
@@ -547,7 +574,7 @@ async fn import_body(
 }
 
 /// Optional flags left unset are omitted rather than sent as `null`.
-fn strip_nulls(v: Value) -> Value {
+pub(crate) fn strip_nulls(v: Value) -> Value {
     match v {
         Value::Object(map) => {
             Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect())

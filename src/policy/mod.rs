@@ -96,6 +96,10 @@ fn role_operations(role: &str) -> Option<&'static [Operation]> {
 struct RawFile {
     #[serde(default)]
     grant: Vec<RawGrant>,
+    /// Key templates live beside the grants (read by `tillkey provision enrol`, not here).
+    #[serde(default)]
+    #[allow(dead_code)]
+    template: Vec<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
