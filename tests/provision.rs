@@ -8,12 +8,16 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn enrol(d: &Daemon, env: &Env, manifest: &str, extra: &[&str]) -> Value {
-    let path = env.path("manifest.toml");
-    write(&path, manifest);
-    let out = Command::new(TILLKEY)
+/// Run `tillkey provision enrol` as the officer with the shipped templates.
+fn run_enrol(
+    d: &Daemon,
+    env: &Env,
+    manifest: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    Command::new(TILLKEY)
         .args(["provision", "enrol", "--manifest"])
-        .arg(&path)
+        .arg(manifest)
         .arg("--templates")
         .arg(repo().join("policies/templates.toml"))
         .args(["--url", &d.url()])
@@ -25,7 +29,13 @@ fn enrol(d: &Daemon, env: &Env, manifest: &str, extra: &[&str]) -> Value {
         .arg(env.path("officer.key"))
         .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn enrol(d: &Daemon, env: &Env, manifest: &str, extra: &[&str]) -> Value {
+    let path = env.path("manifest.toml");
+    write(&path, manifest);
+    let out = run_enrol(d, env, &path, extra);
     assert!(
         out.status.success(),
         "{}{}",
@@ -119,20 +129,7 @@ async fn enrolment_is_idempotent_additive_and_reports_what_it_would_retire() {
         &path,
         "[[store]]\nid = \"9\"\npos = [\"1\"]\ntemplates = [\"nope\"]\n",
     );
-    let out = Command::new(TILLKEY)
-        .args(["provision", "enrol", "--manifest"])
-        .arg(&path)
-        .arg("--templates")
-        .arg(repo().join("policies/templates.toml"))
-        .args(["--url", &d.url()])
-        .arg("--ca")
-        .arg(env.path("ca.crt"))
-        .arg("--cert")
-        .arg(env.path("officer.crt"))
-        .arg("--key")
-        .arg(env.path("officer.key"))
-        .output()
-        .unwrap();
+    let out = run_enrol(&d, &env, &path, &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no template named 'nope'"));
 }
