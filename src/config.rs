@@ -178,6 +178,9 @@ pub struct ConfigError {
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Validate everything except that the TLS files exist: provisioning reaches the device
+    /// (token set-up, a device-held CA) before any certificate has been issued.
+    pub before_certificates: bool,
 }
 
 impl Config {
@@ -230,12 +233,19 @@ impl Config {
             std::fs::metadata(&full).map_err(|e| format!("{field} = '{}': {e}", full.display()))?;
             Ok(full)
         };
+        let tls_file = |field: &str, p: &Path| -> Result<PathBuf, String> {
+            if ov.before_certificates {
+                Ok(base.join(p))
+            } else {
+                file(field, p)
+            }
+        };
         let tls = TlsFiles {
-            cert: file("tls.cert", &raw.tls.cert)?,
-            key: file("tls.key", &raw.tls.key)?,
-            client_ca: file("tls.client_ca", &raw.tls.client_ca)?,
+            cert: tls_file("tls.cert", &raw.tls.cert)?,
+            key: tls_file("tls.key", &raw.tls.key)?,
+            client_ca: tls_file("tls.client_ca", &raw.tls.client_ca)?,
             crl: match &raw.tls.crl {
-                Some(p) => Some(file("tls.crl", p)?),
+                Some(p) => Some(tls_file("tls.crl", p)?),
                 None => None,
             },
         };
@@ -369,7 +379,7 @@ fn credential_path(name: &str) -> Result<PathBuf, String> {
 
 /// Read a PIN, refusing a file others can read: a PIN that anyone on the host can see is not a
 /// secret, and failing closed here is cheaper than discovering it in an audit.
-fn read_pin(path: &Path) -> Result<Zeroizing<String>, String> {
+pub fn read_pin(path: &Path) -> Result<Zeroizing<String>, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o007 != 0 {

@@ -134,3 +134,13 @@ pub trait KeyBackend: Send + Sync {
 }
 
 pub type SharedBackend = Arc<dyn KeyBackend>;
+
+/// Open the backend a configuration names. The daemon and the CLI commands that work on the
+/// device directly (`provision init`, `audit verify`, an HSM-held CA) share this one door.
+pub fn open(config: crate::config::BackendConfig) -> Result<SharedBackend, String> {
+    match config {
+        crate::config::BackendConfig::Pkcs11(settings) => {
+            Ok(pkcs11::Pkcs11Backend::open(settings)? as SharedBackend)
+        }
+    }
+}

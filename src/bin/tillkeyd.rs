@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         tillkey::config::Overrides {
             listen: args.listen,
             admin_listen: args.admin_listen,
+            ..Default::default()
         },
     )
 }

@@ -2,6 +2,8 @@
 
 pub mod audit;
 pub mod bench;
+mod init;
+mod package;
 pub mod provision;
 
 use std::path::PathBuf;
@@ -106,6 +108,10 @@ enum PkiCommand {
         name: String,
         #[arg(long, default_value_t = 3650)]
         days: i64,
+        /// Keep the CA key in the device this daemon configuration reaches (no ca.key; DIR gets
+        /// ca-key.toml, and issue/revoke sign through the device).
+        #[arg(long, value_name = "CONFIG")]
+        hsm: Option<PathBuf>,
     },
     /// Issue a certificate from the CA in DIR: a client (identity in a URI SAN) or the server.
     Issue {
@@ -153,6 +159,20 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum ProvisionCommand {
+    /// Prepare the device before the daemon's first start: initialise the configured token if
+    /// it does not exist (needs --so-pin-file) and make the daemon's service keys.
+    Init {
+        /// The daemon's configuration (backend, PIN source, registry).
+        #[arg(long)]
+        config: PathBuf,
+        /// Security officer PIN, to initialise a blank slot as the configured token.
+        #[arg(long)]
+        so_pin_file: Option<PathBuf>,
+    },
+    /// Key-injection packages for a terminal vendor: keys wrapped under each terminal's
+    /// transport key with check values (two officers: request, then approve).
+    #[command(subcommand)]
+    Package(PackageCommand),
     /// Create the keys a manifest of stores and terminals calls for, from key templates.
     /// Idempotent; reports (never retires) keys of stores or terminals no longer listed.
     Enrol {
@@ -168,6 +188,34 @@ enum ProvisionCommand {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum PackageCommand {
+    /// Officer A: request the export of KEYS (templates) for every store/terminal in the
+    /// manifest, wrapped under UNDER (a template, per terminal, or a key name); writes
+    /// DIR/pending.json.
+    Request {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value = "policies/templates.toml")]
+        templates: PathBuf,
+        #[arg(long, value_delimiter = ',', required = true)]
+        keys: Vec<String>,
+        #[arg(long)]
+        under: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Officer B: approve the pending exports in DIR and write one package per transport key.
+    Approve {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -319,7 +367,7 @@ pub fn main() -> ExitCode {
             println!("development PKI written to {}", dir.display());
             true
         }),
-        Command::Pki(PkiCommand::Ca { dir, name, days }) => crate::pki::Authority::new(&name, days)
+        Command::Pki(PkiCommand::Ca { dir, name, days, hsm }) => crate::pki::create_ca(&dir, &name, days, hsm.as_deref())
             .and_then(|ca| {
                 ca.save(&dir)?;
                 ca.write_crl(&dir)
@@ -336,6 +384,15 @@ pub fn main() -> ExitCode {
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Provision(ProvisionCommand::Init { config, so_pin_file }) => {
+            runtime().and_then(|rt| rt.block_on(init::run(&config, so_pin_file.as_deref())))
+        }
+        Command::Provision(ProvisionCommand::Package(PackageCommand::Request { conn, manifest, templates, keys, under, dir })) => {
+            runtime().and_then(|rt| rt.block_on(package::request(&conn, &manifest, &templates, &keys, &under, &dir)))
+        }
+        Command::Provision(ProvisionCommand::Package(PackageCommand::Approve { conn, dir })) => {
+            runtime().and_then(|rt| rt.block_on(package::approve(&conn, &dir)))
+        }
         Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel }) => {
             runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel)))
         }
@@ -391,6 +448,14 @@ fn issue(
     crate::pki::write_pair(parent, name, &issued)?;
     println!("wrote {0}.crt and {0}.key", out.display());
     Ok(())
+}
+
+/// How provisioning commands read the daemon's configuration: certificates may not exist yet.
+pub(crate) fn provisioning_overrides() -> crate::config::Overrides {
+    crate::config::Overrides {
+        before_certificates: true,
+        ..Default::default()
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

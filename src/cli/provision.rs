@@ -16,9 +16,9 @@ use super::Conn;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TemplateFile {
+pub(super) struct TemplateFile {
     #[serde(default)]
-    template: Vec<Template>,
+    pub(super) template: Vec<Template>,
     #[serde(default)]
     #[allow(dead_code)]
     grant: Vec<toml::Value>,
@@ -27,10 +27,10 @@ struct TemplateFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Template {
-    name: String,
-    key: String,
+    pub(super) name: String,
+    pub(super) key: String,
     #[serde(rename = "type")]
-    key_type: String,
+    pub(super) key_type: String,
     rotation_period: Option<String>,
     verify_grace: Option<String>,
     max_operations: Option<u64>,
@@ -39,21 +39,21 @@ pub struct Template {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Manifest {
+pub(super) struct Manifest {
     #[serde(default)]
-    store: Vec<Store>,
+    pub(super) store: Vec<Store>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Store {
-    id: String,
+pub(super) struct Store {
+    pub(super) id: String,
     #[serde(default)]
-    pos: Vec<String>,
-    templates: Vec<String>,
+    pub(super) pos: Vec<String>,
+    pub(super) templates: Vec<String>,
 }
 
-fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
+pub(super) fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

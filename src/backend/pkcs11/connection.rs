@@ -43,21 +43,7 @@ pub(super) struct Connection {
 
 impl Connection {
     pub fn open(settings: &Pkcs11Settings) -> Result<Self, String> {
-        let module = settings.module.display();
-        let ctx = Pkcs11::new(&settings.module)
-            .map_err(|e| format!("cannot load PKCS#11 module {module}: {e}"))?;
-        let args = || CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
-        match ctx.initialize(args()) {
-            Ok(()) => {}
-            // A previous context of this process was never finalized (its device died under
-            // it). Start from a clean library state.
-            Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-                let _ = ctx.clone().finalize();
-                ctx.initialize(args())
-                    .map_err(|e| format!("C_Initialize of {module}: {e}"))?;
-            }
-            Err(e) => return Err(format!("C_Initialize of {module}: {e}")),
-        }
+        let ctx = load_module(&settings.module)?;
         let result = Self::attach(ctx.clone(), settings);
         if result.is_err() {
             let _ = ctx.finalize();
@@ -187,7 +173,28 @@ fn class_tag(class: ObjectClass) -> u8 {
     }
 }
 
-fn find_token(ctx: &Pkcs11, settings: &Pkcs11Settings) -> Result<(Slot, String), String> {
+/// Load and initialize the module, starting from a clean library state if an earlier context of
+/// this process was never finalized (its device died under it).
+pub(super) fn load_module(path: &std::path::Path) -> Result<Pkcs11, String> {
+    let module = path.display();
+    let ctx = Pkcs11::new(path).map_err(|e| format!("cannot load PKCS#11 module {module}: {e}"))?;
+    let args = || CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
+    match ctx.initialize(args()) {
+        Ok(()) => {}
+        Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            let _ = ctx.clone().finalize();
+            ctx.initialize(args())
+                .map_err(|e| format!("C_Initialize of {module}: {e}"))?;
+        }
+        Err(e) => return Err(format!("C_Initialize of {module}: {e}")),
+    }
+    Ok(ctx)
+}
+
+pub(super) fn find_token(
+    ctx: &Pkcs11,
+    settings: &Pkcs11Settings,
+) -> Result<(Slot, String), String> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| format!("listing slots: {e}"))?;

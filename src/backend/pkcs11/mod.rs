@@ -8,6 +8,7 @@
 mod connection;
 mod errors;
 mod exchange;
+pub mod init;
 pub mod rawbench;
 mod templates;
 pub mod uri;

@@ -3,6 +3,12 @@
 //! The development PKI (`tillkey pki dev DIR`) issues everything the quick start and the tests
 //! need in one go: a CA, a server certificate for `localhost`/`127.0.0.1`, client certificates
 //! whose identity is a SPIFFE-style URI SAN, one from an unrelated CA and one already expired.
+//!
+//! A production CA (`tillkey pki ca`) keeps its key either in `ca.key` (mode 0600) or, with
+//! `--hsm`, inside the device the daemon's configuration names ([`hsm`]); every later `issue` and
+//! `revoke` finds it the same way, so the rest of this module does not care where it lives.
+
+pub mod hsm;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -47,6 +53,25 @@ fn err(e: rcgen::Error) -> String {
 impl Authority {
     pub fn new(common_name: &str, valid_days: i64) -> Result<Self, String> {
         let key = KeyPair::generate().map_err(err)?;
+        Self::with_key(common_name, valid_days, key)
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A CA whose key lives in the device (`--hsm`): generated there, never readable.
+    pub fn new_in_device(
+        common_name: &str,
+        valid_days: i64,
+        config: &Path,
+        dir: &Path,
+    ) -> Result<Self, String> {
+        let key = hsm::generate(config, dir, common_name)?;
+        Self::with_key(common_name, valid_days, key)
+    }
+
+    fn with_key(common_name: &str, valid_days: i64, key: KeyPair) -> Result<Self, String> {
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -60,16 +85,17 @@ impl Authority {
         Ok(Self { cert, key })
     }
 
-    pub fn cert_pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A CA kept in `dir` as `ca.crt` and `ca.key` (mode 0600).
+    /// A CA kept in `dir` as `ca.crt` plus either `ca.key` (mode 0600) or `ca-key.toml` (the key
+    /// is in a device).
     pub fn load(dir: &Path) -> Result<Self, String> {
         let read = |f: &str| {
             fs::read_to_string(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
         };
-        let key = KeyPair::from_pem(&read("ca.key")?).map_err(err)?;
+        let key = if dir.join(hsm::REFERENCE).exists() {
+            hsm::load(dir, &read("ca.crt")?)?
+        } else {
+            KeyPair::from_pem(&read("ca.key")?).map_err(err)?
+        };
         // Rebuilt from the stored certificate: same subject and key, so what it signs chains
         // to the ca.crt that clients and the daemon trust.
         let params = CertificateParams::from_ca_cert_pem(&read("ca.crt")?).map_err(err)?;
@@ -77,9 +103,14 @@ impl Authority {
         Ok(Self { cert, key })
     }
 
+    /// Write `ca.crt`, and `ca.key` unless the key is in a device (its reference was written
+    /// when it was generated).
     pub fn save(&self, dir: &Path) -> Result<(), String> {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         fs::write(dir.join("ca.crt"), self.cert.pem()).map_err(|e| format!("ca.crt: {e}"))?;
+        if self.key.as_remote().is_some() {
+            return Ok(());
+        }
         write_private(&dir.join("ca.key"), self.key.serialize_pem().as_bytes())
     }
 
@@ -164,6 +195,23 @@ impl Authority {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+/// A new CA for DIR, its key in a file or (with `device_config`) in the device. Refuses a
+/// directory that already holds a CA: replacing it would orphan every certificate it issued.
+pub fn create_ca(
+    dir: &Path,
+    name: &str,
+    days: i64,
+    device_config: Option<&Path>,
+) -> Result<Authority, String> {
+    if dir.join("ca.crt").exists() {
+        return Err(format!("{} already holds a CA (ca.crt)", dir.display()));
+    }
+    match device_config {
+        Some(config) => Authority::new_in_device(name, days, config, dir),
+        None => Authority::new(name, days),
     }
 }
 
