@@ -226,7 +226,7 @@ impl Writer {
                         &e.canonical(),
                     )
                     .map_err(|e| format!("MAC in the token: {e}"))?;
-                e.mac = crate::registry::hex_encode(&mac);
+                e.mac = chain::hex(&mac);
             }
             prev = e.hash();
             entries.push(e);
