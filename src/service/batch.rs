@@ -7,6 +7,8 @@
 //! a hidden outage. The device calls run on the blocking pool: a long batch must not hold up
 //! the async workers that carry every other connection.
 
+use std::sync::OnceLock;
+
 use super::{key_ref, verify_with, Caller, Service, SignatureFormat, Signed, Verified};
 use crate::backend::BackendError;
 use crate::encoding;
@@ -148,12 +150,23 @@ fn item_error<T>(e: BackendError) -> Result<ItemResult<T>, ServiceError> {
     }
 }
 
+/// Batches run at most one per CPU at a time. More would only queue inside the backend for a
+/// session, and every hand-over of a session between waiting threads costs a wake-up per item.
+fn slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    })
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
+    let failed = |e: String| ServiceError::Internal {
+        detail: format!("batch worker failed: {e}"),
+    };
+    let _slot = slots().acquire().await.map_err(|e| failed(e.to_string()))?;
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ServiceError::Internal {
-            detail: format!("batch worker failed: {e}"),
-        })
+        .map_err(|e| failed(e.to_string()))
 }
