@@ -321,6 +321,70 @@ async fn audit_verify_names_the_first_altered_removed_or_moved_entry() {
     assert_eq!(lines[1]["operation"], "sign");
 }
 
+/// Concurrent requests share group commits: one seal (MAC in the token) per transaction, the
+/// other entries covered through the chain. An edit to an unsealed entry is still named.
+#[tokio::test]
+async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
+    let env = Env::new();
+    let d = env.start();
+    create(&d, "stores/4/mac", "hmac-sha256").await;
+    let client = d.client("service");
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.unwrap();
+            for i in 0..10 {
+                let (s, v) = post(
+                    &mut c,
+                    "/v1/keys/stores/4/mac:sign",
+                    json!({"message": b64(format!("m{i}").as_bytes())}),
+                )
+                .await;
+                assert_eq!(s, 200, "{v}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(d.stop().success());
+    let (code, out) = audit_verify(&env);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("audit trail intact: 321 entries"), "{out}");
+
+    let query = |sql: &str| {
+        let out = Command::new("sqlite3")
+            .arg(env.path("registry.db"))
+            .arg(sql)
+            .output()
+            .expect("sqlite3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let sealed: u64 = query("SELECT COUNT(*) FROM audit WHERE mac != ''")
+        .parse()
+        .unwrap();
+    assert!(
+        sealed < 321,
+        "320 concurrent requests were never grouped: {sealed} seals"
+    );
+    // The last entry of every transaction is sealed, so the trail's last entry is.
+    assert_ne!(query("SELECT mac FROM audit ORDER BY seq DESC LIMIT 1"), "");
+    // An unsealed entry followed (in its batch) by another entry.
+    let seq: u64 = query("SELECT MIN(seq) FROM audit WHERE mac = '' AND seq < 321")
+        .parse()
+        .unwrap();
+    sqlite(
+        &env,
+        &format!(
+            "UPDATE audit SET identity = 'spiffe://tillkey.test/svc/innocent' WHERE seq = {seq}"
+        ),
+    );
+    let (code, out) = audit_verify(&env);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("entry {seq} was altered")), "{out}");
+}
+
 #[tokio::test]
 async fn nothing_is_answered_without_its_audit_entry() {
     let env = Env::new();

@@ -586,7 +586,19 @@ pub async fn dispatch(
         }
         Route::Sign => {
             let req: json::Sign = json::parse(body)?;
-            let message = json::b64("message", &req.message)?;
+            if let Some(items) = req.batch {
+                return super::batch::sign(
+                    svc,
+                    caller,
+                    name,
+                    req.message.is_some(),
+                    items,
+                    req.signature_format.as_deref(),
+                    note,
+                )
+                .await;
+            }
+            let message = json::b64("message", &json::required("message", req.message)?)?;
             let format = json::signature_format(req.signature_format.as_deref())?;
             let s = svc.sign(caller, name, &message, format).await?;
             ok(
@@ -597,8 +609,22 @@ pub async fn dispatch(
         }
         Route::Verify => {
             let req: json::Verify = json::parse(body)?;
-            let message = json::b64("message", &req.message)?;
-            let signature = json::b64("signature", &req.signature)?;
+            if let Some(items) = req.batch {
+                let single =
+                    req.message.is_some() || req.signature.is_some() || req.key_version.is_some();
+                return super::batch::verify(
+                    svc,
+                    caller,
+                    name,
+                    single,
+                    items,
+                    req.signature_format.as_deref(),
+                    note,
+                )
+                .await;
+            }
+            let message = json::b64("message", &json::required("message", req.message)?)?;
+            let signature = json::b64("signature", &json::required("signature", req.signature)?)?;
             let format = json::signature_format(req.signature_format.as_deref())?;
             let v = svc.verify(caller, name, &message, &signature, req.key_version, format)?;
             ok(

@@ -217,20 +217,43 @@ pub struct PrefixAction {
     pub reason: Option<String>,
 }
 
+/// `message` for one signature, or `batch` for many (see `api::batch`); exactly one of them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sign {
-    pub message: String,
+    pub message: Option<String>,
+    pub batch: Option<Vec<SignItem>>,
     pub signature_format: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SignItem {
+    pub message: String,
+}
+
+/// `message` and `signature` for one check, or `batch` for many; exactly one of the two forms.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Verify {
+    pub message: Option<String>,
+    pub signature: Option<String>,
+    pub key_version: Option<u32>,
+    pub batch: Option<Vec<VerifyItem>>,
+    pub signature_format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyItem {
     pub message: String,
     pub signature: String,
     pub key_version: Option<u32>,
-    pub signature_format: Option<String>,
+}
+
+/// A field a single (non-batch) call needs.
+pub fn required<T>(field: &str, v: Option<T>) -> Result<T, ServiceError> {
+    v.ok_or_else(|| ServiceError::invalid(format!("missing field '{field}' (or give 'batch')")))
 }
 
 #[derive(Deserialize)]

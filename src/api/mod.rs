@@ -1,6 +1,7 @@
 //! The network front: the mutual-TLS API listener and the plain admin listener.
 
 mod admin;
+mod batch;
 mod handlers;
 mod json;
 mod routes;
@@ -89,7 +90,10 @@ pub async fn serve_api(
             };
             let caller = Arc::new(Caller { identity });
             let svc = service_fn(move |req| routes::handle(state.clone(), caller.clone(), req));
+            // One buffer per response (not a vectored write of head and body), so it leaves
+            // in one TLS record.
             let conn = http1::Builder::new()
+                .writev(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), svc);

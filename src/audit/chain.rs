@@ -1,4 +1,13 @@
 //! Entry encoding and chain verification, shared by the daemon and `tillkey audit verify`.
+//!
+//! Format: every entry carries `prev`, the SHA-256 of the entry before it (canonical form plus
+//! MAC text). The writer seals each group commit: the last entry of every transaction carries an
+//! HMAC-SHA256 under the audit key in the token over its canonical form; the other entries of
+//! that transaction carry an empty `mac`. Because the sealed entry's canonical form holds `prev`,
+//! the seal covers every entry before it through the chain. (Trails written before seals
+//! existed have a MAC on every entry: every entry is then its own seal, and they verify
+//! unchanged.) The seal is what costs a device call, so one per transaction instead of one per
+//! entry is most of what makes auditing every request affordable.
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -21,7 +30,8 @@ pub struct Entry {
     pub audit_key_version: u32,
     /// SHA-256 (hex) of the previous entry's canonical form including its MAC.
     pub prev: String,
-    /// HMAC-SHA256 (hex) over the canonical form, under the audit key in the token.
+    /// HMAC-SHA256 (hex) over the canonical form, under the audit key in the token, on the last
+    /// entry of each transaction (the seal); empty on the others.
     #[serde(skip)]
     pub mac: String,
 }
@@ -64,7 +74,7 @@ impl Entry {
     pub fn hash(&self) -> String {
         let mut data = self.canonical();
         data.extend_from_slice(self.mac.as_bytes());
-        crate::registry::hex_encode(ring::digest::digest(&ring::digest::SHA256, &data).as_ref())
+        hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref())
     }
 
     /// JSON for export and the API, MAC included.
@@ -95,40 +105,86 @@ impl Entry {
         })
     }
 
-    pub async fn insert(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    /// Insert a whole group commit with one statement: one round trip to the database, and
+    /// atomic without an explicit transaction. `numbered` placeholders (`$1`) are for
+    /// PostgreSQL; SQLite gets plain `?`, which it binds without looking names up.
+    pub async fn insert_all(
+        rows: &[Entry],
+        numbered: bool,
+        pool: &sqlx::AnyPool,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO audit (seq, at_ms, identity, operation, key_name, version, outcome, request_id, detail, audit_key_version, prev, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(i64::try_from(self.seq).unwrap_or(i64::MAX))
-        .bind(self.at_ms)
-        .bind(&self.identity)
-        .bind(&self.operation)
-        .bind(&self.key)
-        .bind(self.version.map(i64::from))
-        .bind(&self.outcome)
-        .bind(&self.request_id)
-        .bind(&self.detail)
-        .bind(i64::from(self.audit_key_version))
-        .bind(&self.prev)
-        .bind(&self.mac)
-        .execute(&mut **tx)
-        .await?;
+        let mut sql = String::with_capacity(160 + rows.len() * COLUMNS * 5);
+        sql.push_str(
+            "INSERT INTO audit (seq, at_ms, identity, operation, key_name, version, outcome, request_id, detail, audit_key_version, prev, mac) VALUES ",
+        );
+        for i in 0..rows.len() {
+            sql.push_str(if i == 0 { "(" } else { ",(" });
+            for c in 0..COLUMNS {
+                if c > 0 {
+                    sql.push(',');
+                }
+                if numbered {
+                    sql.push('$');
+                    sql.push_str(&(i * COLUMNS + c + 1).to_string());
+                } else {
+                    sql.push('?');
+                }
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(&sql);
+        for e in rows {
+            q = q
+                .bind(i64::try_from(e.seq).unwrap_or(i64::MAX))
+                .bind(e.at_ms)
+                .bind(e.identity.as_str())
+                .bind(e.operation.as_str())
+                .bind(e.key.as_str())
+                .bind(e.version.map(i64::from))
+                .bind(e.outcome.as_str())
+                .bind(e.request_id.as_str())
+                .bind(e.detail.as_str())
+                .bind(i64::from(e.audit_key_version))
+                .bind(e.prev.as_str())
+                .bind(e.mac.as_str());
+        }
+        q.execute(pool).await?;
         Ok(())
     }
 }
 
+/// Lower-case hex without an allocation per byte: every entry's hash goes through here on the
+/// request path.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// Columns of one audit row; with at most 512 rows per group commit a statement binds at most
+/// 6144 parameters, within SQLite's (32766) and PostgreSQL's (65535) limits.
+const COLUMNS: usize = 12;
+
 /// The first thing wrong with a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainFault {
-    /// The entry's MAC does not match its content: it was edited (or forged).
+    /// The entry does not match what the sealed chain after it recorded (or it is a seal whose
+    /// MAC fails): it was edited, forged or moved.
     Altered { seq: u64 },
     /// A sequence number is missing: the entry was deleted.
     Removed { seq: u64 },
     /// The entry does not follow the one before it: moved, or its predecessor was replaced.
     OutOfOrder { seq: u64 },
+    /// The seal on `to` does not match and the chain from `from` to `to` is consistent: the
+    /// chain was recomputed after an edit somewhere in that range, or the seal was forged.
+    SealBroken { from: u64, to: u64 },
+    /// The entries from `from` on carry no seal: the end of the trail was cut inside a
+    /// transaction or its seal was removed.
+    Unsealed { from: u64 },
 }
 
 impl std::fmt::Display for ChainFault {
@@ -136,7 +192,7 @@ impl std::fmt::Display for ChainFault {
         match self {
             ChainFault::Altered { seq } => write!(
                 f,
-                "entry {seq} was altered or moved (its MAC does not match its content and position)"
+                "entry {seq} was altered or moved (its content does not match its seal and position)"
             ),
             ChainFault::Removed { seq } => write!(f, "entry {seq} was removed (sequence gap)"),
             ChainFault::OutOfOrder { seq } => {
@@ -145,6 +201,14 @@ impl std::fmt::Display for ChainFault {
                     "entry {seq} is out of order (it does not chain to the entry before it)"
                 )
             }
+            ChainFault::SealBroken { from, to } => write!(
+                f,
+                "the seal on entry {to} does not match: entry {to}, or an entry from {from} on with the chain recomputed after it, was altered or forged"
+            ),
+            ChainFault::Unsealed { from } => write!(
+                f,
+                "entries from {from} on carry no seal: the trail was cut or its last seal removed"
+            ),
         }
     }
 }
@@ -154,28 +218,237 @@ pub struct ChainReport {
     pub head: String,
 }
 
-/// Check order, links and MACs; `mac_ok(entry)` asks the token. Stops at the first fault.
+/// Check order, links and seals; `mac_ok(entry)` asks the token about a sealed entry. Reports
+/// the first fault in sequence order.
+///
+/// An entry is *authentic* when it is a seal whose MAC verifies, or when the authentic entry
+/// after it names its hash as `prev`. A run of entries that are not authentic is explained by
+/// where its chain breaks: an entry the authentic successor does not chain to was altered; an
+/// entry that does not chain to its predecessor was altered or moved; a consistent run ending in
+/// a failing seal was recomputed; a run reaching the end unsealed was cut.
 pub fn verify_chain(
     entries: &[Entry],
     mut mac_ok: impl FnMut(&Entry) -> Result<bool, String>,
 ) -> Result<Result<ChainReport, ChainFault>, String> {
-    let mut prev = GENESIS.to_string();
+    let hashes: Vec<String> = entries.iter().map(Entry::hash).collect();
+    let mut authentic = vec![false; entries.len()];
+    for i in (0..entries.len()).rev() {
+        let e = &entries[i];
+        authentic[i] = if e.mac.is_empty() {
+            i + 1 < entries.len() && authentic[i + 1] && entries[i + 1].prev == hashes[i]
+        } else {
+            mac_ok(e)?
+        };
+    }
+    // Does entry `i` chain to the one before it (or to the genesis)?
+    let linked = |i: usize| {
+        let before = if i == 0 { GENESIS } else { &hashes[i - 1] };
+        entries[i].prev == before
+    };
     let mut expected_seq = 1;
-    for e in entries {
-        if !mac_ok(e)? {
-            return Ok(Err(ChainFault::Altered { seq: e.seq }));
-        }
+    for (i, e) in entries.iter().enumerate() {
         if e.seq > expected_seq {
             return Ok(Err(ChainFault::Removed { seq: expected_seq }));
         }
-        if e.seq != expected_seq || e.prev != prev {
+        if e.seq != expected_seq {
             return Ok(Err(ChainFault::OutOfOrder { seq: e.seq }));
         }
-        prev = e.hash();
+        if !authentic[i] {
+            return Ok(Err(explain(entries, &authentic, i, &linked)));
+        }
+        if !linked(i) {
+            return Ok(Err(ChainFault::OutOfOrder { seq: e.seq }));
+        }
         expected_seq += 1;
     }
     Ok(Ok(ChainReport {
         entries: expected_seq - 1,
-        head: prev,
+        head: hashes
+            .last()
+            .cloned()
+            .unwrap_or_else(|| GENESIS.to_string()),
     }))
+}
+
+/// Name the culprit in the run of unauthenticated entries starting at `start`.
+fn explain(
+    entries: &[Entry],
+    authentic: &[bool],
+    start: usize,
+    linked: &dyn Fn(usize) -> bool,
+) -> ChainFault {
+    let mut i = start;
+    loop {
+        let seq = entries[i].seq;
+        if !linked(i) {
+            return ChainFault::Altered { seq };
+        }
+        if !entries[i].mac.is_empty() {
+            // A seal that fails over a consistent chain.
+            return if i == start {
+                ChainFault::Altered { seq }
+            } else {
+                ChainFault::SealBroken {
+                    from: entries[start].seq,
+                    to: seq,
+                }
+            };
+        }
+        let next = i + 1;
+        if next < entries.len() && entries[next].seq != seq + 1 {
+            // The sequence breaks before the successor that would explain this run.
+            return if entries[next].seq > seq + 1 {
+                ChainFault::Removed { seq: seq + 1 }
+            } else {
+                ChainFault::OutOfOrder {
+                    seq: entries[next].seq,
+                }
+            };
+        }
+        if next == entries.len() {
+            return ChainFault::Unsealed {
+                from: entries[start].seq,
+            };
+        }
+        if authentic[next] {
+            // The authentic successor recorded another hash for this entry.
+            return ChainFault::Altered { seq };
+        }
+        i = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stand-in for the token's MAC in these unit tests: SHA-256 of the canonical form.
+    fn seal_of(e: &Entry) -> String {
+        crate::registry::hex_encode(
+            ring::digest::digest(&ring::digest::SHA256, &e.canonical()).as_ref(),
+        )
+    }
+
+    fn mac_ok(e: &Entry) -> Result<bool, String> {
+        Ok(e.mac == seal_of(e))
+    }
+
+    /// A trail of `batches` transactions (sizes given), each sealed on its last entry.
+    fn trail(batches: &[usize]) -> Vec<Entry> {
+        let mut out: Vec<Entry> = Vec::new();
+        let mut prev = GENESIS.to_string();
+        for &n in batches {
+            for j in 0..n {
+                let mut e = Entry {
+                    seq: out.len() as u64 + 1,
+                    at_ms: 1,
+                    identity: "svc".into(),
+                    operation: "sign".into(),
+                    key: "k".into(),
+                    version: Some(1),
+                    outcome: "ok".into(),
+                    request_id: format!("r{}", out.len()),
+                    detail: String::new(),
+                    audit_key_version: 1,
+                    prev: prev.clone(),
+                    mac: String::new(),
+                };
+                if j + 1 == n {
+                    e.mac = seal_of(&e);
+                }
+                prev = e.hash();
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    fn fault(entries: &[Entry]) -> Option<ChainFault> {
+        verify_chain(entries, mac_ok).unwrap().err()
+    }
+
+    /// Recompute every link from `from` (index) on, as a forger without the key would.
+    fn relink(entries: &mut [Entry], from: usize) {
+        for i in from..entries.len() {
+            let prev = if i == 0 {
+                GENESIS.to_string()
+            } else {
+                entries[i - 1].hash()
+            };
+            entries[i].prev = prev;
+        }
+    }
+
+    #[test]
+    fn hex_matches_the_registry_encoding() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex(&bytes), crate::registry::hex_encode(&bytes));
+    }
+
+    #[test]
+    fn intact_trail_verifies() {
+        let t = trail(&[1, 5, 3, 1]);
+        let report = verify_chain(&t, mac_ok).unwrap().unwrap();
+        assert_eq!(report.entries, 10);
+        assert_eq!(report.head, t[9].hash());
+    }
+
+    #[test]
+    fn an_edited_entry_inside_a_batch_is_named() {
+        let mut t = trail(&[2, 6, 2]);
+        t[4].identity = "innocent".into(); // seq 5, not a seal
+        assert_eq!(fault(&t), Some(ChainFault::Altered { seq: 5 }));
+        // An edited seal: the seal cannot tell its own edit from an edit before it with the
+        // chain recomputed, so the whole batch up to it is named.
+        let mut t = trail(&[2, 6, 2]);
+        t[7].outcome = "permission_denied".into(); // seq 8, the seal
+        let f = fault(&t).unwrap();
+        assert_eq!(f, ChainFault::SealBroken { from: 3, to: 8 });
+        assert!(f.to_string().starts_with("the seal on entry 8"), "{f}");
+        // A batch of one is named exactly, as before seals.
+        let mut t = trail(&[2, 1, 2]);
+        t[2].outcome = "permission_denied".into();
+        assert_eq!(fault(&t), Some(ChainFault::Altered { seq: 3 }));
+    }
+
+    #[test]
+    fn moved_and_removed_entries_are_named() {
+        let mut t = trail(&[2, 6, 2]);
+        t.swap(3, 4);
+        t[3].seq = 4;
+        t[4].seq = 5;
+        assert_eq!(fault(&t), Some(ChainFault::Altered { seq: 4 }));
+        let mut t = trail(&[2, 6, 2]);
+        t.remove(4);
+        assert_eq!(fault(&t), Some(ChainFault::Removed { seq: 5 }));
+    }
+
+    #[test]
+    fn a_recomputed_chain_breaks_the_seal() {
+        let mut t = trail(&[2, 6, 2]);
+        t[3].detail = "forged".into();
+        relink(&mut t, 4);
+        // The edited batch's seal fails; nothing after it links any more either.
+        assert_eq!(fault(&t), Some(ChainFault::SealBroken { from: 3, to: 8 }));
+    }
+
+    #[test]
+    fn a_cut_or_unsealed_end_is_detected() {
+        let mut t = trail(&[2, 6]);
+        t.truncate(5);
+        assert_eq!(fault(&t), Some(ChainFault::Unsealed { from: 3 }));
+        let mut t = trail(&[2, 6]);
+        t[7].mac.clear();
+        assert_eq!(fault(&t), Some(ChainFault::Unsealed { from: 3 }));
+        // A whole transaction cut from the end leaves a valid (shorter) trail, as before.
+        let mut t = trail(&[2, 6]);
+        t.truncate(2);
+        assert!(fault(&t).is_none());
+    }
+
+    #[test]
+    fn trails_with_a_mac_on_every_entry_still_verify() {
+        let t = trail(&[1, 1, 1, 1]);
+        assert!(fault(&t).is_none());
+    }
 }

@@ -3,19 +3,34 @@
 //!
 //! Expects a running daemon from `softhsm-ci/dev-env` / `quickstart` (`softhsm-ci/bench` does the
 //! whole thing with release builds). Keys it makes live under `stores/bench/<run>/`.
+//!
+//! Each phase is one function returning one [`Row`]: it measures the raw token doing the same
+//! device operation (`raw_threads` threads, one session each), then the daemon under `clients`
+//! concurrent keep-alive connections. New phases add a function and a name in [`PHASES`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::pkcs11::rawbench;
+use crate::backend::pkcs11::rawbench::{self, cpu_seconds, RawOp, RawRate};
+use crate::backend::pkcs11::Pkcs11Settings;
 use crate::client::Client;
 use crate::config::{BackendConfig, Config, Overrides};
 use crate::keys::KeyType;
+
+/// Every phase, in the order they run by default.
+pub const PHASES: &[&str] = &[
+    "hmac-sign",
+    "hmac-verify",
+    "ecdsa-sign",
+    "ed25519-sign",
+    "hmac-batch",
+];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -34,15 +49,20 @@ pub struct BenchArgs {
     /// Unmeasured warm-up seconds per phase.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
+    /// Phases to run (comma-separated): hmac-sign, hmac-verify, ecdsa-sign, ed25519-sign,
+    /// hmac-batch.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "hmac-sha256,ecdsa-p256,ed25519"
+        default_value = "hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch"
     )]
-    types: Vec<String>,
+    phases: Vec<String>,
     /// Bytes per signed message.
     #[arg(long, default_value_t = 64)]
     message_size: usize,
+    /// Messages per request in the batch phases.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
     /// tillkeyd's pid, for its CPU time per operation (default: DIR/tillkeyd.pid).
     #[arg(long)]
     daemon_pid: Option<u32>,
@@ -52,16 +72,36 @@ pub struct BenchArgs {
 }
 
 #[derive(Serialize)]
-struct Row {
+pub struct Row {
+    phase: String,
     key_type: &'static str,
+    /// Messages per request (1 for single calls).
+    batch: usize,
     raw_ops_per_s: f64,
     raw_cpu_us_per_op: Option<f64>,
     daemon_ops_per_s: f64,
     ratio: f64,
+    /// The ratio issue 7 asks for.
+    target_ratio: f64,
+    /// Per request (a whole batch in the batch phases).
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
     daemon_cpu_us_per_op: Option<f64>,
+}
+
+/// What every phase needs.
+struct Bench<'a> {
+    args: &'a BenchArgs,
+    settings: &'a Pkcs11Settings,
+    officer: Client,
+    service: Client,
+    pid: Option<u32>,
+    message: Vec<u8>,
+    warmup: Duration,
+    measured: Duration,
+    run_id: String,
+    rt: tokio::runtime::Runtime,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
@@ -70,90 +110,238 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let BackendConfig::Pkcs11(settings) = &config.backend;
     let url = format!("https://localhost:{}", config.listen.port());
-    let officer = Client::new(
-        &url,
-        &dir.join("ca.crt"),
-        Some((&dir.join("officer.crt"), &dir.join("officer.key"))),
-    )
-    .map_err(|e| e.to_string())?;
-    let service = Client::new(
-        &url,
-        &dir.join("ca.crt"),
-        Some((&dir.join("service.crt"), &dir.join("service.key"))),
-    )
-    .map_err(|e| e.to_string())?;
-    let pid = args.daemon_pid.or_else(|| {
-        std::fs::read_to_string(dir.join("tillkeyd.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    });
-    let message = vec![0x5a_u8; args.message_size];
-    let (warmup, measured) = (
-        Duration::from_secs(args.warmup),
-        Duration::from_secs(args.seconds),
-    );
-    let run_id = format!("{:x}", crate::service::unix_now());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = |who: &str| {
+        Client::new(
+            &url,
+            &dir.join("ca.crt"),
+            Some((
+                &dir.join(format!("{who}.crt")),
+                &dir.join(format!("{who}.key")),
+            )),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let bench = Bench {
+        args: &args,
+        settings,
+        officer: client("officer")?,
+        service: client("service")?,
+        pid: args.daemon_pid.or_else(|| {
+            std::fs::read_to_string(dir.join("tillkeyd.pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        }),
+        message: vec![0x5a_u8; args.message_size],
+        warmup: Duration::from_secs(args.warmup),
+        measured: Duration::from_secs(args.seconds),
+        run_id: format!("{:x}", crate::service::unix_now()),
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?,
+    };
+    if args.batch_size == 0 || args.batch_size > crate::service::batch::MAX_BATCH {
+        return Err(format!(
+            "--batch-size must be 1..={}",
+            crate::service::batch::MAX_BATCH
+        ));
+    }
 
     let mut rows = Vec::new();
-    for t in &args.types {
-        let key_type = KeyType::parse(t)
-            .filter(|k| k.signs())
-            .ok_or_else(|| format!("cannot bench '{t}'"))?;
-        eprintln!("bench: {t}: raw token, {} threads ...", args.raw_threads);
-        let cpu0 = cpu_seconds("self");
-        let raw = rawbench::measure(
-            settings,
-            key_type,
-            args.raw_threads,
-            warmup,
-            measured,
-            &message,
-        )?;
-        let raw_cpu = cpu0
-            .zip(cpu_seconds("self"))
-            .map(|(a, b)| (b - a) * 1e6 / raw.ops.max(1) as f64);
-
-        eprintln!("bench: {t}: tillkeyd, {} clients ...", args.clients);
-        let name = format!("stores/bench/{run_id}/{t}");
-        let load = rt.block_on(daemon_load(
-            &officer,
-            &service,
-            &name,
-            key_type,
-            args.clients,
-            warmup,
-            measured,
-            &message,
-            pid,
-        ))?;
-        rows.push(Row {
-            key_type: key_type.as_str(),
-            raw_ops_per_s: raw.per_second(),
-            raw_cpu_us_per_op: raw_cpu,
-            daemon_ops_per_s: load.ops_per_s,
-            ratio: load.ops_per_s / raw.per_second(),
-            p50_ms: load.p50_ms,
-            p99_ms: load.p99_ms,
-            errors: load.errors,
-            daemon_cpu_us_per_op: load.daemon_cpu_us_per_op,
-        });
+    for phase in &args.phases {
+        let row = match phase.as_str() {
+            "hmac-sign" => bench.sign(KeyType::HmacSha256, 0.5)?,
+            "hmac-verify" => bench.hmac_verify()?,
+            "ecdsa-sign" => bench.sign(KeyType::EcdsaP256, 0.75)?,
+            "ed25519-sign" => bench.sign(KeyType::Ed25519, 0.85)?,
+            "hmac-batch" => bench.hmac_batch()?,
+            other => {
+                return Err(format!(
+                    "unknown phase '{other}'; phases: {}",
+                    PHASES.join(", ")
+                ))
+            }
+        };
+        rows.push(row);
     }
     print_table(&rows, &args);
     if let Some(path) = &args.json {
         let doc = json!({
             "clients": args.clients, "raw_threads": args.raw_threads, "seconds": args.seconds,
-            "message_size": args.message_size, "rows": rows,
+            "warmup": args.warmup, "message_size": args.message_size,
+            "batch_size": args.batch_size, "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+impl Bench<'_> {
+    fn raw(&self, phase: &str, key_type: KeyType, op: RawOp) -> Result<RawRate, String> {
+        eprintln!(
+            "bench: {phase}: raw token, {} threads ...",
+            self.args.raw_threads
+        );
+        rawbench::measure_op(
+            self.settings,
+            key_type,
+            op,
+            self.args.raw_threads,
+            self.warmup,
+            self.measured,
+            &self.message,
+        )
+    }
+
+    /// `:sign` with one message per request.
+    fn sign(&self, key_type: KeyType, target: f64) -> Result<Row, String> {
+        let phase = format!("{}-sign", short(key_type));
+        let raw = self.raw(&phase, key_type, RawOp::Sign)?;
+        let name = self.make_key(&phase, key_type)?;
+        let body = json!({ "message": b64(&self.message) });
+        let load = self.load(&phase, &format!("/v1/keys/{name}:sign"), &body, 1)?;
+        Ok(row(phase, key_type, 1, &raw, &load, target))
+    }
+
+    /// `:verify` of a correct HMAC tag, one per request.
+    fn hmac_verify(&self) -> Result<Row, String> {
+        let (phase, key_type) = ("hmac-verify".to_string(), KeyType::HmacSha256);
+        let raw = self.raw(&phase, key_type, RawOp::Verify)?;
+        let name = self.make_key(&phase, key_type)?;
+        let body = json!({ "message": b64(&self.message) });
+        let signed = self.call_once(&format!("/v1/keys/{name}:sign"), &body)?;
+        let signature = signed["signature"]
+            .as_str()
+            .ok_or_else(|| format!("no signature in {signed}"))?;
+        let body = json!({ "message": b64(&self.message), "signature": signature });
+        let load = self.load(&phase, &format!("/v1/keys/{name}:verify"), &body, 1)?;
+        Ok(row(phase, key_type, 1, &raw, &load, 0.5))
+    }
+
+    /// `:sign` with `batch_size` messages per request.
+    fn hmac_batch(&self) -> Result<Row, String> {
+        let (phase, key_type) = ("hmac-batch".to_string(), KeyType::HmacSha256);
+        let raw = self.raw(&phase, key_type, RawOp::Sign)?;
+        let name = self.make_key(&phase, key_type)?;
+        let item = json!({ "message": b64(&self.message) });
+        let body = json!({ "batch": vec![item; self.args.batch_size] });
+        let n = self.args.batch_size;
+        let load = self.load(&phase, &format!("/v1/keys/{name}:sign"), &body, n)?;
+        Ok(row(phase, key_type, n, &raw, &load, 0.9))
+    }
+
+    fn make_key(&self, phase: &str, key_type: KeyType) -> Result<String, String> {
+        let name = format!("stores/bench/{}/{phase}", self.run_id);
+        self.rt.block_on(async {
+            let mut c = self.officer.connect().await.map_err(|e| e.to_string())?;
+            let (s, v) = c
+                .call(
+                    hyper::Method::POST,
+                    "/v1/keys",
+                    Some(&json!({"name": name, "type": key_type.as_str()})),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if s.as_u16() != 201 {
+                return Err(format!("creating {name}: {v}"));
+            }
+            Ok(name.clone())
+        })
+    }
+
+    fn call_once(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+        self.rt.block_on(async {
+            let mut c = self.service.connect().await.map_err(|e| e.to_string())?;
+            let (s, v) = c
+                .call(hyper::Method::POST, path, Some(body))
+                .await
+                .map_err(|e| e.to_string())?;
+            if !s.is_success() {
+                return Err(format!("{path}: {s} {v}"));
+            }
+            Ok(v)
+        })
+    }
+
+    /// `clients` connections posting `body` to `path` as fast as answers come; each answer
+    /// stands for `per_call` operations, and counts only if every item in it succeeded.
+    fn load(
+        &self,
+        phase: &str,
+        path: &str,
+        body: &serde_json::Value,
+        per_call: usize,
+    ) -> Result<Load, String> {
+        eprintln!(
+            "bench: {phase}: tillkeyd, {} clients ...",
+            self.args.clients
+        );
+        let body = Bytes::from(body.to_string());
+        let path: Arc<str> = Arc::from(path);
+        let start = Instant::now() + self.warmup;
+        let end = start + self.measured;
+        self.rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..self.args.clients {
+                let (service, body, path) = (self.service.clone(), body.clone(), path.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut errors = 0u64;
+                    let Ok(mut conn) = service.connect().await else {
+                        return (lat, 1);
+                    };
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        let answer = conn
+                            .call_raw(hyper::Method::POST, &path, body.to_vec())
+                            .await;
+                        let ok = match answer {
+                            Ok((s, b)) => s.is_success() && (per_call == 1 || batch_ok(&b)),
+                            Err(_) => false,
+                        };
+                        if t0 >= start {
+                            if ok {
+                                lat.push(t0.elapsed().as_micros() as u32);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    (lat, errors)
+                }));
+            }
+            tokio::time::sleep_until(start.into()).await;
+            let cpu0 = self.pid.and_then(|p| cpu_seconds(&p.to_string()));
+            tokio::time::sleep_until(end.into()).await;
+            let cpu1 = self.pid.and_then(|p| cpu_seconds(&p.to_string()));
+            let mut all = Vec::new();
+            let mut errors = 0;
+            for t in tasks {
+                let (lat, e) = t.await.map_err(|e| e.to_string())?;
+                all.extend(lat);
+                errors += e;
+            }
+            all.sort_unstable();
+            let pct = |p: f64| {
+                all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                    .map_or(0.0, |&us| us as f64 / 1000.0)
+            };
+            let ops = (all.len() * per_call) as f64;
+            Ok(Load {
+                ops_per_s: ops / self.measured.as_secs_f64(),
+                p50_ms: pct(0.50),
+                p99_ms: pct(0.99),
+                errors,
+                daemon_cpu_us_per_op: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / ops.max(1.0)),
+            })
+        })
+    }
 }
 
 struct Load {
@@ -164,124 +352,78 @@ struct Load {
     daemon_cpu_us_per_op: Option<f64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn daemon_load(
-    officer: &Client,
-    service: &Client,
-    name: &str,
-    key_type: KeyType,
-    clients: usize,
-    warmup: Duration,
-    measured: Duration,
-    message: &[u8],
-    pid: Option<u32>,
-) -> Result<Load, String> {
-    let mut c = officer.connect().await.map_err(|e| e.to_string())?;
-    let (s, v) = c
-        .call(
-            hyper::Method::POST,
-            "/v1/keys",
-            Some(&json!({"name": name, "type": key_type.as_str()})),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    if s.as_u16() != 201 {
-        return Err(format!("creating {name}: {v}"));
+/// A batch answer counts only when every item carries a result and none an error.
+fn batch_ok(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Answer {
+        batch: Vec<Item>,
     }
-    let body = Arc::new(
-        json!({"message": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, message)}),
-    );
-    let path = Arc::new(format!("/v1/keys/{name}:sign"));
-    let start = Instant::now() + warmup;
-    let end = start + measured;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (service, body, path) = (service.clone(), body.clone(), path.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            let Ok(mut conn) = service.connect().await else {
-                return (lat, 1);
-            };
-            loop {
-                let t0 = Instant::now();
-                if t0 >= end {
-                    break;
-                }
-                let ok = matches!(conn.call(hyper::Method::POST, &path, Some(&body)).await, Ok((s, _)) if s.is_success());
-                if t0 >= start {
-                    if ok {
-                        lat.push(t0.elapsed().as_micros() as u32);
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            (lat, errors)
-        }));
+    #[derive(Deserialize)]
+    struct Item {
+        signature: Option<serde::de::IgnoredAny>,
+        error: Option<serde::de::IgnoredAny>,
     }
-    tokio::time::sleep_until(start.into()).await;
-    let cpu0 = pid.and_then(|p| cpu_seconds(&p.to_string()));
-    tokio::time::sleep_until(end.into()).await;
-    let cpu1 = pid.and_then(|p| cpu_seconds(&p.to_string()));
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, e) = t.await.map_err(|e| e.to_string())?;
-        all.extend(lat);
-        errors += e;
-    }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |&us| us as f64 / 1000.0)
-    };
-    let ops = all.len() as f64;
-    Ok(Load {
-        ops_per_s: ops / measured.as_secs_f64(),
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors,
-        daemon_cpu_us_per_op: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / ops.max(1.0)),
+    serde_json::from_slice::<Answer>(body).is_ok_and(|a| {
+        a.batch
+            .iter()
+            .all(|i| i.signature.is_some() && i.error.is_none())
     })
 }
 
-/// User + system CPU seconds of a process (`self` or a pid), from /proc.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); index 11 and 12 after the command name.
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks())
+fn row(
+    phase: String,
+    key_type: KeyType,
+    batch: usize,
+    raw: &RawRate,
+    load: &Load,
+    target_ratio: f64,
+) -> Row {
+    Row {
+        phase,
+        key_type: key_type.as_str(),
+        batch,
+        raw_ops_per_s: raw.per_second(),
+        raw_cpu_us_per_op: raw.cpu_seconds.map(|c| c * 1e6 / raw.ops.max(1) as f64),
+        daemon_ops_per_s: load.ops_per_s,
+        ratio: load.ops_per_s / raw.per_second(),
+        target_ratio,
+        p50_ms: load.p50_ms,
+        p99_ms: load.p99_ms,
+        errors: load.errors,
+        daemon_cpu_us_per_op: load.daemon_cpu_us_per_op,
+    }
 }
 
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+fn short(key_type: KeyType) -> &'static str {
+    match key_type {
+        KeyType::HmacSha256 => "hmac",
+        KeyType::EcdsaP256 => "ecdsa",
+        other => other.as_str(),
+    }
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data)
 }
 
 fn print_table(rows: &[Row], args: &BenchArgs) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{} clients over mTLS vs {} raw token threads; {} s measured after {} s warm-up; {}-byte messages",
-        args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size
+        "{} clients over mTLS vs {} raw token threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
+        args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
     );
     println!(
-        "| key type | raw ops/s | daemon ops/s | ratio | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op |"
+        "| phase | raw ops/s | daemon ops/s | ratio (target) | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
-            r.key_type,
+            "| {} | {:.0} | {:.0} | {:.2} (>= {:.2}) | {:.2} | {:.2} | {} | {} | {} |",
+            r.phase,
             r.raw_ops_per_s,
             r.daemon_ops_per_s,
             r.ratio,
+            r.target_ratio,
             r.p50_ms,
             r.p99_ms,
             r.errors,

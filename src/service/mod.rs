@@ -3,6 +3,7 @@
 //! supports the operation (422), a version in a state that allows it, then the device.
 
 mod approvals;
+pub mod batch;
 mod envelope;
 pub mod lifecycle;
 pub mod status;
@@ -282,17 +283,34 @@ impl Service {
         op: &str,
         allowed: impl Fn(KeyType) -> bool,
     ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
+        self.claim_active_uses(name, op, allowed, 1).await
+    }
+
+    /// [`Service::claim_active`] for `uses` operations at once (a batch): all of them go to one
+    /// version, so a version that cannot take them all is rotated first.
+    pub(crate) async fn claim_active_uses(
+        &self,
+        name: &KeyName,
+        op: &str,
+        allowed: impl Fn(KeyType) -> bool,
+        uses: u64,
+    ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
         for _ in 0..3 {
             let key = self.lookup(name)?;
             require(allowed(key.key_type), op, &key)?;
+            if key.lifecycle.max_operations.is_some_and(|max| uses > max) {
+                return Err(ServiceError::invalid(format!(
+                    "a batch of {uses} is more than key '{name}' may do per version (max_operations)"
+                )));
+            }
             let v = active(&key)?;
             let used = v
                 .operations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(uses, std::sync::atomic::Ordering::Relaxed);
             match key.lifecycle.max_operations {
-                Some(max) if used >= max => {
+                Some(max) if used + uses > max => {
                     v.operations
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_sub(uses, std::sync::atomic::Ordering::Relaxed);
                     let version = v.version;
                     self.rotate_exhausted(name, version).await?;
                 }
@@ -318,43 +336,20 @@ impl Service {
         version: Option<u32>,
         format: SignatureFormat,
     ) -> Result<Verified, ServiceError> {
+        let key = self.verifying_key(caller, name)?;
+        verify_with(&self.backend, &key, message, signature, version, format)
+    }
+
+    /// The key a verify names, after the policy, existence and key-type checks.
+    pub(crate) fn verifying_key(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
         let name = self.authorize(caller, Operation::Verify, name)?;
         let key = self.lookup(&name)?;
         require(key.key_type.signs(), "verify", &key)?;
-        let candidates = checkable_versions(&key, version)?;
-        let newest = candidates.first().map(|v| v.version).ok_or_else(|| {
-            ServiceError::UnsupportedOperation(format!(
-                "key '{}' has no version that may verify",
-                key.name
-            ))
-        })?;
-        let signature = match (key.key_type, format) {
-            (KeyType::EcdsaP256, SignatureFormat::Der) => {
-                match encoding::ecdsa_der_to_raw(signature) {
-                    Some(raw) => raw.to_vec(),
-                    // Not DER at all: no version can accept it.
-                    None => {
-                        return Ok(Verified {
-                            valid: false,
-                            version: newest,
-                        })
-                    }
-                }
-            }
-            _ => signature.to_vec(),
-        };
-        for v in &candidates {
-            if self.backend.verify(key_ref(&key, v), message, &signature)? {
-                return Ok(Verified {
-                    valid: true,
-                    version: v.version,
-                });
-            }
-        }
-        Ok(Verified {
-            valid: false,
-            version: newest,
-        })
+        Ok(key)
     }
 
     pub async fn encrypt(
@@ -413,6 +408,51 @@ impl Service {
             )),
         }
     }
+}
+
+/// Verify with a key already authorized by [`Service::verifying_key`].
+pub(crate) fn verify_with(
+    backend: &SharedBackend,
+    key: &KeyRecord,
+    message: &[u8],
+    signature: &[u8],
+    version: Option<u32>,
+    format: SignatureFormat,
+) -> Result<Verified, ServiceError> {
+    let candidates = checkable_versions(key, version)?;
+    let newest = candidates.first().map(|v| v.version).ok_or_else(|| {
+        ServiceError::UnsupportedOperation(format!(
+            "key '{}' has no version that may verify",
+            key.name
+        ))
+    })?;
+    let signature = match (key.key_type, format) {
+        (KeyType::EcdsaP256, SignatureFormat::Der) => {
+            match encoding::ecdsa_der_to_raw(signature) {
+                Some(raw) => raw.to_vec(),
+                // Not DER at all: no version can accept it.
+                None => {
+                    return Ok(Verified {
+                        valid: false,
+                        version: newest,
+                    })
+                }
+            }
+        }
+        _ => signature.to_vec(),
+    };
+    for v in &candidates {
+        if backend.verify(key_ref(key, v), message, &signature)? {
+            return Ok(Verified {
+                valid: true,
+                version: v.version,
+            });
+        }
+    }
+    Ok(Verified {
+        valid: false,
+        version: newest,
+    })
 }
 
 /// Every key under `prefix` after checking that the caller may do `op` on each; a single refusal

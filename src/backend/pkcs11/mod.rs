@@ -161,7 +161,9 @@ impl Pkcs11Backend {
                 result = f(&conn, &session);
             }
         }
-        let object_label = hex(&object.0);
+        // Only failures name the object: hex-encoding its id on every call cost more than a
+        // few percent of the request path.
+        let object_label = || hex(&object.0);
         match result {
             Ok(v) => {
                 conn.give_session(session);
@@ -174,12 +176,13 @@ impl Pkcs11Backend {
             Err(OpError::ObjectMissing) => {
                 conn.give_session(session);
                 Err(BackendError::Failed(format!(
-                    "pkcs11 {what}: token '{}' holds no object with id {object_label}",
-                    conn.token_label
+                    "pkcs11 {what}: token '{}' holds no object with id {}",
+                    conn.token_label,
+                    object_label()
                 )))
             }
             Err(OpError::Ck(e)) => {
-                let err = translate(&e, what, &conn.token_label, &object_label);
+                let err = translate(&e, what, &conn.token_label, &object_label());
                 if severity(&e) == Severity::Fatal {
                     let _ = session.close();
                     self.fail(&conn, err.to_string());

@@ -15,6 +15,16 @@ use crate::keys::KeyType;
 pub struct RawRate {
     pub ops: u64,
     pub elapsed: Duration,
+    /// CPU seconds (user + system) this process spent while the operations were counted.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// What the raw threads call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawOp {
+    Sign,
+    /// Verify a correct signature (made once before the clock starts).
+    Verify,
 }
 
 impl RawRate {
@@ -26,6 +36,26 @@ impl RawRate {
 pub fn measure(
     settings: &Pkcs11Settings,
     key_type: KeyType,
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+    message: &[u8],
+) -> Result<RawRate, String> {
+    measure_op(
+        settings,
+        key_type,
+        RawOp::Sign,
+        threads,
+        warmup,
+        duration,
+        message,
+    )
+}
+
+pub fn measure_op(
+    settings: &Pkcs11Settings,
+    key_type: KeyType,
+    op: RawOp,
     threads: usize,
     warmup: Duration,
     duration: Duration,
@@ -78,10 +108,25 @@ pub fn measure(
                 .take_session(Duration::from_secs(1))
                 .ok_or("no session")?;
             let h = conn.handle(&s, class, &id).map_err(|e| format!("{e:?}"))?;
+            let verify_h = match op {
+                RawOp::Sign => None,
+                RawOp::Verify => {
+                    let sig = s
+                        .sign(&mech, h, &to_be_signed(key_type, &data))
+                        .map_err(|e| e.to_string())?;
+                    let public = object_class(key_type, true);
+                    let vh = conn.handle(&s, public, &id).map_err(|e| format!("{e:?}"))?;
+                    Some((vh, sig))
+                }
+            };
             while running.load(Ordering::Relaxed) {
                 // ECDSA hashes per call, as the daemon does.
                 let input = to_be_signed(key_type, &data);
-                s.sign(&mech, h, &input).map_err(|e| e.to_string())?;
+                match &verify_h {
+                    None => s.sign(&mech, h, &input).map(|_| ()),
+                    Some((vh, sig)) => s.verify(&mech, *vh, &input, sig),
+                }
+                .map_err(|e| e.to_string())?;
                 if counting.load(Ordering::Relaxed) {
                     ops.fetch_add(1, Ordering::Relaxed);
                 }
@@ -93,9 +138,11 @@ pub fn measure(
     std::thread::sleep(warmup);
     counting.store(true, Ordering::SeqCst);
     let start = Instant::now();
+    let cpu0 = cpu_seconds("self");
     std::thread::sleep(duration);
     let total = ops.load(Ordering::SeqCst);
     let elapsed = start.elapsed();
+    let cpu = cpu0.zip(cpu_seconds("self")).map(|(a, b)| b - a);
     running.store(false, Ordering::SeqCst);
     for w in workers {
         w.join().map_err(|_| "bench thread panicked")??;
@@ -111,5 +158,28 @@ pub fn measure(
     Ok(RawRate {
         ops: total,
         elapsed,
+        cpu_seconds: cpu,
+    })
+}
+
+/// User + system CPU seconds of a process (`self` or a pid), from /proc.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); index 11 and 12 after the command name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
     })
 }

@@ -1,0 +1,109 @@
+//! The batch form of `:sign` and `:verify`: `{"batch": [item, ...]}` in, `{"batch": [result,
+//! ...]}` out, one result per item in the same order. A result is the single call's answer or
+//! `{"error": {"code", "message"}}` for that item alone. The audit trail records the request as
+//! one entry whose detail counts the items and the failures.
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use super::handlers::{Note, Outcome};
+use super::json;
+use crate::error::ServiceError;
+use crate::service::batch::{ItemResult, VerifyItem};
+use crate::service::{Caller, Service};
+
+pub async fn sign(
+    svc: &Service,
+    caller: &Caller,
+    name: &str,
+    single_too: bool,
+    items: Vec<json::SignItem>,
+    format: Option<&str>,
+    note: &mut Note,
+) -> Result<Outcome, ServiceError> {
+    refuse_mixed(single_too)?;
+    crate::service::batch::check_size(items.len())?;
+    let format = json::signature_format(format)?;
+    let decoded = items
+        .iter()
+        .map(|i| json::b64("message", &i.message))
+        .collect();
+    note.detail = format!("batch of {}", items.len());
+    let (version, results) = svc.sign_batch(caller, name, decoded, format).await?;
+    let out = answer(
+        &results,
+        note,
+        |s| json!({ "signature": json::encode(&s.signature), "key_version": s.version }),
+    );
+    respond(
+        json!({ "batch": out, "key_version": version }),
+        Some(version),
+    )
+}
+
+pub async fn verify(
+    svc: &Service,
+    caller: &Caller,
+    name: &str,
+    single_too: bool,
+    items: Vec<json::VerifyItem>,
+    format: Option<&str>,
+    note: &mut Note,
+) -> Result<Outcome, ServiceError> {
+    refuse_mixed(single_too)?;
+    crate::service::batch::check_size(items.len())?;
+    let format = json::signature_format(format)?;
+    let decoded = items
+        .into_iter()
+        .map(|i| {
+            Ok(VerifyItem {
+                message: json::b64("message", &i.message)?,
+                signature: json::b64("signature", &i.signature)?,
+                key_version: i.key_version,
+            })
+        })
+        .collect::<Vec<ItemResult<VerifyItem>>>();
+    note.detail = format!("batch of {}", decoded.len());
+    let results = svc.verify_batch(caller, name, decoded, format).await?;
+    let out = answer(
+        &results,
+        note,
+        |v| json!({ "valid": v.valid, "key_version": v.version }),
+    );
+    respond(json!({ "batch": out }), None)
+}
+
+fn refuse_mixed(single_too: bool) -> Result<(), ServiceError> {
+    if single_too {
+        Err(ServiceError::invalid(
+            "give either 'batch' or the single-call fields, not both",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Results as JSON, and the failure count in the audit detail (codes only, never contents).
+fn answer<T>(results: &[ItemResult<T>], note: &mut Note, ok: impl Fn(&T) -> Value) -> Vec<Value> {
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    note.detail = format!("batch of {}, {failed} failed", results.len());
+    results
+        .iter()
+        .map(|r| match r {
+            Ok(v) => ok(v),
+            Err(e) => json!({ "error": { "code": e.code(), "message": e.to_string() } }),
+        })
+        .collect()
+}
+
+fn respond(body: Value, version: Option<u32>) -> Result<Outcome, ServiceError> {
+    let body = serde_json::to_vec(&body).map_err(|e| ServiceError::Internal {
+        detail: format!("serializing response: {e}"),
+    })?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body,
+        version,
+        content_type: "application/json",
+    })
+}

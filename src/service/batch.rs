@@ -1,0 +1,172 @@
+//! Batched sign and verify: many messages under one key in one request.
+//!
+//! The request is judged once (name, policy, existence, key type, active version), exactly as a
+//! single call is; then every item gets its own result. An item's own mistake (bad base64, a
+//! signature of the wrong length) is that item's error; a fault of the service or the device
+//! (token gone, internal error) fails the whole request, so an answer never mixes results with
+//! a hidden outage. The device calls run on the blocking pool: a long batch must not hold up
+//! the async workers that carry every other connection.
+
+use std::sync::OnceLock;
+
+use super::{key_ref, verify_with, Caller, Service, SignatureFormat, Signed, Verified};
+use crate::backend::BackendError;
+use crate::encoding;
+use crate::error::ServiceError;
+use crate::keys::KeyType;
+use crate::policy::Operation;
+
+/// Most items one batch request may carry.
+pub const MAX_BATCH: usize = 256;
+
+/// One item's outcome.
+pub type ItemResult<T> = Result<T, ServiceError>;
+
+/// Refuse an empty or oversized batch before anything is authorized or counted.
+pub fn check_size(n: usize) -> Result<(), ServiceError> {
+    match n {
+        0 => Err(ServiceError::invalid("batch is empty")),
+        n if n > MAX_BATCH => Err(ServiceError::invalid(format!(
+            "batch holds {n} items; at most {MAX_BATCH} per request"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A verify item after decoding: message, signature, optional version.
+pub struct VerifyItem {
+    pub message: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub key_version: Option<u32>,
+}
+
+impl Service {
+    /// Sign every well-formed message with the active version. Items that arrive as errors
+    /// (they failed to decode) stay errors and are neither counted nor signed.
+    pub async fn sign_batch(
+        &self,
+        caller: &Caller,
+        name: &str,
+        items: Vec<ItemResult<Vec<u8>>>,
+        format: SignatureFormat,
+    ) -> Result<(u32, Vec<ItemResult<Signed>>), ServiceError> {
+        check_size(items.len())?;
+        let name = self.authorize(caller, Operation::Sign, name)?;
+        let uses = items.iter().filter(|i| i.is_ok()).count() as u64;
+        let (key, v) = self
+            .claim_active_uses(&name, "sign", |t| t.signs(), uses)
+            .await?;
+        let version = v.version;
+        let backend = self.backend.clone();
+        let run = move || {
+            items
+                .into_iter()
+                .map(|item| {
+                    let message = match item {
+                        Ok(m) => m,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    match backend.sign(key_ref(&key, &v), &message) {
+                        Ok(raw) => signature_out(key.key_type, format, raw)
+                            .map(|signature| Ok(Signed { signature, version })),
+                        Err(e) => item_error(e),
+                    }
+                })
+                .collect::<Result<Vec<_>, ServiceError>>()
+        };
+        let results = blocking(run).await??;
+        Ok((version, results))
+    }
+
+    /// Verify every well-formed item, each as a single `:verify` would.
+    pub async fn verify_batch(
+        &self,
+        caller: &Caller,
+        name: &str,
+        items: Vec<ItemResult<VerifyItem>>,
+        format: SignatureFormat,
+    ) -> Result<Vec<ItemResult<Verified>>, ServiceError> {
+        check_size(items.len())?;
+        let key = self.verifying_key(caller, name)?;
+        let backend = self.backend.clone();
+        let run = move || {
+            items
+                .into_iter()
+                .map(|item| {
+                    let item = match item {
+                        Ok(i) => i,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    match verify_with(
+                        &backend,
+                        &key,
+                        &item.message,
+                        &item.signature,
+                        item.key_version,
+                        format,
+                    ) {
+                        Ok(v) => Ok(Ok(v)),
+                        Err(e) if is_item_fault(&e) => Ok(Err(e)),
+                        Err(e) => Err(e),
+                    }
+                })
+                .collect::<Result<Vec<_>, ServiceError>>()
+        };
+        blocking(run).await?
+    }
+}
+
+fn signature_out(
+    key_type: KeyType,
+    format: SignatureFormat,
+    raw: Vec<u8>,
+) -> Result<Vec<u8>, ServiceError> {
+    match (key_type, format) {
+        (KeyType::EcdsaP256, SignatureFormat::Der) => {
+            encoding::ecdsa_raw_to_der(&raw).ok_or_else(|| ServiceError::Internal {
+                detail: format!("backend returned a {}-byte ECDSA signature", raw.len()),
+            })
+        }
+        _ => Ok(raw),
+    }
+}
+
+/// The caller's own mistakes stay with the item; everything else fails the request.
+fn is_item_fault(e: &ServiceError) -> bool {
+    matches!(
+        e,
+        ServiceError::InvalidArgument(_)
+            | ServiceError::NotFound(_)
+            | ServiceError::UnsupportedOperation(_)
+    )
+}
+
+fn item_error<T>(e: BackendError) -> Result<ItemResult<T>, ServiceError> {
+    let e = ServiceError::from(e);
+    if is_item_fault(&e) {
+        Ok(Err(e))
+    } else {
+        Err(e)
+    }
+}
+
+/// Batches run at most one per CPU at a time. More would only queue inside the backend for a
+/// session, and every hand-over of a session between waiting threads costs a wake-up per item.
+fn slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    let failed = |e: String| ServiceError::Internal {
+        detail: format!("batch worker failed: {e}"),
+    };
+    let _slot = slots().acquire().await.map_err(|e| failed(e.to_string()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| failed(e.to_string()))
+}
