@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::tpm::TpmBackend;
 use crate::backend::SharedBackend;
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
 use crate::keys::KeyType;
@@ -106,6 +107,18 @@ async fn run(config: Config) -> Result<(), Startup> {
                 token = opened.token_label().unwrap_or_default(),
                 sessions = opened.session_count(),
                 "pkcs11 token ready"
+            );
+            opened
+        }
+        BackendConfig::Tpm(settings) => {
+            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings))
+                .await
+                .map_err(|e| Startup::Unavailable(e.to_string()))?
+                .map_err(Startup::Unavailable)?;
+            tracing::info!(
+                tcti = opened.tcti(),
+                contexts = opened.context_count(),
+                "tpm ready"
             );
             opened
         }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use crate::audit::{self, Entry};
 use crate::backend::pkcs11::Pkcs11Backend;
-use crate::backend::{KeyBackend, KeyRef, ObjectRef};
+use crate::backend::tpm::TpmBackend;
+use crate::backend::{KeyRef, ObjectRef, SharedBackend};
 use crate::config::{BackendConfig, Config, Overrides};
 use crate::daemon::AUDIT_KEY;
 use crate::keys::{KeyName, KeyType};
@@ -37,8 +38,14 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
         .iter()
         .map(|v| (v.version, v.object.clone()))
         .collect();
-    let BackendConfig::Pkcs11(settings) = config.backend;
-    let backend = Pkcs11Backend::open(settings)?;
+    let backend: SharedBackend = match config.backend {
+        BackendConfig::Pkcs11(settings) => Pkcs11Backend::open(settings)?,
+        // One context: a TPM without resource manager is shared with a running daemon.
+        BackendConfig::Tpm(mut settings) => {
+            settings.contexts = 1;
+            TpmBackend::open(settings)?
+        }
+    };
     let outcome = audit::verify_chain(&entries, |e| {
         let Some(object) = objects.get(&e.audit_key_version) else {
             return Ok(false);

@@ -68,7 +68,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let dir = &args.dev_dir;
     let config = Config::load(&dir.join("tillkeyd.toml"), &Overrides::default())
         .map_err(|e| e.to_string())?;
-    let BackendConfig::Pkcs11(settings) = &config.backend;
+    let tpm = matches!(config.backend, BackendConfig::Tpm(_));
     let url = format!("https://localhost:{}", config.listen.port());
     let officer = Client::new(
         &url,
@@ -105,16 +105,35 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         let key_type = KeyType::parse(t)
             .filter(|k| k.signs())
             .ok_or_else(|| format!("cannot bench '{t}'"))?;
-        eprintln!("bench: {t}: raw token, {} threads ...", args.raw_threads);
+        if tpm && !crate::backend::tpm::holds(key_type) {
+            eprintln!("bench: {t}: skipped (a TPM cannot hold it)");
+            continue;
+        }
+        eprintln!("bench: {t}: raw backend, {} threads ...", args.raw_threads);
         let cpu0 = cpu_seconds("self");
-        let raw = rawbench::measure(
-            settings,
-            key_type,
-            args.raw_threads,
-            warmup,
-            measured,
-            &message,
-        )?;
+        let raw = match &config.backend {
+            BackendConfig::Pkcs11(settings) => rawbench::measure(
+                settings,
+                key_type,
+                args.raw_threads,
+                warmup,
+                measured,
+                &message,
+            )?,
+            BackendConfig::Tpm(settings) => {
+                // A TPM without resource manager has room for the bench's keys only once the
+                // daemon has unloaded its own (it does after a second idle).
+                std::thread::sleep(crate::backend::tpm::IDLE_UNLOAD * 2);
+                crate::backend::tpm::rawbench::measure(
+                    settings,
+                    key_type,
+                    args.raw_threads,
+                    warmup,
+                    measured,
+                    &message,
+                )?
+            }
+        };
         let raw_cpu = cpu0
             .zip(cpu_seconds("self"))
             .map(|(a, b)| (b - a) * 1e6 / raw.ops.max(1) as f64);
@@ -268,7 +287,7 @@ fn clock_ticks() -> f64 {
 fn print_table(rows: &[Row], args: &BenchArgs) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{} clients over mTLS vs {} raw token threads; {} s measured after {} s warm-up; {}-byte messages",
+        "{} clients over mTLS vs {} raw backend threads; {} s measured after {} s warm-up; {}-byte messages",
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size
     );
     println!(
