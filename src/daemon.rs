@@ -97,6 +97,8 @@ async fn run(config: Config) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
+    // Kept to unload the TPM's objects at exit (see `TpmBackend::close`).
+    let mut tpm: Option<Arc<TpmBackend>> = None;
     let backend: SharedBackend = match config.backend {
         BackendConfig::Pkcs11(settings) => {
             let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
@@ -111,7 +113,7 @@ async fn run(config: Config) -> Result<(), Startup> {
             opened
         }
         BackendConfig::Tpm(settings) => {
-            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings))
+            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings, true))
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
@@ -120,6 +122,7 @@ async fn run(config: Config) -> Result<(), Startup> {
                 contexts = opened.context_count(),
                 "tpm ready"
             );
+            tpm = Some(opened.clone());
             opened
         }
     };
@@ -229,6 +232,9 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = admin_task.await;
     let _ = scheduler.await;
     state.service.shutdown().await;
+    if let Some(tpm) = tpm {
+        tpm.close();
+    }
     Ok(())
 }
 

@@ -38,12 +38,15 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
         .iter()
         .map(|v| (v.version, v.object.clone()))
         .collect();
+    let mut tpm = None;
     let backend: SharedBackend = match config.backend {
         BackendConfig::Pkcs11(settings) => Pkcs11Backend::open(settings)?,
         // One context: a TPM without resource manager is shared with a running daemon.
         BackendConfig::Tpm(mut settings) => {
             settings.contexts = 1;
-            TpmBackend::open(settings)?
+            let opened = TpmBackend::open(settings, false)?;
+            tpm = Some(opened.clone());
+            opened
         }
     };
     let outcome = audit::verify_chain(&entries, |e| {
@@ -63,8 +66,12 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
                 &mac,
             )
             .map_err(|e| e.to_string())
-    })?;
-    match outcome {
+    });
+    // Unload before exit: a TPM without resource manager keeps what a process left loaded.
+    if let Some(tpm) = tpm {
+        tpm.close();
+    }
+    match outcome? {
         Ok(report) => {
             println!(
                 "audit trail intact: {} entries, head {}",

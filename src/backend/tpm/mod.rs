@@ -17,7 +17,7 @@ pub mod rawbench;
 mod worker;
 
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
@@ -35,6 +35,9 @@ use crate::keys::KeyType;
 
 /// How long a request waits for a free context before answering `Unavailable`.
 const CONTEXT_WAIT: Duration = Duration::from_secs(5);
+/// How long an operation retries while the TPM has no room for another object, and how often.
+const BUSY_WAIT: Duration = Duration::from_secs(3);
+const BUSY_RETRY: Duration = Duration::from_millis(50);
 /// How often the supervisor probes a healthy TPM, and retries a lost one.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest message `TPM2_HMAC` takes in one command (`TPM2B_MAX_BUFFER`).
@@ -58,6 +61,9 @@ pub struct TpmSettings {
 
 pub struct TpmBackend {
     settings: TpmSettings,
+    /// This process is the TPM's main user: it reclaims objects left loaded by others.
+    owner: bool,
+    closed: std::sync::atomic::AtomicBool,
     live: RwLock<Option<Arc<Pool>>>,
     health: Mutex<Health>,
     wake: (Mutex<bool>, Condvar),
@@ -65,16 +71,20 @@ pub struct TpmBackend {
 
 impl TpmBackend {
     /// Connect now (a daemon that cannot reach its TPM at start refuses to start) and start the
-    /// supervisor.
-    pub fn open(settings: TpmSettings) -> Result<Arc<Self>, String> {
+    /// supervisor. `owner` (the daemon) flushes objects that dead processes left loaded, at
+    /// start and at each reconnect; tools that share the TPM with a running daemon pass false.
+    pub fn open(settings: TpmSettings, owner: bool) -> Result<Arc<Self>, String> {
         let pool = Pool::open(
             &settings.tcti,
             settings.contexts,
             settings.owner_auth.as_ref(),
+            owner,
         )
         .map_err(|e| translate(&e, "open", &settings.tcti).to_string())?;
         let backend = Arc::new(Self {
             settings,
+            owner,
+            closed: std::sync::atomic::AtomicBool::new(false),
             live: RwLock::new(Some(Arc::new(pool))),
             health: Mutex::new(Health::Ready),
             wake: (Mutex::new(false), Condvar::new()),
@@ -85,6 +95,18 @@ impl TpmBackend {
             .spawn(move || supervise(weak))
             .map_err(|e| format!("starting the tpm supervisor: {e}"))?;
         Ok(backend)
+    }
+
+    /// Unload everything and stop reconnecting (at shutdown): a TPM without resource manager
+    /// would otherwise keep this process's objects loaded after it exits.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pool = self.live.write().unwrap_or_else(|p| p.into_inner()).take();
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) =
+            Health::NotReady("tpm backend closed".into());
+        if let Some(pool) = pool {
+            pool.close();
+        }
     }
 
     pub fn tcti(&self) -> &str {
@@ -119,7 +141,7 @@ impl TpmBackend {
     fn with_worker<T>(
         &self,
         what: &str,
-        f: impl FnOnce(&Pool, &mut Worker) -> Result<T, OpError>,
+        f: impl Fn(&Pool, &mut Worker) -> Result<T, OpError>,
     ) -> BackendResult<T> {
         let pool = self.current().ok_or_else(|| {
             BackendError::Unavailable(format!("tpm {} is reconnecting", self.settings.tcti))
@@ -130,7 +152,19 @@ impl TpmBackend {
                 pool.size()
             ))
         })?;
-        match f(&pool, &mut w) {
+        // A TPM without resource manager may be full of other users' objects for a moment
+        // (another context loading, `tillkey audit verify`, tpm2-tools): wait a little.
+        let deadline = Instant::now() + BUSY_WAIT;
+        let mut result = f(&pool, &mut w);
+        while let Err(OpError::Tss(e)) = &result {
+            if severity(e) != Severity::Busy || Instant::now() >= deadline {
+                break;
+            }
+            w.unload();
+            std::thread::sleep(BUSY_RETRY);
+            result = f(&pool, &mut w);
+        }
+        match result {
             Ok(v) => {
                 pool.give(w);
                 Ok(v)
@@ -171,7 +205,7 @@ impl TpmBackend {
             let tag = w
                 .ctx
                 .execute_with_session(Some(AuthSession::Password), |c| {
-                    c.hmac(h.into(), data, HashingAlgorithm::Sha256)
+                    c.hmac(h.into(), data.clone(), HashingAlgorithm::Sha256)
                 })?;
             Ok(tag.value().to_vec())
         })
@@ -185,6 +219,9 @@ impl TpmBackend {
 fn supervise(backend: Weak<TpmBackend>) {
     loop {
         let Some(b) = backend.upgrade() else { return };
+        if b.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         match b.current() {
             Some(pool) => {
                 // Probe with an idle context (when all are busy, requests are the probe), and
@@ -216,7 +253,7 @@ fn supervise(backend: Weak<TpmBackend>) {
             }
             None => {
                 let s = &b.settings;
-                match Pool::open(&s.tcti, s.contexts, s.owner_auth.as_ref()) {
+                match Pool::open(&s.tcti, s.contexts, s.owner_auth.as_ref(), b.owner) {
                     Ok(pool) => {
                         tracing::info!(tcti = %s.tcti, "tpm reconnected");
                         *b.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(pool));
@@ -282,8 +319,9 @@ impl KeyBackend for TpmBackend {
         let template = objects::template(key_type)
             .ok_or_else(|| self.unsupported(&format!("hold {} keys", key_type.as_str())))?
             .map_err(|e| BackendError::Failed(format!("tpm key template: {e}")))?;
-        let (public, private) =
-            self.with_worker("generate", |pool, w| Worker::create(pool, w, template))?;
+        let (public, private) = self.with_worker("generate", |pool, w| {
+            Worker::create(pool, w, template.clone())
+        })?;
         let public_key_der = match key_type {
             KeyType::EcdsaP256 => Some(
                 objects::ec_point(&public)
@@ -321,7 +359,7 @@ impl KeyBackend for TpmBackend {
                     let sig = w
                         .ctx
                         .execute_with_session(Some(AuthSession::Password), |c| {
-                            c.sign(h, digest, SignatureScheme::Null, ticket)
+                            c.sign(h, digest.clone(), SignatureScheme::Null, ticket)
                         })?;
                     raw_ecdsa(sig)
                 })

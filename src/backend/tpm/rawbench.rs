@@ -34,7 +34,7 @@ pub fn measure(
     message: &[u8],
 ) -> Result<RawRate, String> {
     let pool = Arc::new(
-        Pool::open(&settings.tcti, threads, settings.owner_auth.as_ref())
+        Pool::open(&settings.tcti, threads, settings.owner_auth.as_ref(), false)
             .map_err(|e| format!("opening {threads} tpm contexts: {e}"))?,
     );
     let template = objects::template(key_type)

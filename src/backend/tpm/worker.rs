@@ -14,9 +14,12 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tss_esapi::handles::{KeyHandle, ObjectHandle};
+use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+use tss_esapi::constants::CapabilityType;
+use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::CapabilityData;
 use tss_esapi::structures::{Auth, Private, Public};
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::utils::TpmsContext;
@@ -59,12 +62,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
-    /// Open `size` contexts on `tcti`, each with the saved primary.
+    /// Open `size` contexts on `tcti`, each with the saved primary. With `reclaim`, first flush
+    /// every transient object the TPM holds: without a resource manager, objects of a process
+    /// that died stay loaded until the TPM restarts, and three of them fill swtpm.
     pub fn open(
         tcti: &str,
         size: usize,
         owner_auth: Option<&Zeroizing<Vec<u8>>>,
+        reclaim: bool,
     ) -> Result<Self, tss_esapi::Error> {
+        if reclaim {
+            let mut ctx = Context::new(tcti.parse()?)?;
+            let flushed = flush_transients(&mut ctx)?;
+            if flushed > 0 {
+                tracing::warn!(objects = flushed, "flushed objects left loaded in the tpm");
+            }
+        }
         let pool = Self {
             idle: Mutex::new(Vec::with_capacity(size)),
             freed: Condvar::new(),
@@ -76,6 +89,19 @@ impl Pool {
             lock(&pool.idle).push(w);
         }
         Ok(pool)
+    }
+
+    /// Unload every context's key (waiting briefly for busy ones); the contexts stay out of
+    /// the pool, so nothing loads again.
+    pub fn close(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut closed = 0;
+        while closed < self.size && Instant::now() < deadline {
+            if let Some(mut w) = self.take(Duration::from_millis(100)) {
+                w.unload();
+                closed += 1;
+            }
+        }
     }
 
     pub fn size(&self) -> usize {
@@ -130,6 +156,24 @@ impl Pool {
         w.loaded = Some((object.to_vec(), handle));
         Ok(handle)
     }
+}
+
+fn flush_transients(ctx: &mut Context) -> Result<usize, tss_esapi::Error> {
+    let (data, _) = ctx.execute_without_session(|c| {
+        c.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+    })?;
+    let CapabilityData::Handles(list) = data else {
+        return Ok(0);
+    };
+    let mut flushed = 0;
+    for h in list.into_inner() {
+        if let TpmHandle::Transient(_) = h {
+            let object = ctx.execute_without_session(|c| c.tr_from_tpm_public(h))?;
+            ctx.flush_context(object)?;
+            flushed += 1;
+        }
+    }
+    Ok(flushed)
 }
 
 impl Worker {
