@@ -487,23 +487,34 @@ mod tests {
         assert!(validate_tpm("swtpm:host=127.0.0.1,port=2321", Some(0)).is_err());
         assert_eq!(validate_tpm("device:/dev/tpmrm0", Some(8)), Ok(8));
         assert!(validate_tpm("carrier-pigeon:loft=3", None).is_err());
-        let raw: RawConfig = toml::from_str(
-            &include_str!("../provisioning/tillkeyd.example.toml").replace(
-                "type = \"pkcs11\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken = \"pkcs11:token=tillkey-dev\"\npin_file = \"pin\"",
-                "type = \"tpm\"\ntcti = \"device:/dev/tpmrm0\"\ncontexts = 4",
-            ),
-        )
-        .expect("tpm example parses");
+        // The commented TPM settings of the example, uncommented, form a valid backend.
+        let text = include_str!("../provisioning/tillkeyd.example.toml");
+        let (head, rest) = text.split_once("[backend]\n").unwrap();
+        let (backend, tail) = rest.split_once("[registry]").unwrap();
+        let tpm: String = backend
+            .lines()
+            .skip_while(|l| !l.starts_with("# type = \"tpm\""))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let raw: RawConfig = toml::from_str(&format!("{head}[backend]\n{tpm}[registry]{tail}"))
+            .expect("tpm example parses");
         assert!(matches!(
             raw.backend,
             RawBackend::Tpm {
-                contexts: Some(4),
+                contexts: Some(2),
+                owner_auth_file: Some(_),
                 ..
             }
         ));
         let dir = tempfile::tempdir().unwrap();
         let auth = dir.path().join("owner");
         std::fs::write(&auth, "").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert!(read_owner_auth(&auth).unwrap().is_none());
         std::fs::write(&auth, "s3cret\n").unwrap();
         assert_eq!(

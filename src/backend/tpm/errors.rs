@@ -89,3 +89,34 @@ pub fn translate(e: &Error, what: &str, tcti: &str) -> BackendError {
         Severity::Failed => BackendError::Failed(msg),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rc(code: u32) -> Error {
+        Error::Tss2Error(Tss2ResponseCode::from(code))
+    }
+
+    #[test]
+    fn transport_and_lost_state_are_fatal_full_tpm_is_busy() {
+        // TSS2_TCTI_RC_IO_ERROR: swtpm gone.
+        assert_eq!(severity(&rc(0x000a_000a)), Severity::Fatal);
+        assert!(matches!(
+            translate(&rc(0x000a_000a), "sign", "swtpm:port=1"),
+            BackendError::Unavailable(m) if m.contains("does not answer")
+        ));
+        // TPM_RC_INITIALIZE, TPM_RC_FAILURE.
+        assert_eq!(severity(&rc(0x100)), Severity::Fatal);
+        assert_eq!(severity(&rc(0x101)), Severity::Fatal);
+        // TPM_RC_OBJECT_MEMORY, TPM_RC_RETRY.
+        assert_eq!(severity(&rc(0x902)), Severity::Busy);
+        assert_eq!(severity(&rc(0x922)), Severity::Busy);
+        // TPM_RC_VALUE on parameter 1: this request's fault, the TPM is fine.
+        assert_eq!(severity(&rc(0x1c4)), Severity::Failed);
+        assert!(matches!(
+            translate(&rc(0x1c4), "sign", "x"),
+            BackendError::Failed(_)
+        ));
+    }
+}
