@@ -141,12 +141,13 @@ impl TpmBackend {
     fn with_worker<T>(
         &self,
         what: &str,
+        object: Option<&[u8]>,
         f: impl Fn(&Pool, &mut Worker) -> Result<T, OpError>,
     ) -> BackendResult<T> {
         let pool = self.current().ok_or_else(|| {
             BackendError::Unavailable(format!("tpm {} is reconnecting", self.settings.tcti))
         })?;
-        let mut w = pool.take(CONTEXT_WAIT).ok_or_else(|| {
+        let mut w = pool.take_for(CONTEXT_WAIT, object).ok_or_else(|| {
             BackendError::Unavailable(format!(
                 "all {} tpm contexts stayed busy for {CONTEXT_WAIT:?}",
                 pool.size()
@@ -200,7 +201,7 @@ impl TpmBackend {
         }
         let data = MaxBuffer::try_from(message.to_vec())
             .map_err(|e| BackendError::InvalidInput(format!("tpm {what}: {e}")))?;
-        self.with_worker(what, |pool, w| {
+        self.with_worker(what, Some(&key.object.0), |pool, w| {
             let h = pool.key(w, &key.object.0)?;
             let tag = w
                 .ctx
@@ -319,7 +320,7 @@ impl KeyBackend for TpmBackend {
         let template = objects::template(key_type)
             .ok_or_else(|| self.unsupported(&format!("hold {} keys", key_type.as_str())))?
             .map_err(|e| BackendError::Failed(format!("tpm key template: {e}")))?;
-        let (public, private) = self.with_worker("generate", |pool, w| {
+        let (public, private) = self.with_worker("generate", None, |pool, w| {
             Worker::create(pool, w, template.clone())
         })?;
         let public_key_der = match key_type {
@@ -347,7 +348,7 @@ impl KeyBackend for TpmBackend {
                 let digest = ring::digest::digest(&ring::digest::SHA256, message);
                 let digest = Digest::try_from(digest.as_ref().to_vec())
                     .map_err(|e| BackendError::Failed(format!("tpm sign: {e}")))?;
-                self.with_worker("sign", |pool, w| {
+                self.with_worker("sign", Some(&key.object.0), |pool, w| {
                     let h = pool.key(w, &key.object.0)?;
                     // An unrestricted key signs outside digests; the ticket is the null one.
                     let ticket = TPMT_TK_HASHCHECK {
@@ -415,7 +416,7 @@ impl KeyBackend for TpmBackend {
     /// Nothing of the key is stored in the TPM: the blob in the registry is the key. Unload it
     /// where it is loaded; the service stops using a destroyed version.
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
-        self.with_worker("destroy", |_, w| {
+        self.with_worker("destroy", Some(&key.object.0), |_, w| {
             w.forget(&key.object.0);
             Ok(())
         })

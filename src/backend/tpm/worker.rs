@@ -109,12 +109,30 @@ impl Pool {
     }
 
     pub fn take(&self, wait: Duration) -> Option<Worker> {
+        self.take_for(wait, None)
+    }
+
+    /// An idle context, preferably the one that has `object` loaded already, else one with
+    /// nothing loaded: hot keys (the audit key, a busy terminal's key) settle in a context each
+    /// instead of evicting one another.
+    pub fn take_for(&self, wait: Duration, object: Option<&[u8]>) -> Option<Worker> {
         let guard = lock(&self.idle);
         let (mut idle, _) = self
             .freed
             .wait_timeout_while(guard, wait, |idle| idle.is_empty())
             .unwrap_or_else(|p| p.into_inner());
-        idle.pop()
+        let holds = |w: &Worker| match (&w.loaded, object) {
+            (Some((blob, _)), Some(o)) => blob.as_slice() == o,
+            _ => false,
+        };
+        let pick = idle
+            .iter()
+            .position(holds)
+            .or_else(|| idle.iter().position(|w| w.loaded.is_none()));
+        match pick {
+            Some(i) => Some(idle.swap_remove(i)),
+            None => idle.pop(),
+        }
     }
 
     pub fn try_take(&self) -> Option<Worker> {
