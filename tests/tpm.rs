@@ -221,3 +221,64 @@ async fn keys_survive_a_tillkeyd_restart_and_a_swtpm_restart() {
     );
     assert!(text.contains("audit trail intact"), "{text}");
 }
+
+/// Transient objects the TPM holds, as `tpm2_getcap` (tpm2-tools) lists them.
+fn loaded_objects(env: &Env) -> usize {
+    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
+    let tcti = config
+        .lines()
+        .find_map(|l| l.strip_prefix("tcti = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let out = Command::new("tpm2_getcap")
+        .arg("handles-transient")
+        .env("TPM2TOOLS_TCTI", tcti)
+        .output()
+        .expect("tpm2_getcap (package tpm2-tools)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- 0x"))
+        .count()
+}
+
+/// swtpm has no resource manager: at most one key per context stays loaded while in use, idle
+/// keys are unloaded, and a stopped daemon leaves nothing behind.
+#[tokio::test]
+async fn the_tpm_holds_few_objects_and_none_after_a_stop() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    let mut svc = d.conn("service").await;
+    for i in 0..4 {
+        let name = format!("stores/4/pos/{i}/mac");
+        create(&d, &name, "hmac-sha256").await;
+        let (s, _) = post(
+            &mut svc,
+            &format!("/v1/keys/{name}:sign"),
+            json!({"message": b64(b"m")}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let busy = loaded_objects(&env);
+    assert!((1..=2).contains(&busy), "{busy} objects loaded");
+    d.wait_for("idle keys to be unloaded", Duration::from_secs(5), || {
+        loaded_objects(&env) == 0
+    });
+    let (s, _) = post(
+        &mut svc,
+        "/v1/keys/stores/4/pos/0/mac:sign",
+        json!({"message": b64(b"m")}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(loaded_objects(&env) >= 1);
+    drop(svc);
+    assert!(d.stop().success());
+    assert_eq!(loaded_objects(&env), 0, "the daemon left objects loaded");
+}
