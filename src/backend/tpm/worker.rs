@@ -47,10 +47,23 @@ pub struct Worker {
     /// The reference and handle of the key this context has loaded, if any.
     loaded: Option<(Vec<u8>, KeyHandle)>,
     last_used: Instant,
+    /// The key it held when taken from the pool (see [`Slots::in_use`]).
+    taken_with: Option<Vec<u8>>,
 }
 
+struct Slots {
+    idle: Vec<Worker>,
+    /// Keys loaded in contexts that are in use: a request for one of them waits for that
+    /// context rather than evicting another hot key from an idle one.
+    in_use: Vec<Vec<u8>>,
+}
+
+/// How long a request waits for the busy context that holds its key before loading the key
+/// elsewhere.
+const HOLDER_WAIT: Duration = Duration::from_millis(100);
+
 pub struct Pool {
-    idle: Mutex<Vec<Worker>>,
+    idle: Mutex<Slots>,
     freed: Condvar,
     size: usize,
     /// Held while the primary is loaded, so only one context loads it at a time.
@@ -79,14 +92,17 @@ impl Pool {
             }
         }
         let pool = Self {
-            idle: Mutex::new(Vec::with_capacity(size)),
+            idle: Mutex::new(Slots {
+                idle: Vec::with_capacity(size),
+                in_use: Vec::with_capacity(size),
+            }),
             freed: Condvar::new(),
             size,
             parent: Mutex::new(()),
         };
         for _ in 0..size {
             let w = Worker::open(tcti, owner_auth, &pool.parent)?;
-            lock(&pool.idle).push(w);
+            lock(&pool.idle).idle.push(w);
         }
         Ok(pool)
     }
@@ -112,36 +128,70 @@ impl Pool {
         self.take_for(wait, None)
     }
 
-    /// An idle context, preferably the one that has `object` loaded already, else one with
-    /// nothing loaded: hot keys (the audit key, a busy terminal's key) settle in a context each
-    /// instead of evicting one another.
+    /// An idle context: the one that has `object` loaded already; else, if a context in use
+    /// holds it, that one once it is free (briefly); else one with nothing loaded; else any.
+    /// Hot keys (the audit key, a busy terminal's key) so settle in a context each instead of
+    /// evicting one another.
     pub fn take_for(&self, wait: Duration, object: Option<&[u8]>) -> Option<Worker> {
-        let guard = lock(&self.idle);
-        let (mut idle, _) = self
-            .freed
-            .wait_timeout_while(guard, wait, |idle| idle.is_empty())
-            .unwrap_or_else(|p| p.into_inner());
-        let holds = |w: &Worker| match (&w.loaded, object) {
-            (Some((blob, _)), Some(o)) => blob.as_slice() == o,
-            _ => false,
-        };
-        let pick = idle
-            .iter()
-            .position(holds)
-            .or_else(|| idle.iter().position(|w| w.loaded.is_none()));
-        match pick {
-            Some(i) => Some(idle.swap_remove(i)),
-            None => idle.pop(),
+        let start = Instant::now();
+        let mut slots = lock(&self.idle);
+        loop {
+            let holds = |w: &Worker| match (&w.loaded, object) {
+                (Some((blob, _)), Some(o)) => blob.as_slice() == o,
+                _ => false,
+            };
+            let held_elsewhere = object.is_some_and(|o| slots.in_use.iter().any(|b| b == o))
+                && start.elapsed() < HOLDER_WAIT;
+            let pick = slots.idle.iter().position(holds).or_else(|| {
+                if held_elsewhere {
+                    None
+                } else {
+                    let empty = slots.idle.iter().position(|w| w.loaded.is_none());
+                    empty.or(slots.idle.len().checked_sub(1))
+                }
+            });
+            if let Some(i) = pick {
+                let mut w = slots.idle.swap_remove(i);
+                w.taken_with = w.loaded.as_ref().map(|(b, _)| b.clone());
+                if let Some(b) = &w.taken_with {
+                    slots.in_use.push(b.clone());
+                }
+                return Some(w);
+            }
+            let left = wait.checked_sub(start.elapsed())?;
+            let nap = if held_elsewhere {
+                left.min(HOLDER_WAIT)
+            } else {
+                left
+            };
+            slots = self
+                .freed
+                .wait_timeout(slots, nap)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
     pub fn try_take(&self) -> Option<Worker> {
-        lock(&self.idle).pop()
+        let mut slots = lock(&self.idle);
+        let mut w = slots.idle.pop()?;
+        w.taken_with = w.loaded.as_ref().map(|(b, _)| b.clone());
+        if let Some(b) = &w.taken_with {
+            slots.in_use.push(b.clone());
+        }
+        Some(w)
     }
 
-    pub fn give(&self, w: Worker) {
-        lock(&self.idle).push(w);
-        self.freed.notify_one();
+    pub fn give(&self, mut w: Worker) {
+        let mut slots = lock(&self.idle);
+        if let Some(b) = w.taken_with.take() {
+            if let Some(i) = slots.in_use.iter().position(|x| *x == b) {
+                slots.in_use.swap_remove(i);
+            }
+        }
+        slots.idle.push(w);
+        drop(slots);
+        self.freed.notify_all();
     }
 
     /// Run `f` with the primary loaded (and flushed afterwards, whatever `f` returned).
@@ -226,6 +276,7 @@ impl Worker {
             primary,
             loaded: None,
             last_used: Instant::now(),
+            taken_with: None,
         })
     }
 
