@@ -12,6 +12,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::backend::pkcs11::{Pkcs11Settings, TokenSelector};
+use crate::backend::tpm::TpmSettings;
 
 /// Largest request body the API accepts unless configured otherwise (64 KiB): enough for any
 /// message a retail flow signs, small enough that a flood of large bodies cannot exhaust memory.
@@ -103,6 +104,12 @@ enum RawBackend {
         pin_credential: Option<String>,
         sessions: Option<usize>,
     },
+    #[serde(rename = "tpm")]
+    Tpm {
+        tcti: String,
+        contexts: Option<usize>,
+        owner_auth_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +171,7 @@ pub struct TlsFiles {
 
 pub enum BackendConfig {
     Pkcs11(Pkcs11Settings),
+    Tpm(TpmSettings),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +290,22 @@ impl Config {
                     sessions,
                 })
             }
+            RawBackend::Tpm {
+                tcti,
+                contexts,
+                owner_auth_file,
+            } => {
+                let contexts = validate_tpm(&tcti, contexts)?;
+                let owner_auth = match owner_auth_file {
+                    Some(f) => read_owner_auth(&file("backend.owner_auth_file", &f)?)?,
+                    None => None,
+                };
+                BackendConfig::Tpm(TpmSettings {
+                    tcti,
+                    contexts,
+                    owner_auth,
+                })
+            }
         };
 
         let registry_url = match (raw.registry.sqlite, raw.registry.url) {
@@ -364,6 +388,59 @@ impl Config {
     }
 }
 
+/// Without a resource manager a TPM holds about three loaded objects for all its users; each
+/// context keeps one key loaded and one more slot is needed for the primary while loading.
+const TPM_CONTEXTS_WITHOUT_RM: usize = 2;
+
+/// Check the TCTI string and the context count for it; returns the count.
+fn validate_tpm(tcti: &str, contexts: Option<usize>) -> Result<usize, String> {
+    use std::str::FromStr;
+    tss_esapi::tcti_ldr::TctiNameConf::from_str(tcti).map_err(|_| {
+        format!("backend.tcti = '{tcti}': expected e.g. 'swtpm:host=127.0.0.1,port=2321' or 'device:/dev/tpmrm0'")
+    })?;
+    let has_rm = tcti.starts_with("device:/dev/tpmrm") || tcti.starts_with("tabrmd");
+    let contexts = contexts.unwrap_or(TPM_CONTEXTS_WITHOUT_RM);
+    let most = if has_rm { 64 } else { TPM_CONTEXTS_WITHOUT_RM };
+    if !(1..=most).contains(&contexts) {
+        return Err(format!(
+            "backend.contexts = {contexts}: must be between 1 and {most} for '{tcti}'{}",
+            if has_rm {
+                ""
+            } else {
+                " (a TPM without resource manager holds about three loaded objects in all)"
+            }
+        ));
+    }
+    Ok(contexts)
+}
+
+/// The owner hierarchy's authorization; an empty file means an empty authorization (as on
+/// swtpm and a fresh TPM). Refused if other users can read it, like a PIN file.
+fn read_owner_auth(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("owner auth file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o007 != 0 {
+        return Err(format!(
+            "owner auth file {} is accessible to other users; chmod o-rwx it",
+            path.display()
+        ));
+    }
+    let mut raw = Zeroizing::new(
+        std::fs::read(path).map_err(|e| format!("owner auth file {}: {e}", path.display()))?,
+    );
+    while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        raw.pop();
+    }
+    if raw.len() > 64 {
+        return Err(format!(
+            "owner auth file {}: longer than 64 bytes",
+            path.display()
+        ));
+    }
+    Ok((!raw.is_empty()).then_some(raw))
+}
+
 /// A systemd credential (`LoadCredential=`) lives in `$CREDENTIALS_DIRECTORY`.
 fn credential_path(name: &str) -> Result<PathBuf, String> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -411,6 +488,49 @@ mod tests {
         let raw: RawConfig = toml::from_str(text).expect("example config parses");
         assert_eq!(raw.server.listen, "127.0.0.1:8443");
         assert!(matches!(raw.backend, RawBackend::Pkcs11 { .. }));
+    }
+
+    #[test]
+    fn tpm_settings_are_checked() {
+        assert_eq!(validate_tpm("swtpm:host=127.0.0.1,port=2321", None), Ok(2));
+        assert!(validate_tpm("swtpm:host=127.0.0.1,port=2321", Some(3)).is_err());
+        assert!(validate_tpm("swtpm:host=127.0.0.1,port=2321", Some(0)).is_err());
+        assert_eq!(validate_tpm("device:/dev/tpmrm0", Some(8)), Ok(8));
+        assert!(validate_tpm("carrier-pigeon:loft=3", None).is_err());
+        // The commented TPM settings of the example, uncommented, form a valid backend.
+        let text = include_str!("../provisioning/tillkeyd.example.toml");
+        let (head, rest) = text.split_once("[backend]\n").unwrap();
+        let (backend, tail) = rest.split_once("[registry]").unwrap();
+        let tpm: String = backend
+            .lines()
+            .skip_while(|l| !l.starts_with("# type = \"tpm\""))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let raw: RawConfig = toml::from_str(&format!("{head}[backend]\n{tpm}[registry]{tail}"))
+            .expect("tpm example parses");
+        assert!(matches!(
+            raw.backend,
+            RawBackend::Tpm {
+                contexts: Some(2),
+                owner_auth_file: Some(_),
+                ..
+            }
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("owner");
+        std::fs::write(&auth, "").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert!(read_owner_auth(&auth).unwrap().is_none());
+        std::fs::write(&auth, "s3cret\n").unwrap();
+        assert_eq!(
+            read_owner_auth(&auth).unwrap().unwrap().as_slice(),
+            b"s3cret"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::tpm::TpmBackend;
 use crate::backend::SharedBackend;
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
 use crate::keys::KeyType;
@@ -96,6 +97,8 @@ async fn run(config: Config) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
+    // Kept to unload the TPM's objects at exit (see `TpmBackend::close`).
+    let mut tpm: Option<Arc<TpmBackend>> = None;
     let backend: SharedBackend = match config.backend {
         BackendConfig::Pkcs11(settings) => {
             let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
@@ -107,6 +110,19 @@ async fn run(config: Config) -> Result<(), Startup> {
                 sessions = opened.session_count(),
                 "pkcs11 token ready"
             );
+            opened
+        }
+        BackendConfig::Tpm(settings) => {
+            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings, true))
+                .await
+                .map_err(|e| Startup::Unavailable(e.to_string()))?
+                .map_err(Startup::Unavailable)?;
+            tracing::info!(
+                tcti = opened.tcti(),
+                contexts = opened.context_count(),
+                "tpm ready"
+            );
+            tpm = Some(opened.clone());
             opened
         }
     };
@@ -216,6 +232,9 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = admin_task.await;
     let _ = scheduler.await;
     state.service.shutdown().await;
+    if let Some(tpm) = tpm {
+        tpm.close();
+    }
     Ok(())
 }
 

@@ -6,126 +6,128 @@ use common::*;
 use hyper::Method;
 use serde_json::json;
 
-#[tokio::test]
-async fn sign_and_verify_with_every_signing_type() {
-    let env = Env::new();
-    let d = env.start();
-    let mut svc = d.conn("service").await;
-    for t in ["hmac-sha256", "ecdsa-p256", "ed25519"] {
-        let name = format!("stores/1/pos/1/{t}");
-        let created = create(&d, &name, t).await;
-        assert_eq!(created["type"], t);
-        assert_eq!(created["active_version"], 1);
-        let msg = b64(b"purchase 42: 12.50 EUR");
-        let (s, signed) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:sign"),
-            json!({"message": msg}),
-        )
-        .await;
-        assert_eq!(s, 200, "{signed}");
-        assert_eq!(signed["key_version"], 1);
-        let sig = signed["signature"].as_str().unwrap().to_owned();
-        let expected_len = match t {
-            "hmac-sha256" => 32..=32,
-            "ed25519" => 64..=64,
-            _ => 8..=72, // DER
-        };
-        assert!(
-            expected_len.contains(&unb64(&sig).len()),
-            "{t}: {} bytes",
-            unb64(&sig).len()
-        );
+on_each_backend! {
+    async fn sign_and_verify_with_every_signing_type(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let mut svc = d.conn("service").await;
+        for &t in backend.signing_types() {
+            let name = format!("stores/1/pos/1/{t}");
+            let created = create(&d, &name, t).await;
+            assert_eq!(created["type"], t);
+            assert_eq!(created["active_version"], 1);
+            let msg = b64(b"purchase 42: 12.50 EUR");
+            let (s, signed) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:sign"),
+                json!({"message": msg}),
+            )
+            .await;
+            assert_eq!(s, 200, "{signed}");
+            assert_eq!(signed["key_version"], 1);
+            let sig = signed["signature"].as_str().unwrap().to_owned();
+            let expected_len = match t {
+                "hmac-sha256" => 32..=32,
+                "ed25519" => 64..=64,
+                _ => 8..=72, // DER
+            };
+            assert!(
+                expected_len.contains(&unb64(&sig).len()),
+                "{t}: {} bytes",
+                unb64(&sig).len()
+            );
 
-        let verify = |m: &str, s: &str| json!({"message": m, "signature": s});
-        let (s, v) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:verify"),
-            verify(&msg, &sig),
-        )
-        .await;
-        assert_eq!(
-            (s, v["valid"].clone(), v["key_version"].clone()),
-            (200, json!(true), json!(1)),
-            "{t}"
-        );
+            let verify = |m: &str, s: &str| json!({"message": m, "signature": s});
+            let (s, v) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:verify"),
+                verify(&msg, &sig),
+            )
+            .await;
+            assert_eq!(
+                (s, v["valid"].clone(), v["key_version"].clone()),
+                (200, json!(true), json!(1)),
+                "{t}"
+            );
 
-        // A signature over another message, or a flipped bit, does not verify.
-        let other = b64(b"purchase 42: 99.50 EUR");
-        let (_, v) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:verify"),
-            verify(&other, &sig),
-        )
-        .await;
-        assert_eq!(v["valid"], false, "{t}: other message");
-        let mut bad = unb64(&sig);
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        let (s, v) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:verify"),
-            verify(&msg, &b64(&bad)),
-        )
-        .await;
-        assert_eq!(
-            (s, v["valid"].clone()),
-            (200, json!(false)),
-            "{t}: tampered signature"
-        );
-        let (s, v) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:verify"),
-            verify(&msg, &b64(b"short")),
-        )
-        .await;
-        assert_eq!(
-            (s, v["valid"].clone()),
-            (200, json!(false)),
-            "{t}: truncated signature"
-        );
+            // A signature over another message, or a flipped bit, does not verify.
+            let other = b64(b"purchase 42: 99.50 EUR");
+            let (_, v) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:verify"),
+                verify(&other, &sig),
+            )
+            .await;
+            assert_eq!(v["valid"], false, "{t}: other message");
+            let mut bad = unb64(&sig);
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            let (s, v) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:verify"),
+                verify(&msg, &b64(&bad)),
+            )
+            .await;
+            assert_eq!(
+                (s, v["valid"].clone()),
+                (200, json!(false)),
+                "{t}: tampered signature"
+            );
+            let (s, v) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:verify"),
+                verify(&msg, &b64(b"short")),
+            )
+            .await;
+            assert_eq!(
+                (s, v["valid"].clone()),
+                (200, json!(false)),
+                "{t}: truncated signature"
+            );
 
-        // Explicit version 1 verifies; an unknown version is a 404.
-        let mut body = verify(&msg, &sig);
-        body["key_version"] = json!(1);
-        let (_, v) = post(&mut svc, &format!("/v1/keys/{name}:verify"), body.clone()).await;
-        assert_eq!(v["valid"], true);
-        body["key_version"] = json!(7);
-        let r = post(&mut svc, &format!("/v1/keys/{name}:verify"), body).await;
-        assert_error(&r, 404, "not_found");
+            // Explicit version 1 verifies; an unknown version is a 404.
+            let mut body = verify(&msg, &sig);
+            body["key_version"] = json!(1);
+            let (_, v) = post(&mut svc, &format!("/v1/keys/{name}:verify"), body.clone()).await;
+            assert_eq!(v["valid"], true);
+            body["key_version"] = json!(7);
+            let r = post(&mut svc, &format!("/v1/keys/{name}:verify"), body).await;
+            assert_error(&r, 404, "not_found");
+        }
     }
 }
 
-#[tokio::test]
-async fn ecdsa_raw_format_round_trips_and_differs_from_der() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/2/ec", "ecdsa-p256").await;
-    let mut svc = d.conn("service").await;
-    let msg = b64(b"raw please");
-    let (_, raw) = post(
-        &mut svc,
-        "/v1/keys/stores/2/ec:sign",
-        json!({"message": msg, "signature_format": "raw"}),
-    )
-    .await;
-    let raw_sig = raw["signature"].as_str().unwrap();
-    assert_eq!(unb64(raw_sig).len(), 64);
-    let (_, v) = post(
-        &mut svc,
-        "/v1/keys/stores/2/ec:verify",
-        json!({"message": msg, "signature": raw_sig, "signature_format": "raw"}),
-    )
-    .await;
-    assert_eq!(v["valid"], true);
-    // The same raw bytes read as DER are not a valid signature.
-    let (_, v) = post(
-        &mut svc,
-        "/v1/keys/stores/2/ec:verify",
-        json!({"message": msg, "signature": raw_sig}),
-    )
-    .await;
-    assert_eq!(v["valid"], false);
+on_each_backend! {
+    async fn ecdsa_raw_format_round_trips_and_differs_from_der(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/2/ec", "ecdsa-p256").await;
+        let mut svc = d.conn("service").await;
+        let msg = b64(b"raw please");
+        let (_, raw) = post(
+            &mut svc,
+            "/v1/keys/stores/2/ec:sign",
+            json!({"message": msg, "signature_format": "raw"}),
+        )
+        .await;
+        let raw_sig = raw["signature"].as_str().unwrap();
+        assert_eq!(unb64(raw_sig).len(), 64);
+        let (_, v) = post(
+            &mut svc,
+            "/v1/keys/stores/2/ec:verify",
+            json!({"message": msg, "signature": raw_sig, "signature_format": "raw"}),
+        )
+        .await;
+        assert_eq!(v["valid"], true);
+        // The same raw bytes read as DER are not a valid signature.
+        let (_, v) = post(
+            &mut svc,
+            "/v1/keys/stores/2/ec:verify",
+            json!({"message": msg, "signature": raw_sig}),
+        )
+        .await;
+        assert_eq!(v["valid"], false);
+    }
 }
 
 #[tokio::test]
@@ -500,127 +502,131 @@ async fn malformed_oversized_and_misdirected_requests_get_clear_errors() {
     );
 }
 
-#[tokio::test]
-async fn duplicate_create_is_refused_and_keeps_the_original() {
-    let env = Env::new();
-    let d = env.start();
-    let first = create(&d, "stores/4/sig", "ed25519").await;
-    let mut officer = d.conn("officer").await;
-    // Replaying the same create, or the name with another type, changes nothing.
-    for t in ["ed25519", "hmac-sha256"] {
-        let r = post(
-            &mut officer,
-            "/v1/keys",
-            json!({"name": "stores/4/sig", "type": t}),
+on_each_backend! {
+    async fn duplicate_create_is_refused_and_keeps_the_original(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let first = create(&d, "stores/4/sig", "ecdsa-p256").await;
+        let mut officer = d.conn("officer").await;
+        // Replaying the same create, or the name with another type, changes nothing.
+        for t in ["ecdsa-p256", "hmac-sha256"] {
+            let r = post(
+                &mut officer,
+                "/v1/keys",
+                json!({"name": "stores/4/sig", "type": t}),
+            )
+            .await;
+            assert_error(&r, 409, "already_exists");
+        }
+        let (_, now) = get(&mut officer, "/v1/keys/stores/4/sig").await;
+        assert_eq!(now["versions"], first["versions"]);
+        assert_eq!(now["type"], "ecdsa-p256");
+    }
+}
+
+on_each_backend! {
+    async fn concurrent_creates_of_one_name_yield_exactly_one_key(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let client = d.client("officer");
+            tasks.push(tokio::spawn(async move {
+                let mut c = client.connect().await.unwrap();
+                post(
+                    &mut c,
+                    "/v1/keys",
+                    json!({"name": "stores/7/race", "type": "hmac-sha256"}),
+                )
+                .await
+                .0
+            }));
+        }
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.unwrap());
+        }
+        codes.sort();
+        assert_eq!(codes, [201, 409, 409, 409, 409, 409, 409, 409]);
+    }
+}
+
+on_each_backend! {
+    async fn keys_survive_a_daemon_restart(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let created = create(&d, "stores/8/ec", "ecdsa-p256").await;
+        let mut svc = d.conn("service").await;
+        let msg = b64(b"before restart");
+        let (_, signed) = post(
+            &mut svc,
+            "/v1/keys/stores/8/ec:sign",
+            json!({"message": msg}),
         )
         .await;
-        assert_error(&r, 409, "already_exists");
+        drop(svc);
+        assert!(d.stop().success());
+
+        let d = env.start();
+        let mut svc = d.conn("service").await;
+        let (_, mut k) = get(&mut svc, "/v1/keys/stores/8/ec").await;
+        // The usage count was persisted on shutdown; everything else is as created.
+        assert_eq!(k["versions"][0]["operations"], 1);
+        k["versions"][0]["operations"] = json!(0);
+        assert_eq!(k["versions"], created["versions"]);
+        let (_, v) = post(
+            &mut svc,
+            "/v1/keys/stores/8/ec:verify",
+            json!({"message": msg, "signature": signed["signature"]}),
+        )
+        .await;
+        assert_eq!(v["valid"], true);
     }
-    let (_, now) = get(&mut officer, "/v1/keys/stores/4/sig").await;
-    assert_eq!(now["versions"], first["versions"]);
-    assert_eq!(now["type"], "ed25519");
 }
 
-#[tokio::test]
-async fn concurrent_creates_of_one_name_yield_exactly_one_key() {
-    let env = Env::new();
-    let d = env.start();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let client = d.client("officer");
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.unwrap();
-            post(
-                &mut c,
-                "/v1/keys",
-                json!({"name": "stores/7/race", "type": "hmac-sha256"}),
-            )
-            .await
-            .0
-        }));
+on_each_backend! {
+    async fn many_concurrent_clients_share_the_session_pool(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/6/mac", "hmac-sha256").await;
+        create(&d, "stores/6/ec", "ecdsa-p256").await;
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let client = d.client("service");
+            tasks.push(tokio::spawn(async move {
+                let mut c = client.connect().await.unwrap();
+                let key = if i % 2 == 0 {
+                    "stores/6/mac"
+                } else {
+                    "stores/6/ec"
+                };
+                for j in 0..25 {
+                    let msg = b64(format!("{i}-{j}").as_bytes());
+                    let (s, sig) = post(
+                        &mut c,
+                        &format!("/v1/keys/{key}:sign"),
+                        json!({"message": msg}),
+                    )
+                    .await;
+                    assert_eq!(s, 200, "{sig}");
+                    let (_, v) = post(
+                        &mut c,
+                        &format!("/v1/keys/{key}:verify"),
+                        json!({"message": msg, "signature": sig["signature"]}),
+                    )
+                    .await;
+                    assert_eq!(v["valid"], true);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (_, metrics) = d.admin_get("/metrics");
+        assert!(
+            metrics.contains(r#"tillkey_requests_total{operation="sign",outcome="ok"} 800"#),
+            "{metrics}"
+        );
+        assert!(metrics.contains(r#"tillkey_requests_total{operation="verify",outcome="ok"} 800"#));
     }
-    let mut codes = Vec::new();
-    for t in tasks {
-        codes.push(t.await.unwrap());
-    }
-    codes.sort();
-    assert_eq!(codes, [201, 409, 409, 409, 409, 409, 409, 409]);
-}
-
-#[tokio::test]
-async fn keys_survive_a_daemon_restart() {
-    let env = Env::new();
-    let d = env.start();
-    let created = create(&d, "stores/8/ec", "ecdsa-p256").await;
-    let mut svc = d.conn("service").await;
-    let msg = b64(b"before restart");
-    let (_, signed) = post(
-        &mut svc,
-        "/v1/keys/stores/8/ec:sign",
-        json!({"message": msg}),
-    )
-    .await;
-    drop(svc);
-    assert!(d.stop().success());
-
-    let d = env.start();
-    let mut svc = d.conn("service").await;
-    let (_, mut k) = get(&mut svc, "/v1/keys/stores/8/ec").await;
-    // The usage count was persisted on shutdown; everything else is as created.
-    assert_eq!(k["versions"][0]["operations"], 1);
-    k["versions"][0]["operations"] = json!(0);
-    assert_eq!(k["versions"], created["versions"]);
-    let (_, v) = post(
-        &mut svc,
-        "/v1/keys/stores/8/ec:verify",
-        json!({"message": msg, "signature": signed["signature"]}),
-    )
-    .await;
-    assert_eq!(v["valid"], true);
-}
-
-#[tokio::test]
-async fn many_concurrent_clients_share_the_session_pool() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/6/mac", "hmac-sha256").await;
-    create(&d, "stores/6/ec", "ecdsa-p256").await;
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let client = d.client("service");
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.unwrap();
-            let key = if i % 2 == 0 {
-                "stores/6/mac"
-            } else {
-                "stores/6/ec"
-            };
-            for j in 0..25 {
-                let msg = b64(format!("{i}-{j}").as_bytes());
-                let (s, sig) = post(
-                    &mut c,
-                    &format!("/v1/keys/{key}:sign"),
-                    json!({"message": msg}),
-                )
-                .await;
-                assert_eq!(s, 200, "{sig}");
-                let (_, v) = post(
-                    &mut c,
-                    &format!("/v1/keys/{key}:verify"),
-                    json!({"message": msg, "signature": sig["signature"]}),
-                )
-                .await;
-                assert_eq!(v["valid"], true);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (_, metrics) = d.admin_get("/metrics");
-    assert!(
-        metrics.contains(r#"tillkey_requests_total{operation="sign",outcome="ok"} 800"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"tillkey_requests_total{operation="verify",outcome="ok"} 800"#));
 }

@@ -58,267 +58,270 @@ fn audit_verify(env: &Env) -> (Option<i32>, String) {
     )
 }
 
-#[tokio::test]
-async fn every_request_gets_an_entry_and_a_receipt_and_auditors_can_read_them() {
-    let env = Env::new();
-    let d = env.start();
-    let mut officer = d.conn("officer").await;
-    let (s, r1, _) = post_with_receipt(
-        &mut officer,
-        "/v1/keys",
-        json!({"name": "stores/1/mac", "type": "hmac-sha256"}),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let mut svc = d.conn("service").await;
-    let (s, r2, _) = post_with_receipt(
-        &mut svc,
-        "/v1/keys/stores/1/mac:sign",
-        json!({"message": b64(b"SECRET-BODY")}),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let mut stranger = d.conn("stranger").await;
-    let (s, r3, _) = post_with_receipt(
-        &mut stranger,
-        "/v1/keys/stores/1/mac:sign",
-        json!({"message": "aGk="}),
-    )
-    .await;
-    assert_eq!(s, 403);
-    let (s, r4, _) = post_with_receipt(
-        &mut officer,
-        "/v1/keys/stores/1/mac:revoke",
-        json!({"reason": "till 1 stolen"}),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let receipts: Vec<u64> = [r1, r2, r3, r4]
-        .iter()
-        .map(|r| r.expect("every answer carries a receipt"))
-        .collect();
-    assert!(receipts.windows(2).all(|w| w[0] < w[1]), "{receipts:?}");
-
-    let mut auditor = d.conn("auditor").await;
-    let (s, all) = get(&mut auditor, "/v1/audit?limit=1000").await;
-    assert_eq!(s, 200, "{all}");
-    let entries = all["entries"].as_array().unwrap();
-    let by_seq = |seq: u64| {
-        entries
-            .iter()
-            .find(|e| e["seq"] == seq)
-            .unwrap_or_else(|| panic!("no entry {seq}: {all}"))
-    };
-    let sign = by_seq(receipts[1]);
-    assert_eq!(
-        (
-            sign["identity"].as_str(),
-            sign["operation"].as_str(),
-            sign["key"].as_str()
-        ),
-        (
-            Some("spiffe://tillkey.test/svc/payments"),
-            Some("sign"),
-            Some("stores/1/mac")
-        )
-    );
-    assert_eq!(
-        (sign["version"].clone(), sign["outcome"].clone()),
-        (json!(1), json!("ok"))
-    );
-    assert_eq!(sign["mac"].as_str().unwrap().len(), 64);
-    let refused = by_seq(receipts[2]);
-    assert_eq!(
-        (refused["identity"].as_str(), refused["outcome"].as_str()),
-        (
-            Some("spiffe://tillkey.test/svc/stranger"),
-            Some("permission_denied")
-        )
-    );
-    assert_eq!(by_seq(receipts[3])["detail"], "till 1 stolen");
-    assert!(
-        !all.to_string().contains(&b64(b"SECRET-BODY")),
-        "a message body reached the audit trail"
-    );
-
-    // Filters.
-    let (_, mine) = get(
-        &mut auditor,
-        &format!(
-            "/v1/audit?identity=spiffe://tillkey.test/svc/stranger&since={}",
-            receipts[0]
-        ),
-    )
-    .await;
-    assert_eq!(mine["entries"].as_array().unwrap().len(), 1);
-    let (_, keyed) = get(&mut auditor, "/v1/audit?key=stores/1/mac").await;
-    assert_eq!(keyed["entries"].as_array().unwrap().len(), 4);
-    let (_, since) = get(&mut auditor, &format!("/v1/audit?since={}", receipts[3])).await;
-    assert!(since["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|e| e["seq"].as_u64().unwrap() > receipts[3]));
-    assert_error(
-        &get(&mut auditor, "/v1/audit?limit=0").await,
-        400,
-        "invalid_argument",
-    );
-    assert_error(
-        &get(&mut auditor, "/v1/audit?since=x").await,
-        400,
-        "invalid_argument",
-    );
-    assert_error(
-        &get(&mut auditor, "/v1/audit?order=desc").await,
-        400,
-        "invalid_argument",
-    );
-
-    // The auditor reads and does nothing else; others may not read the trail.
-    assert_error(
-        &post(&mut auditor, "/v1/keys/stores/1/mac:rotate", json!({})).await,
-        403,
-        "permission_denied",
-    );
-    assert_error(
-        &get(&mut auditor, "/v1/keys/stores/1/mac").await,
-        403,
-        "permission_denied",
-    );
-    assert_error(&get(&mut svc, "/v1/audit").await, 403, "permission_denied");
-    // The service's own keys are out of every client's reach.
-    assert_error(
-        &get(&mut officer, "/v1/keys/tillkey/audit").await,
-        403,
-        "permission_denied",
-    );
-    assert_error(
-        &post(&mut officer, "/v1/keys/tillkey/audit:rotate", json!({})).await,
-        403,
-        "permission_denied",
-    );
-    assert_error(
-        &post(
-            &mut officer,
-            "/v1/keys:revokePrefix",
-            json!({"prefix": "tillkey/", "reason": "x"}),
-        )
-        .await,
-        403,
-        "permission_denied",
-    );
-    assert_error(
-        &post(
+on_each_backend! {
+    async fn every_request_gets_an_entry_and_a_receipt_and_auditors_can_read_them(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let mut officer = d.conn("officer").await;
+        let (s, r1, _) = post_with_receipt(
             &mut officer,
             "/v1/keys",
-            json!({"name": "tillkey/mine", "type": "ed25519"}),
-        )
-        .await,
-        403,
-        "permission_denied",
-    );
-}
-
-#[tokio::test]
-async fn scheduled_changes_are_audited_too() {
-    let env = Env::new();
-    let d = env.start();
-    let mut officer = d.conn("officer").await;
-    post(&mut officer, "/v1/keys", json!({"name": "stores/2/mac", "type": "hmac-sha256", "rotation_period": "1s", "verify_grace": "1s"})).await;
-    let mut auditor = d.conn("auditor").await;
-    let mut found = false;
-    for _ in 0..100 {
-        let (_, v) = get(
-            &mut auditor,
-            "/v1/audit?key=stores/2/mac&identity=tillkeyd:scheduler",
+            json!({"name": "stores/1/mac", "type": "hmac-sha256"}),
         )
         .await;
-        let ops: Vec<&str> = v["entries"]
+        assert_eq!(s, 201);
+        let mut svc = d.conn("service").await;
+        let (s, r2, _) = post_with_receipt(
+            &mut svc,
+            "/v1/keys/stores/1/mac:sign",
+            json!({"message": b64(b"SECRET-BODY")}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let mut stranger = d.conn("stranger").await;
+        let (s, r3, _) = post_with_receipt(
+            &mut stranger,
+            "/v1/keys/stores/1/mac:sign",
+            json!({"message": "aGk="}),
+        )
+        .await;
+        assert_eq!(s, 403);
+        let (s, r4, _) = post_with_receipt(
+            &mut officer,
+            "/v1/keys/stores/1/mac:revoke",
+            json!({"reason": "till 1 stolen"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let receipts: Vec<u64> = [r1, r2, r3, r4]
+            .iter()
+            .map(|r| r.expect("every answer carries a receipt"))
+            .collect();
+        assert!(receipts.windows(2).all(|w| w[0] < w[1]), "{receipts:?}");
+
+        let mut auditor = d.conn("auditor").await;
+        let (s, all) = get(&mut auditor, "/v1/audit?limit=1000").await;
+        assert_eq!(s, 200, "{all}");
+        let entries = all["entries"].as_array().unwrap();
+        let by_seq = |seq: u64| {
+            entries
+                .iter()
+                .find(|e| e["seq"] == seq)
+                .unwrap_or_else(|| panic!("no entry {seq}: {all}"))
+        };
+        let sign = by_seq(receipts[1]);
+        assert_eq!(
+            (
+                sign["identity"].as_str(),
+                sign["operation"].as_str(),
+                sign["key"].as_str()
+            ),
+            (
+                Some("spiffe://tillkey.test/svc/payments"),
+                Some("sign"),
+                Some("stores/1/mac")
+            )
+        );
+        assert_eq!(
+            (sign["version"].clone(), sign["outcome"].clone()),
+            (json!(1), json!("ok"))
+        );
+        assert_eq!(sign["mac"].as_str().unwrap().len(), 64);
+        let refused = by_seq(receipts[2]);
+        assert_eq!(
+            (refused["identity"].as_str(), refused["outcome"].as_str()),
+            (
+                Some("spiffe://tillkey.test/svc/stranger"),
+                Some("permission_denied")
+            )
+        );
+        assert_eq!(by_seq(receipts[3])["detail"], "till 1 stolen");
+        assert!(
+            !all.to_string().contains(&b64(b"SECRET-BODY")),
+            "a message body reached the audit trail"
+        );
+
+        // Filters.
+        let (_, mine) = get(
+            &mut auditor,
+            &format!(
+                "/v1/audit?identity=spiffe://tillkey.test/svc/stranger&since={}",
+                receipts[0]
+            ),
+        )
+        .await;
+        assert_eq!(mine["entries"].as_array().unwrap().len(), 1);
+        let (_, keyed) = get(&mut auditor, "/v1/audit?key=stores/1/mac").await;
+        assert_eq!(keyed["entries"].as_array().unwrap().len(), 4);
+        let (_, since) = get(&mut auditor, &format!("/v1/audit?since={}", receipts[3])).await;
+        assert!(since["entries"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| e["operation"].as_str().unwrap())
-            .collect();
-        if ops.contains(&"rotate") && ops.contains(&"retire") {
-            found = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .all(|e| e["seq"].as_u64().unwrap() > receipts[3]));
+        assert_error(
+            &get(&mut auditor, "/v1/audit?limit=0").await,
+            400,
+            "invalid_argument",
+        );
+        assert_error(
+            &get(&mut auditor, "/v1/audit?since=x").await,
+            400,
+            "invalid_argument",
+        );
+        assert_error(
+            &get(&mut auditor, "/v1/audit?order=desc").await,
+            400,
+            "invalid_argument",
+        );
+
+        // The auditor reads and does nothing else; others may not read the trail.
+        assert_error(
+            &post(&mut auditor, "/v1/keys/stores/1/mac:rotate", json!({})).await,
+            403,
+            "permission_denied",
+        );
+        assert_error(
+            &get(&mut auditor, "/v1/keys/stores/1/mac").await,
+            403,
+            "permission_denied",
+        );
+        assert_error(&get(&mut svc, "/v1/audit").await, 403, "permission_denied");
+        // The service's own keys are out of every client's reach.
+        assert_error(
+            &get(&mut officer, "/v1/keys/tillkey/audit").await,
+            403,
+            "permission_denied",
+        );
+        assert_error(
+            &post(&mut officer, "/v1/keys/tillkey/audit:rotate", json!({})).await,
+            403,
+            "permission_denied",
+        );
+        assert_error(
+            &post(
+                &mut officer,
+                "/v1/keys:revokePrefix",
+                json!({"prefix": "tillkey/", "reason": "x"}),
+            )
+            .await,
+            403,
+            "permission_denied",
+        );
+        assert_error(
+            &post(
+                &mut officer,
+                "/v1/keys",
+                json!({"name": "tillkey/mine", "type": "ed25519"}),
+            )
+            .await,
+            403,
+            "permission_denied",
+        );
     }
-    assert!(found, "scheduler rotation and retirement were not audited");
 }
 
-#[tokio::test]
-async fn audit_verify_names_the_first_altered_removed_or_moved_entry() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/3/mac", "hmac-sha256").await;
-    let mut svc = d.conn("service").await;
-    for i in 0..20 {
-        post(
-            &mut svc,
-            "/v1/keys/stores/3/mac:sign",
-            json!({"message": b64(format!("m{i}").as_bytes())}),
-        )
-        .await;
+on_each_backend! {
+    async fn scheduled_changes_are_audited_too(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let mut officer = d.conn("officer").await;
+        post(&mut officer, "/v1/keys", json!({"name": "stores/2/mac", "type": "hmac-sha256", "rotation_period": "1s", "verify_grace": "1s"})).await;
+        let mut auditor = d.conn("auditor").await;
+        let mut found = false;
+        for _ in 0..100 {
+            let (_, v) = get(
+                &mut auditor,
+                "/v1/audit?key=stores/2/mac&identity=tillkeyd:scheduler",
+            )
+            .await;
+            let ops: Vec<&str> = v["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["operation"].as_str().unwrap())
+                .collect();
+            if ops.contains(&"rotate") && ops.contains(&"retire") {
+                found = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(found, "scheduler rotation and retirement were not audited");
     }
-    drop(svc);
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("audit trail intact: 21 entries"), "{out}");
-    assert!(d.stop().success());
-    let wal = env.path("registry.db-wal");
-    assert!(
-        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
-        "a clean stop leaves everything in the database file"
-    );
-    let db = env.path("registry.db");
-    let pristine = env.path("pristine.db");
-    std::fs::copy(&db, &pristine).unwrap();
-    let restore = || std::fs::copy(&pristine, &db).unwrap();
+}
 
-    sqlite(
-        &env,
-        "UPDATE audit SET identity = 'spiffe://tillkey.test/svc/innocent' WHERE seq = 5",
-    );
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("entry 5 was altered"), "{out}");
+on_each_backend! {
+    async fn audit_verify_names_the_first_altered_removed_or_moved_entry(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/3/mac", "hmac-sha256").await;
+        let mut svc = d.conn("service").await;
+        for i in 0..20 {
+            post(
+                &mut svc,
+                "/v1/keys/stores/3/mac:sign",
+                json!({"message": b64(format!("m{i}").as_bytes())}),
+            )
+            .await;
+        }
+        drop(svc);
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("audit trail intact: 21 entries"), "{out}");
+        assert!(d.stop().success());
+        let wal = env.path("registry.db-wal");
+        assert!(
+            !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+            "a clean stop leaves everything in the database file"
+        );
+        let db = env.path("registry.db");
+        let pristine = env.path("pristine.db");
+        std::fs::copy(&db, &pristine).unwrap();
+        let restore = || std::fs::copy(&pristine, &db).unwrap();
 
-    restore();
-    sqlite(&env, "DELETE FROM audit WHERE seq = 7");
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("entry 7 was removed"), "{out}");
+        sqlite(
+            &env,
+            "UPDATE audit SET identity = 'spiffe://tillkey.test/svc/innocent' WHERE seq = 5",
+        );
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("entry 5 was altered"), "{out}");
 
-    restore();
-    sqlite(&env, "UPDATE audit SET seq = -1 WHERE seq = 9; UPDATE audit SET seq = 9 WHERE seq = 10; UPDATE audit SET seq = 10 WHERE seq = -1;");
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("entry 9 was altered or moved"), "{out}");
+        restore();
+        sqlite(&env, "DELETE FROM audit WHERE seq = 7");
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("entry 7 was removed"), "{out}");
 
-    // A forged entry with a recomputed chain but no access to the token's key is caught too.
-    restore();
-    sqlite(&env, "UPDATE audit SET outcome = 'permission_denied', mac = '00' || substr(mac, 3) WHERE seq = 12");
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("entry 12"), "{out}");
+        restore();
+        sqlite(&env, "UPDATE audit SET seq = -1 WHERE seq = 9; UPDATE audit SET seq = 9 WHERE seq = 10; UPDATE audit SET seq = 10 WHERE seq = -1;");
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("entry 9 was altered or moved"), "{out}");
 
-    restore();
-    let (code, out) = audit_verify(&env);
-    assert_eq!(code, Some(0), "{out}");
-    let export = Command::new(TILLKEY)
-        .args(["audit", "export", "--config"])
-        .arg(env.path("tillkeyd.toml"))
-        .output()
-        .unwrap();
-    let lines: Vec<Value> = String::from_utf8_lossy(&export.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 21);
-    assert_eq!(lines[1]["operation"], "sign");
+        // A forged entry with a recomputed chain but no access to the token's key is caught too.
+        restore();
+        sqlite(&env, "UPDATE audit SET outcome = 'permission_denied', mac = '00' || substr(mac, 3) WHERE seq = 12");
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("entry 12"), "{out}");
+
+        restore();
+        let (code, out) = audit_verify(&env);
+        assert_eq!(code, Some(0), "{out}");
+        let export = Command::new(TILLKEY)
+            .args(["audit", "export", "--config"])
+            .arg(env.path("tillkeyd.toml"))
+            .output()
+            .unwrap();
+        let lines: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 21);
+        assert_eq!(lines[1]["operation"], "sign");
+    }
 }
 
 /// Concurrent requests share group commits: one seal (MAC in the token) per transaction, the
@@ -385,58 +388,59 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
     assert!(out.contains(&format!("entry {seq} was altered")), "{out}");
 }
 
-#[tokio::test]
-async fn nothing_is_answered_without_its_audit_entry() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/4/mac", "hmac-sha256").await;
-    let mut svc = d.conn("service").await;
-    let sign = json!({"message": b64(b"fail closed")});
-    assert_eq!(
-        post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone())
-            .await
-            .0,
-        200
-    );
+on_each_backend! {
+    async fn nothing_is_answered_without_its_audit_entry(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/4/mac", "hmac-sha256").await;
+        let mut svc = d.conn("service").await;
+        let sign = json!({"message": b64(b"fail closed")});
+        assert_eq!(
+            post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone())
+                .await
+                .0,
+            200
+        );
 
-    // The store starts refusing writes (as a full disk or broken volume would).
-    sqlite(&env, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit store refuses writes'); END;");
-    let r = post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone()).await;
-    assert_error(&r, 503, "unavailable");
-    assert!(r.1.get("signature").is_none());
-    let mut officer = d.conn("officer").await;
-    let r = post(
-        &mut officer,
-        "/v1/keys",
-        json!({"name": "stores/4/other", "type": "hmac-sha256"}),
-    )
-    .await;
-    assert_error(&r, 503, "unavailable");
-    let (status, why) = d.admin_get("/readyz");
-    assert_eq!(status, 503, "{why}");
-    assert!(
-        why.contains("audit") && why.contains("refuses writes"),
-        "{why}"
-    );
-    assert!(d.logs().iter().any(|l| l.contains("audit append failed")));
+        // The store starts refusing writes (as a full disk or broken volume would).
+        sqlite(&env, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit store refuses writes'); END;");
+        let r = post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone()).await;
+        assert_error(&r, 503, "unavailable");
+        assert!(r.1.get("signature").is_none());
+        let mut officer = d.conn("officer").await;
+        let r = post(
+            &mut officer,
+            "/v1/keys",
+            json!({"name": "stores/4/other", "type": "hmac-sha256"}),
+        )
+        .await;
+        assert_error(&r, 503, "unavailable");
+        let (status, why) = d.admin_get("/readyz");
+        assert_eq!(status, 503, "{why}");
+        assert!(
+            why.contains("audit") && why.contains("refuses writes"),
+            "{why}"
+        );
+        assert!(d.logs().iter().any(|l| l.contains("audit append failed")));
 
-    // The store accepts writes again: the scheduler's probe is written and readiness returns.
-    sqlite(&env, "DROP TRIGGER refuse_audit;");
-    d.wait_for(
-        "readiness after the audit store recovers",
-        Duration::from_secs(10),
-        || d.admin_get("/readyz").0 == 200,
-    );
-    assert_eq!(
-        post(&mut svc, "/v1/keys/stores/4/mac:sign", sign).await.0,
-        200
-    );
-    drop((svc, officer));
-    assert!(d.stop().success());
-    let (code, out) = audit_verify(&env);
-    assert_eq!(
-        code,
-        Some(0),
-        "the trail stays intact across the outage: {out}"
-    );
+        // The store accepts writes again: the scheduler's probe is written and readiness returns.
+        sqlite(&env, "DROP TRIGGER refuse_audit;");
+        d.wait_for(
+            "readiness after the audit store recovers",
+            Duration::from_secs(10),
+            || d.admin_get("/readyz").0 == 200,
+        );
+        assert_eq!(
+            post(&mut svc, "/v1/keys/stores/4/mac:sign", sign).await.0,
+            200
+        );
+        drop((svc, officer));
+        assert!(d.stop().success());
+        let (code, out) = audit_verify(&env);
+        assert_eq!(
+            code,
+            Some(0),
+            "the trail stays intact across the outage: {out}"
+        );
+    }
 }

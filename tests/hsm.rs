@@ -80,65 +80,66 @@ async fn generated_keys_are_sensitive_never_extractable_and_labelled() {
     assert!(!ok, "the secret key value was readable: {out}");
 }
 
-#[tokio::test]
-async fn openssl_verifies_signatures_against_the_published_public_keys() {
-    let env = Env::new();
-    let d = env.start();
-    let mut svc = d.conn("service").await;
-    let work = tempfile::tempdir().unwrap();
-    let msg = b"paid: purchase 0007, 4.20 EUR".to_vec();
-    let msg_path = work.path().join("msg");
-    write(&msg_path, &msg);
-    let other_path = work.path().join("other");
-    write(&other_path, b"paid: purchase 0007, 400.20 EUR");
+on_each_backend! {
+    async fn openssl_verifies_signatures_against_the_published_public_keys(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        let mut svc = d.conn("service").await;
+        let work = tempfile::tempdir().unwrap();
+        let msg = b"paid: purchase 0007, 4.20 EUR".to_vec();
+        let msg_path = work.path().join("msg");
+        write(&msg_path, &msg);
+        let other_path = work.path().join("other");
+        write(&other_path, b"paid: purchase 0007, 400.20 EUR");
 
-    for t in ["ecdsa-p256", "ed25519"] {
-        let name = format!("stores/1/{t}");
-        let created = create(&d, &name, t).await;
-        let pem = created["versions"][0]["public_key_pem"].as_str().unwrap();
-        let pub_path = work.path().join(format!("{t}.pem"));
-        write(&pub_path, pem);
-        let (_, signed) = post(
-            &mut svc,
-            &format!("/v1/keys/{name}:sign"),
-            json!({"message": b64(&msg)}),
-        )
-        .await;
-        let sig_path = work.path().join(format!("{t}.sig"));
-        write(&sig_path, unb64(signed["signature"].as_str().unwrap()));
-
-        let verify = |m: &std::path::Path| {
-            let mut cmd = Command::new("openssl");
-            if t == "ecdsa-p256" {
-                cmd.args(["dgst", "-sha256", "-verify"])
-                    .arg(&pub_path)
-                    .arg("-signature")
-                    .arg(&sig_path)
-                    .arg(m);
-            } else {
-                cmd.args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
-                    .arg(&pub_path)
-                    .arg("-sigfile")
-                    .arg(&sig_path)
-                    .arg("-in")
-                    .arg(m);
-            }
-            let out = cmd.output().expect("openssl");
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
+        for &t in backend.signing_types().iter().filter(|t| **t != "hmac-sha256") {
+            let name = format!("stores/1/{t}");
+            let created = create(&d, &name, t).await;
+            let pem = created["versions"][0]["public_key_pem"].as_str().unwrap();
+            let pub_path = work.path().join(format!("{t}.pem"));
+            write(&pub_path, pem);
+            let (_, signed) = post(
+                &mut svc,
+                &format!("/v1/keys/{name}:sign"),
+                json!({"message": b64(&msg)}),
             )
-        };
-        let (ok, out) = verify(&msg_path);
-        assert!(
-            ok && out.contains("Verified"),
-            "{t}: openssl refused: {out}"
-        );
-        let (ok, _) = verify(&other_path);
-        assert!(
-            !ok,
-            "{t}: openssl accepted a signature over another message"
-        );
+            .await;
+            let sig_path = work.path().join(format!("{t}.sig"));
+            write(&sig_path, unb64(signed["signature"].as_str().unwrap()));
+
+            let verify = |m: &std::path::Path| {
+                let mut cmd = Command::new("openssl");
+                if t == "ecdsa-p256" {
+                    cmd.args(["dgst", "-sha256", "-verify"])
+                        .arg(&pub_path)
+                        .arg("-signature")
+                        .arg(&sig_path)
+                        .arg(m);
+                } else {
+                    cmd.args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+                        .arg(&pub_path)
+                        .arg("-sigfile")
+                        .arg(&sig_path)
+                        .arg("-in")
+                        .arg(m);
+                }
+                let out = cmd.output().expect("openssl");
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            };
+            let (ok, out) = verify(&msg_path);
+            assert!(
+                ok && out.contains("Verified"),
+                "{t}: openssl refused: {out}"
+            );
+            let (ok, _) = verify(&other_path);
+            assert!(
+                !ok,
+                "{t}: openssl accepted a signature over another message"
+            );
+        }
     }
 }
 

@@ -213,45 +213,46 @@ async fn request_then_paid_with_per_pos_keys_verifies_independently_and_once() {
     assert!(String::from_utf8_lossy(&body).contains("<svg"));
 }
 
-#[tokio::test]
-async fn a_store_signing_key_makes_paid_tokens_a_pos_cannot_forge() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
-    let store_key = create(&d, "stores/1212/paid-sign", "ecdsa-p256").await;
-    let pem = store_key["versions"][0]["public_key_pem"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut svc = d.conn("service").await;
-    let req = issue_request(&mut svc, "P-7", 420).await;
-    let (s, paid) = post(
-        &mut svc,
-        "/v1/tokens/pos-paid:issue",
-        json!({"request_token": req["token"], "payment_ref": "R-7"}),
-    )
-    .await;
-    assert_eq!(s, 200, "{paid}");
-    assert_eq!(
-        (paid["kid"].as_str(), paid["key"].as_str()),
-        (Some("store#1"), Some("stores/1212/paid-sign"))
-    );
-    let pem_path = env.path("store.pem");
-    write(&pem_path, &pem);
-    let paid_token = paid["token"].as_str().unwrap();
-    let (ok, out) = pycose(paid_token, "--pem", pem_path.to_str().unwrap());
-    assert!(ok, "{out}");
-    println!(
-        "paid token (ES256): {} characters, QR version {}",
-        paid["chars"], paid["qr_version"]
-    );
-    assert!(paid["qr_version"].as_i64().unwrap() <= 10);
-    let (ok, _) = pycose(&tamper(paid_token), "--pem", pem_path.to_str().unwrap());
-    assert!(!ok, "a tampered signed token verified");
-    assert_eq!(
-        verify(&mut svc, "pos-paid", paid_token).await["valid"],
-        true
-    );
+on_each_backend! {
+    async fn a_store_signing_key_makes_paid_tokens_a_pos_cannot_forge(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
+        let store_key = create(&d, "stores/1212/paid-sign", "ecdsa-p256").await;
+        let pem = store_key["versions"][0]["public_key_pem"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut svc = d.conn("service").await;
+        let req = issue_request(&mut svc, "P-7", 420).await;
+        let (s, paid) = post(
+            &mut svc,
+            "/v1/tokens/pos-paid:issue",
+            json!({"request_token": req["token"], "payment_ref": "R-7"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{paid}");
+        assert_eq!(
+            (paid["kid"].as_str(), paid["key"].as_str()),
+            (Some("store#1"), Some("stores/1212/paid-sign"))
+        );
+        let pem_path = env.path("store.pem");
+        write(&pem_path, &pem);
+        let paid_token = paid["token"].as_str().unwrap();
+        let (ok, out) = pycose(paid_token, "--pem", pem_path.to_str().unwrap());
+        assert!(ok, "{out}");
+        println!(
+            "paid token (ES256): {} characters, QR version {}",
+            paid["chars"], paid["qr_version"]
+        );
+        assert!(paid["qr_version"].as_i64().unwrap() <= 10);
+        let (ok, _) = pycose(&tamper(paid_token), "--pem", pem_path.to_str().unwrap());
+        assert!(!ok, "a tampered signed token verified");
+        assert_eq!(
+            verify(&mut svc, "pos-paid", paid_token).await["valid"],
+            true
+        );
+    }
 }
 
 #[tokio::test]
@@ -397,34 +398,35 @@ async fn tampered_misdirected_revoked_expired_and_malformed_tokens_are_refused()
     );
 }
 
-#[tokio::test]
-async fn concurrent_checks_of_one_paid_token_succeed_exactly_once() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
-    create(&d, "stores/1212/pos/0001/qr-paid", "hmac-sha256").await;
-    let mut svc = d.conn("service").await;
-    let req = issue_request(&mut svc, "P-CONC", 100).await;
-    let (_, paid) = post(
-        &mut svc,
-        "/v1/tokens/pos-paid:issue",
-        json!({"request_token": req["token"], "payment_ref": "X"}),
-    )
-    .await;
-    let token = paid["token"].as_str().unwrap().to_owned();
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (client, token) = (d.client("service"), token.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.unwrap();
-            verify(&mut c, "pos-paid", &token).await["valid"] == true
-        }));
+on_each_backend! {
+    async fn concurrent_checks_of_one_paid_token_succeed_exactly_once(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
+        create(&d, "stores/1212/pos/0001/qr-paid", "hmac-sha256").await;
+        let mut svc = d.conn("service").await;
+        let req = issue_request(&mut svc, "P-CONC", 100).await;
+        let (_, paid) = post(
+            &mut svc,
+            "/v1/tokens/pos-paid:issue",
+            json!({"request_token": req["token"], "payment_ref": "X"}),
+        )
+        .await;
+        let token = paid["token"].as_str().unwrap().to_owned();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (client, token) = (d.client("service"), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = client.connect().await.unwrap();
+                verify(&mut c, "pos-paid", &token).await["valid"] == true
+            }));
+        }
+        let mut valid = 0;
+        for t in tasks {
+            valid += usize::from(t.await.unwrap());
+        }
+        assert_eq!(valid, 1);
     }
-    let mut valid = 0;
-    for t in tasks {
-        valid += usize::from(t.await.unwrap());
-    }
-    assert_eq!(valid, 1);
 }
 
 fn hex(b: &[u8]) -> String {

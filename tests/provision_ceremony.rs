@@ -119,6 +119,7 @@ dir = "policies"
     Env {
         dir,
         daemon_env: Vec::new(),
+        backend: Backend::Pkcs11,
     }
 }
 

@@ -23,94 +23,95 @@ fn device(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-#[tokio::test]
-async fn one_time_customer_tokens_redeem_once_with_uniform_refusals() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/1212/loyalty/otp", "hmac-sha256").await;
-    let mut svc = d.conn("service").await;
-    let (s, t) = post(
-        &mut svc,
-        "/v1/tokens/customer-otp:issue",
-        json!({"key": "stores/1212/loyalty/otp", "subject": "customer-42"}),
-    )
-    .await;
-    assert_eq!(s, 200, "{t}");
-    let token = t["token"].as_str().unwrap().to_owned();
-    assert!(
-        token.starts_with("TKC1:") && base45::decode(&token[5..]).unwrap().len() == 16,
-        "128 random bits"
-    );
-    let redeem = |tok: String| json!({"key": "stores/1212/loyalty/otp", "token": tok});
-    let (_, r) = post(
-        &mut svc,
-        "/v1/tokens/customer-otp:redeem",
-        redeem(token.clone()),
-    )
-    .await;
-    assert_eq!(
-        (r["redeemed"].clone(), r["subject"].clone()),
-        (json!(true), json!("customer-42"))
-    );
-
-    // Reused, unknown, expired and malformed tokens all get the very same answer.
-    let (_, expired) = post(
-        &mut svc,
-        "/v1/tokens/customer-otp:issue",
-        json!({"key": "stores/1212/loyalty/otp", "subject": "c", "ttl": 1}),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let refusal = json!({"redeemed": false, "reason": "invalid"});
-    for bad in [
-        token,
-        format!("TKC1:{}", base45::encode([7u8; 16])),
-        expired["token"].as_str().unwrap().to_owned(),
-        "TKC1:%%%".into(),
-        "nonsense".into(),
-    ] {
-        let (s, r) = post(
-            &mut svc,
-            "/v1/tokens/customer-otp:redeem",
-            redeem(bad.clone()),
-        )
-        .await;
-        assert_eq!((s, &r), (200, &refusal), "{bad}");
-    }
-
-    // Many clients redeeming one token: exactly one wins.
-    let (_, t) = post(
-        &mut svc,
-        "/v1/tokens/customer-otp:issue",
-        json!({"key": "stores/1212/loyalty/otp", "subject": "race"}),
-    )
-    .await;
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (client, body) = (
-            d.client("service"),
-            redeem(t["token"].as_str().unwrap().to_owned()),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.unwrap();
-            post(&mut c, "/v1/tokens/customer-otp:redeem", body).await.1["redeemed"] == true
-        }));
-    }
-    let mut wins = 0;
-    for t in tasks {
-        wins += usize::from(t.await.unwrap());
-    }
-    assert_eq!(wins, 1);
-    assert_error(
-        &post(
+on_each_backend! {
+    async fn one_time_customer_tokens_redeem_once_with_uniform_refusals(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/1212/loyalty/otp", "hmac-sha256").await;
+        let mut svc = d.conn("service").await;
+        let (s, t) = post(
             &mut svc,
             "/v1/tokens/customer-otp:issue",
-            json!({"key": "stores/1212/loyalty/otp", "subject": ""}),
+            json!({"key": "stores/1212/loyalty/otp", "subject": "customer-42"}),
         )
-        .await,
-        400,
-        "invalid_argument",
-    );
+        .await;
+        assert_eq!(s, 200, "{t}");
+        let token = t["token"].as_str().unwrap().to_owned();
+        assert!(
+            token.starts_with("TKC1:") && base45::decode(&token[5..]).unwrap().len() == 16,
+            "128 random bits"
+        );
+        let redeem = |tok: String| json!({"key": "stores/1212/loyalty/otp", "token": tok});
+        let (_, r) = post(
+            &mut svc,
+            "/v1/tokens/customer-otp:redeem",
+            redeem(token.clone()),
+        )
+        .await;
+        assert_eq!(
+            (r["redeemed"].clone(), r["subject"].clone()),
+            (json!(true), json!("customer-42"))
+        );
+
+        // Reused, unknown, expired and malformed tokens all get the very same answer.
+        let (_, expired) = post(
+            &mut svc,
+            "/v1/tokens/customer-otp:issue",
+            json!({"key": "stores/1212/loyalty/otp", "subject": "c", "ttl": 1}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let refusal = json!({"redeemed": false, "reason": "invalid"});
+        for bad in [
+            token,
+            format!("TKC1:{}", base45::encode([7u8; 16])),
+            expired["token"].as_str().unwrap().to_owned(),
+            "TKC1:%%%".into(),
+            "nonsense".into(),
+        ] {
+            let (s, r) = post(
+                &mut svc,
+                "/v1/tokens/customer-otp:redeem",
+                redeem(bad.clone()),
+            )
+            .await;
+            assert_eq!((s, &r), (200, &refusal), "{bad}");
+        }
+
+        // Many clients redeeming one token: exactly one wins.
+        let (_, t) = post(
+            &mut svc,
+            "/v1/tokens/customer-otp:issue",
+            json!({"key": "stores/1212/loyalty/otp", "subject": "race"}),
+        )
+        .await;
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (client, body) = (
+                d.client("service"),
+                redeem(t["token"].as_str().unwrap().to_owned()),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut c = client.connect().await.unwrap();
+                post(&mut c, "/v1/tokens/customer-otp:redeem", body).await.1["redeemed"] == true
+            }));
+        }
+        let mut wins = 0;
+        for t in tasks {
+            wins += usize::from(t.await.unwrap());
+        }
+        assert_eq!(wins, 1);
+        assert_error(
+            &post(
+                &mut svc,
+                "/v1/tokens/customer-otp:issue",
+                json!({"key": "stores/1212/loyalty/otp", "subject": ""}),
+            )
+            .await,
+            400,
+            "invalid_argument",
+        );
+    }
 }
 
 #[tokio::test]
@@ -401,152 +402,153 @@ async fn sealed_messages_refuse_replayed_and_older_counters() {
     assert_eq!(m["counter"], 1);
 }
 
-#[tokio::test]
-async fn gift_codes_store_no_secret_forgive_typing_lock_and_reissue() {
-    let env = Env::new();
-    let d = env.start();
-    create(&d, "stores/1212/giftcodes/pepper", "hmac-sha256").await;
-    let mut svc = d.conn("service").await;
-    let mut officer = d.conn("officer").await;
-    let key = "stores/1212/giftcodes/pepper";
-    let (s, g) = post(
-        &mut svc,
-        "/v1/giftcodes:issue",
-        json!({"key": key, "pin": true}),
-    )
-    .await;
-    assert_eq!(s, 201, "{g}");
-    let code = g["code"].as_str().unwrap().to_owned();
-    let pin = g["pin"].as_str().unwrap().to_owned();
-    assert_eq!((code.len(), pin.len()), (19, 6));
-    assert!(
-        code.split('-').all(|p| p.len() == 4
-            && p.bytes()
-                .all(|b| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&b))),
-        "{code}"
-    );
-    let check = |code: &str, pin: Option<&str>| json!({"key": key, "code": code, "pin": pin});
-    let invalid = json!({"valid": false, "reason": "invalid"});
-
-    let (_, v) = post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin))).await;
-    assert_eq!(
-        (v["valid"].clone(), v["id"].clone()),
-        (json!(true), g["id"].clone())
-    );
-    // What people type: lower case, no hyphens, l/I for 1 and o for 0.
-    let typed = code
-        .replace('-', " ")
-        .to_lowercase()
-        .replace('1', "l")
-        .replace('0', "o");
-    assert_eq!(
-        post(&mut svc, "/v1/giftcodes:check", check(&typed, Some(&pin)))
-            .await
-            .1["valid"],
-        true
-    );
-    // The store holds only HMACs: neither the code nor the PIN is in the database file.
-    let db = std::fs::read(env.path("registry.db")).unwrap();
-    let wal = std::fs::read(env.path("registry.db-wal")).unwrap_or_default();
-    for secret in [code.replace('-', ""), pin.clone()] {
-        let hay = [&db[..], &wal[..]].concat();
+on_each_backend! {
+    async fn gift_codes_store_no_secret_forgive_typing_lock_and_reissue(backend: Backend) {
+        let env = Env::on(backend);
+        let d = env.start();
+        create(&d, "stores/1212/giftcodes/pepper", "hmac-sha256").await;
+        let mut svc = d.conn("service").await;
+        let mut officer = d.conn("officer").await;
+        let key = "stores/1212/giftcodes/pepper";
+        let (s, g) = post(
+            &mut svc,
+            "/v1/giftcodes:issue",
+            json!({"key": key, "pin": true}),
+        )
+        .await;
+        assert_eq!(s, 201, "{g}");
+        let code = g["code"].as_str().unwrap().to_owned();
+        let pin = g["pin"].as_str().unwrap().to_owned();
+        assert_eq!((code.len(), pin.len()), (19, 6));
         assert!(
-            !hay.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{secret} stored in the clear"
+            code.split('-').all(|p| p.len() == 4
+                && p.bytes()
+                    .all(|b| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&b))),
+            "{code}"
         );
-    }
+        let check = |code: &str, pin: Option<&str>| json!({"key": key, "code": code, "pin": pin});
+        let invalid = json!({"valid": false, "reason": "invalid"});
 
-    // Wrong PINs lock the code after 5; then even the right PIN gets the same "invalid".
-    for _ in 0..5 {
+        let (_, v) = post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin))).await;
+        assert_eq!(
+            (v["valid"].clone(), v["id"].clone()),
+            (json!(true), g["id"].clone())
+        );
+        // What people type: lower case, no hyphens, l/I for 1 and o for 0.
+        let typed = code
+            .replace('-', " ")
+            .to_lowercase()
+            .replace('1', "l")
+            .replace('0', "o");
+        assert_eq!(
+            post(&mut svc, "/v1/giftcodes:check", check(&typed, Some(&pin)))
+                .await
+                .1["valid"],
+            true
+        );
+        // The store holds only HMACs: neither the code nor the PIN is in the database file.
+        let db = std::fs::read(env.path("registry.db")).unwrap();
+        let wal = std::fs::read(env.path("registry.db-wal")).unwrap_or_default();
+        for secret in [code.replace('-', ""), pin.clone()] {
+            let hay = [&db[..], &wal[..]].concat();
+            assert!(
+                !hay.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} stored in the clear"
+            );
+        }
+
+        // Wrong PINs lock the code after 5; then even the right PIN gets the same "invalid".
+        for _ in 0..5 {
+            assert_eq!(
+                post(
+                    &mut svc,
+                    "/v1/giftcodes:check",
+                    check(&code, Some("000000"))
+                )
+                .await
+                .1,
+                invalid
+            );
+        }
+        assert_eq!(
+            post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
+                .await
+                .1,
+            invalid
+        );
+        let id = g["id"].as_str().unwrap();
+        assert_error(
+            &post(&mut svc, &format!("/v1/giftcodes/{id}:unlock"), json!({})).await,
+            403,
+            "permission_denied",
+        );
+        let (s, _) = post(
+            &mut officer,
+            &format!("/v1/giftcodes/{id}:unlock"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
+                .await
+                .1["valid"],
+            true
+        );
+
+        // After a partial redemption: a new code; the old one stops at once.
+        let (s, re) = post(&mut svc, &format!("/v1/giftcodes/{id}:reissue"), json!({})).await;
+        assert_eq!(s, 200, "{re}");
+        assert_eq!(
+            post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
+                .await
+                .1,
+            invalid
+        );
+        let new_code = re["code"].as_str().unwrap();
+        let new_pin = re["pin"].as_str().unwrap();
         assert_eq!(
             post(
                 &mut svc,
                 "/v1/giftcodes:check",
-                check(&code, Some("000000"))
+                check(new_code, Some(new_pin))
+            )
+            .await
+            .1["valid"],
+            true
+        );
+        assert_error(
+            &post(&mut svc, &format!("/v1/giftcodes/{id}:reissue"), json!({})).await,
+            409,
+            "failed_precondition",
+        );
+        let new_id = re["id"].as_str().unwrap();
+        post(
+            &mut officer,
+            &format!("/v1/giftcodes/{new_id}:revoke"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(
+            post(
+                &mut svc,
+                "/v1/giftcodes:check",
+                check(new_code, Some(new_pin))
             )
             .await
             .1,
             invalid
         );
-    }
-    assert_eq!(
-        post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
-            .await
-            .1,
-        invalid
-    );
-    let id = g["id"].as_str().unwrap();
-    assert_error(
-        &post(&mut svc, &format!("/v1/giftcodes/{id}:unlock"), json!({})).await,
-        403,
-        "permission_denied",
-    );
-    let (s, _) = post(
-        &mut officer,
-        &format!("/v1/giftcodes/{id}:unlock"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(s, 200);
-    assert_eq!(
-        post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
-            .await
-            .1["valid"],
-        true
-    );
-
-    // After a partial redemption: a new code; the old one stops at once.
-    let (s, re) = post(&mut svc, &format!("/v1/giftcodes/{id}:reissue"), json!({})).await;
-    assert_eq!(s, 200, "{re}");
-    assert_eq!(
-        post(&mut svc, "/v1/giftcodes:check", check(&code, Some(&pin)))
-            .await
-            .1,
-        invalid
-    );
-    let new_code = re["code"].as_str().unwrap();
-    let new_pin = re["pin"].as_str().unwrap();
-    assert_eq!(
-        post(
-            &mut svc,
-            "/v1/giftcodes:check",
-            check(new_code, Some(new_pin))
-        )
-        .await
-        .1["valid"],
-        true
-    );
-    assert_error(
-        &post(&mut svc, &format!("/v1/giftcodes/{id}:reissue"), json!({})).await,
-        409,
-        "failed_precondition",
-    );
-    let new_id = re["id"].as_str().unwrap();
-    post(
-        &mut officer,
-        &format!("/v1/giftcodes/{new_id}:revoke"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(
-        post(
-            &mut svc,
-            "/v1/giftcodes:check",
-            check(new_code, Some(new_pin))
-        )
-        .await
-        .1,
-        invalid
-    );
-    // Unknown and malformed codes: the same answer.
-    for bad in ["AAAA-BBBB-CCCC-DDDD", "short", "UUUU-UUUU-UUUU-UUUU", ""] {
-        assert_eq!(
-            post(&mut svc, "/v1/giftcodes:check", check(bad, None))
-                .await
-                .1,
-            invalid,
-            "{bad}"
-        );
+        // Unknown and malformed codes: the same answer.
+        for bad in ["AAAA-BBBB-CCCC-DDDD", "short", "UUUU-UUUU-UUUU-UUUU", ""] {
+            assert_eq!(
+                post(&mut svc, "/v1/giftcodes:check", check(bad, None))
+                    .await
+                    .1,
+                invalid,
+                "{bad}"
+            );
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! blame the caller, the request, or the device.
 
 pub mod pkcs11;
+pub mod tpm;
 
 use std::sync::Arc;
 
@@ -131,16 +132,26 @@ pub trait KeyBackend: Send + Sync {
     ) -> BackendResult<GeneratedKey>;
 
     fn health(&self) -> Health;
+
+    /// Release what the device would otherwise keep after this process exits (a TPM without a
+    /// resource manager keeps loaded objects). Nothing to do for PKCS#11.
+    fn close(&self) {}
 }
 
 pub type SharedBackend = Arc<dyn KeyBackend>;
 
-/// Open the backend a configuration names. The daemon and the CLI commands that work on the
-/// device directly (`provision init`, `audit verify`, an HSM-held CA) share this one door.
-pub fn open(config: crate::config::BackendConfig) -> Result<SharedBackend, String> {
+/// Open the backend a configuration names for a CLI command that works on the device directly
+/// (`provision init`, `audit verify`, a device-held CA), possibly beside a running daemon: one
+/// TPM context, and no reclaiming of objects the daemon has loaded. Call
+/// [`KeyBackend::close`] before the process exits.
+pub fn open_for_tool(config: crate::config::BackendConfig) -> Result<SharedBackend, String> {
     match config {
         crate::config::BackendConfig::Pkcs11(settings) => {
             Ok(pkcs11::Pkcs11Backend::open(settings)? as SharedBackend)
+        }
+        crate::config::BackendConfig::Tpm(mut settings) => {
+            settings.contexts = 1;
+            Ok(tpm::TpmBackend::open(settings, false)? as SharedBackend)
         }
     }
 }

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::audit::{self, Entry};
-use crate::backend::pkcs11::Pkcs11Backend;
-use crate::backend::{KeyBackend, KeyRef, ObjectRef};
-use crate::config::{BackendConfig, Config, Overrides};
+use crate::backend::{KeyRef, ObjectRef};
+use crate::config::{Config, Overrides};
 use crate::daemon::AUDIT_KEY;
 use crate::keys::{KeyName, KeyType};
 use crate::registry::{hex_decode, Registry};
@@ -37,8 +36,7 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
         .iter()
         .map(|v| (v.version, v.object.clone()))
         .collect();
-    let BackendConfig::Pkcs11(settings) = config.backend;
-    let backend = Pkcs11Backend::open(settings)?;
+    let backend = crate::backend::open_for_tool(config.backend)?;
     let outcome = audit::verify_chain(&entries, |e| {
         let Some(object) = objects.get(&e.audit_key_version) else {
             return Ok(false);
@@ -56,8 +54,9 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
                 &mac,
             )
             .map_err(|e| e.to_string())
-    })?;
-    match outcome {
+    });
+    backend.close();
+    match outcome? {
         Ok(report) => {
             println!(
                 "audit trail intact: {} entries, head {}",

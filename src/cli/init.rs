@@ -25,11 +25,32 @@ pub async fn run(config_path: &Path, so_pin_file: Option<&Path>) -> Result<bool,
     let config =
         Config::load(config_path, &super::provisioning_overrides()).map_err(|e| e.to_string())?;
     let device = prepare_device(&config.backend, so_pin_file)?;
-    let backend = backend::open(config.backend).map_err(|e| match so_pin_file {
+    let registry_url = config.registry_url.clone();
+    let backend = backend::open_for_tool(config.backend).map_err(|e| match so_pin_file {
         None => format!("{e} (give --so-pin-file to initialise a new token)"),
         Some(_) => e,
     })?;
-    let registry = Registry::open(&config.registry_url)
+    let made = service_keys(&registry_url, &backend).await;
+    backend.close();
+    let (keys, import) = made?;
+    let report: Value = json!({
+        "device": device,
+        "service_keys": keys,
+        "import_wrapping_key": import,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    Ok(true)
+}
+
+/// The daemon's own keys, made if missing; what to print about them.
+async fn service_keys(
+    registry_url: &str,
+    backend: &backend::SharedBackend,
+) -> Result<(Vec<Value>, Value), String> {
+    let registry = Registry::open(registry_url)
         .await
         .map_err(|e| format!("registry: {e}"))?;
     let mut keys = Vec::new();
@@ -69,16 +90,7 @@ pub async fn run(config_path: &Path, so_pin_file: Option<&Path>) -> Result<bool,
         Err(e) => return Err(format!("import wrapping key: {e}")),
     };
     registry.close().await;
-    let report: Value = json!({
-        "device": device,
-        "service_keys": keys,
-        "import_wrapping_key": import,
-    });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
-    );
-    Ok(true)
+    Ok((keys, import))
 }
 
 /// Initialise the token if it does not exist yet; says what it found.
@@ -99,6 +111,14 @@ fn prepare_device(config: &BackendConfig, so_pin_file: Option<&Path>) -> Result<
                     json!({"token": label, "initialised_now": true})
                 }
             })
+        }
+        // A TPM needs no initialising: keys live under a primary the backend derives from a
+        // fixed template, so there is nothing to label and no PIN to set.
+        BackendConfig::Tpm(settings) => {
+            if so_pin_file.is_some() {
+                return Err("--so-pin-file applies to PKCS#11 tokens; a TPM has no SO PIN".into());
+            }
+            Ok(json!({"tpm": settings.tcti, "initialised_now": false}))
         }
     }
 }

@@ -38,6 +38,12 @@ struct DeviceKey {
     point: Vec<u8>,
 }
 
+impl Drop for DeviceKey {
+    fn drop(&mut self) {
+        self.backend.close();
+    }
+}
+
 impl RemoteKeyPair for DeviceKey {
     fn public_key(&self) -> &[u8] {
         &self.point
@@ -65,7 +71,7 @@ impl RemoteKeyPair for DeviceKey {
 fn open_device(config: &Path) -> Result<SharedBackend, String> {
     let config =
         Config::load(config, &crate::cli::provisioning_overrides()).map_err(|e| e.to_string())?;
-    backend::open(config.backend)
+    backend::open_for_tool(config.backend)
 }
 
 fn point_of(spki: &[u8]) -> Result<Vec<u8>, String> {
@@ -97,7 +103,10 @@ pub fn generate(config: &Path, dir: &Path, common_name: &str) -> Result<KeyPair,
             &format!("tillkey:pki-ca:{common_name}"),
             false,
         )
-        .map_err(|e| format!("generating the CA key in the device: {e}"))?;
+        .map_err(|e| {
+            backend.close();
+            format!("generating the CA key in the device: {e}")
+        })?;
     let spki = made
         .public_key_der
         .ok_or("the device returned no public key for the CA key")?;

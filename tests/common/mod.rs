@@ -1,6 +1,9 @@
-//! Test harness: a fresh SoftHSM token and development PKI per test (made by the same
-//! `softhsm-ci/dev-env` the quick start uses), the real `tillkeyd` binary on ephemeral ports, and
-//! the real mTLS client.
+//! Test harness: a fresh SoftHSM token (or a fresh swtpm) and development PKI per test (made by
+//! the same `softhsm-ci/dev-env` the quick start uses), the real `tillkeyd` binary on ephemeral
+//! ports, and the real mTLS client.
+//!
+//! Tests that hold for every backend are written once with [`on_each_backend!`], which runs the
+//! body against SoftHSM and against swtpm.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,11 +24,53 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where the keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SoftHSM token through PKCS#11.
+    Pkcs11,
+    /// A swtpm on free loopback ports through tss-esapi.
+    Tpm,
+}
+
+impl Backend {
+    /// The key types that sign (or MAC) on this backend.
+    pub fn signing_types(self) -> &'static [&'static str] {
+        match self {
+            Self::Pkcs11 => &["hmac-sha256", "ecdsa-p256", "ed25519"],
+            Self::Tpm => &["hmac-sha256", "ecdsa-p256"],
+        }
+    }
+}
+
+/// Run one test body against every backend: each becomes its own test (`NAME::pkcs11`,
+/// `NAME::tpm`), so a failure names the backend.
+#[macro_export]
+macro_rules! on_each_backend {
+    ($(#[$meta:meta])* async fn $name:ident($b:ident: Backend) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$meta])*
+            async fn body($b: Backend) $body
+            #[tokio::test]
+            async fn pkcs11() {
+                body(Backend::Pkcs11).await
+            }
+            #[tokio::test]
+            async fn tpm() {
+                body(Backend::Tpm).await
+            }
+        }
+    };
+}
+
 /// A development environment in a temporary directory.
 pub struct Env {
     pub dir: tempfile::TempDir,
     /// Extra environment for the daemon (e.g. the p11-kit proxy address).
     pub daemon_env: Vec<(String, String)>,
+    pub backend: Backend,
 }
 
 impl Env {
@@ -33,10 +78,23 @@ impl Env {
         Self::with_env(&[])
     }
 
+    /// An environment on `backend`; for the TPM a swtpm is started (and stopped on drop).
+    pub fn on(backend: Backend) -> Self {
+        Self::make(backend, &[])
+    }
+
     /// `vars` are passed to `dev-env` (e.g. `PKCS11_MODULE`).
     pub fn with_env(vars: &[(&str, &str)]) -> Self {
+        Self::make(Backend::Pkcs11, vars)
+    }
+
+    fn make(backend: Backend, vars: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(repo().join("softhsm-ci/dev-env"))
+        let mut cmd = Command::new(repo().join("softhsm-ci/dev-env"));
+        if backend == Backend::Tpm {
+            cmd.arg("--tpm");
+        }
+        let out = cmd
             .arg(dir.path())
             .env("TILLKEY_BIN", TILLKEY)
             .envs(vars.iter().copied())
@@ -50,7 +108,30 @@ impl Env {
         Self {
             dir,
             daemon_env: Vec::new(),
+            backend,
         }
+    }
+
+    /// Kill the environment's swtpm (SIGKILL: gone at once, as in a crash or power loss) and
+    /// wait until its port is closed.
+    pub fn swtpm_kill(&self) {
+        let pid = std::fs::read_to_string(self.path("swtpm.pid")).expect("swtpm.pid");
+        let pid = pid.trim().to_owned();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline, "swtpm {pid} did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.path("swtpm.pid"));
+    }
+
+    /// Start the environment's swtpm again, on the same ports and state.
+    pub fn swtpm_start(&self) {
+        let ok = Command::new(self.path("swtpm-start"))
+            .status()
+            .expect("swtpm-start");
+        assert!(ok.success(), "swtpm did not start again");
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -228,6 +309,14 @@ impl Daemon {
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.path("swtpm.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
         }
     }
 }

@@ -1,0 +1,284 @@
+//! What only the TPM backend has to show: refusals for what a TPM cannot do, recovery from a
+//! swtpm restart while clients sign, and keys that outlive both tillkeyd and the TPM's power.
+//! (Everything both backends do alike runs on both through `on_each_backend!` elsewhere.)
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hyper::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn key_types_and_operations_a_tpm_cannot_do_are_refused_by_name() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    let mut officer = d.conn("officer").await;
+    for t in ["aes256-gcm", "ed25519", "aes256-kw"] {
+        let r = post(
+            &mut officer,
+            "/v1/keys",
+            json!({"name": format!("stores/1/{t}"), "type": t}),
+        )
+        .await;
+        assert_error(&r, 422, "unsupported_operation");
+        let msg = r.1["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("tpm") && msg.contains(t), "{msg}");
+    }
+    // Keys are bound to the TPM: none can be made exportable.
+    let r = post(
+        &mut officer,
+        "/v1/keys",
+        json!({"name": "stores/1/terminal-mac", "type": "hmac-sha256", "exportable": true}),
+    )
+    .await;
+    assert_error(&r, 422, "unsupported_operation");
+    assert!(r.1["error"]["message"].as_str().unwrap().contains("tpm"));
+    // BYOK: there is no wrapping key, and an import that gets as far as approval is refused.
+    let r = get(&mut officer, "/v1/wrapping-key").await;
+    assert_error(&r, 422, "unsupported_operation");
+    assert!(r.1["error"]["message"].as_str().unwrap().contains("tpm"));
+    let body = json!({"name": "stores/1/imported", "type": "hmac-sha256",
+        "encrypted_kek": b64(&[1u8; 384]), "wrapped_key": b64(&[2u8; 40])});
+    let (s, req) = post(&mut officer, "/v1/keys:import", body).await;
+    assert_eq!(s, 202, "{req}");
+    let id = req["approval"]["id"].as_str().unwrap().to_owned();
+    let mut bob = d.conn("officer2").await;
+    let r = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
+    assert_error(&r, 422, "unsupported_operation");
+    let r = get(&mut officer, "/v1/keys/stores/1/imported").await;
+    assert_error(&r, 404, "not_found");
+    // None of that hurt the daemon.
+    assert_eq!(d.admin_get("/readyz").0, 200);
+    let created = create(&d, "stores/1/mac", "hmac-sha256").await;
+    assert_eq!(created["versions"][0]["kcv"].as_str().unwrap().len(), 6);
+}
+
+/// Sign continuously from several clients while the TPM dies and comes back: every answer is a
+/// good signature or a clean 503, readiness follows the TPM, and signing resumes (with the same
+/// keys) without restarting tillkeyd.
+#[tokio::test]
+async fn a_swtpm_restart_mid_signing_fails_cleanly_then_recovers() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    let pid = d.pid();
+    create(&d, "stores/2/mac", "hmac-sha256").await;
+    create(&d, "stores/2/ec", "ecdsa-p256").await;
+    let mut svc = d.conn("service").await;
+    let msg = b64(b"purchase 7");
+    let (_, before) = post(
+        &mut svc,
+        "/v1/keys/stores/2/mac:sign",
+        json!({"message": msg}),
+    )
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (client, stop) = (d.client("service"), stop.clone());
+        let key = if i % 2 == 0 {
+            "stores/2/mac"
+        } else {
+            "stores/2/ec"
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.unwrap();
+            let (mut ok, mut unavailable) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (s, v) = c
+                    .call(
+                        Method::POST,
+                        &format!("/v1/keys/{key}:sign"),
+                        Some(&json!({"message": b64(b"x")})),
+                    )
+                    .await
+                    .unwrap();
+                match s.as_u16() {
+                    200 => ok += 1,
+                    503 => {
+                        assert_eq!(v["error"]["code"], "unavailable", "{v}");
+                        unavailable += 1;
+                    }
+                    other => panic!("{key}: {other} {v}"),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, unavailable)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.swtpm_kill();
+    let not_ready = || d.admin_get("/readyz").0 == 503;
+    d.wait_for("readiness to drop", Duration::from_secs(10), not_ready);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.swtpm_start();
+    d.wait_for("readiness to return", Duration::from_secs(20), || {
+        d.admin_get("/readyz").0 == 200
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut unavailable) = (0, 0);
+    for t in tasks {
+        let (o, u) = t.await.unwrap();
+        ok += o;
+        unavailable += u;
+    }
+    assert!(unavailable > 0, "nothing saw the TPM gone");
+    assert!(ok > 0);
+
+    // Same daemon, same key: the tag over the same message is the same as before.
+    assert_eq!(d.pid(), pid);
+    let mut svc = d.conn("service").await;
+    let (s, after) = post(
+        &mut svc,
+        "/v1/keys/stores/2/mac:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    assert_eq!(s, 200, "{after}");
+    assert_eq!(after["signature"], before["signature"]);
+    let (s, _) = post(
+        &mut svc,
+        "/v1/keys/stores/2/ec:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, metrics) = d.admin_get("/metrics");
+    assert!(metrics.contains("tillkey_backend_ready 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn keys_survive_a_tillkeyd_restart_and_a_swtpm_restart() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    create(&d, "stores/3/mac", "hmac-sha256").await;
+    let ec = create(&d, "stores/3/ec", "ecdsa-p256").await;
+    let mut svc = d.conn("service").await;
+    let msg = b64(b"before both restarts");
+    let (_, tag) = post(
+        &mut svc,
+        "/v1/keys/stores/3/mac:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    let (_, sig) = post(
+        &mut svc,
+        "/v1/keys/stores/3/ec:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    drop(svc);
+    assert!(d.stop().success());
+    env.swtpm_kill();
+    env.swtpm_start();
+
+    let d = env.start();
+    let mut svc = d.conn("service").await;
+    let (_, again) = post(
+        &mut svc,
+        "/v1/keys/stores/3/mac:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    assert_eq!(again["signature"], tag["signature"]);
+    let (_, v) = post(
+        &mut svc,
+        "/v1/keys/stores/3/ec:verify",
+        json!({"message": msg, "signature": sig["signature"]}),
+    )
+    .await;
+    assert_eq!(v["valid"], true);
+    let (s, new_sig) = post(
+        &mut svc,
+        "/v1/keys/stores/3/ec:sign",
+        json!({"message": msg}),
+    )
+    .await;
+    assert_eq!(s, 200, "{new_sig}");
+    let (_, k) = get(&mut svc, "/v1/keys/stores/3/ec").await;
+    assert_eq!(
+        k["versions"][0]["public_key_pem"],
+        ec["versions"][0]["public_key_pem"]
+    );
+    drop(svc);
+    assert!(d.stop().success());
+
+    // The audit trail, MACed under a TPM key before and after, still verifies.
+    let out = Command::new(TILLKEY)
+        .args(["audit", "verify", "--config"])
+        .arg(env.path("tillkeyd.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("audit trail intact"), "{text}");
+}
+
+/// Transient objects the TPM holds, as `tpm2_getcap` (tpm2-tools) lists them.
+fn loaded_objects(env: &Env) -> usize {
+    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
+    let tcti = config
+        .lines()
+        .find_map(|l| l.strip_prefix("tcti = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let out = Command::new("tpm2_getcap")
+        .arg("handles-transient")
+        .env("TPM2TOOLS_TCTI", tcti)
+        .output()
+        .expect("tpm2_getcap (package tpm2-tools)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- 0x"))
+        .count()
+}
+
+/// swtpm has no resource manager: at most one key per context stays loaded while in use, idle
+/// keys are unloaded, and a stopped daemon leaves nothing behind.
+#[tokio::test]
+async fn the_tpm_holds_few_objects_and_none_after_a_stop() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    let mut svc = d.conn("service").await;
+    for i in 0..4 {
+        let name = format!("stores/4/pos/{i}/mac");
+        create(&d, &name, "hmac-sha256").await;
+        let (s, _) = post(
+            &mut svc,
+            &format!("/v1/keys/{name}:sign"),
+            json!({"message": b64(b"m")}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let busy = loaded_objects(&env);
+    assert!((1..=2).contains(&busy), "{busy} objects loaded");
+    d.wait_for("idle keys to be unloaded", Duration::from_secs(5), || {
+        loaded_objects(&env) == 0
+    });
+    let (s, _) = post(
+        &mut svc,
+        "/v1/keys/stores/4/pos/0/mac:sign",
+        json!({"message": b64(b"m")}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(loaded_objects(&env) >= 1);
+    drop(svc);
+    assert!(d.stop().success());
+    assert_eq!(loaded_objects(&env), 0, "the daemon left objects loaded");
+}
