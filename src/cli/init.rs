@@ -58,7 +58,7 @@ async fn service_keys(
         (AUDIT_KEY, KeyType::HmacSha256),
         (STATUS_KEY, KeyType::EcdsaP256),
     ] {
-        let key = ensure_service_key(&registry, &backend, name, key_type)
+        let key = ensure_service_key(&registry, backend, name, key_type)
             .await
             .map_err(|e| format!("{name}: {e} {}", e.internal_detail().unwrap_or("")))?;
         let v = key
