@@ -42,18 +42,36 @@ async fn key_types_and_operations_a_tpm_cannot_do_are_refused_by_name() {
     assert!(r.1["error"]["message"].as_str().unwrap().contains("tpm"));
     let body = json!({"name": "stores/1/imported", "type": "hmac-sha256",
         "encrypted_kek": b64(&[1u8; 384]), "wrapped_key": b64(&[2u8; 40])});
-    let (s, req) = post(&mut officer, "/v1/keys:import", body).await;
-    assert_eq!(s, 202, "{req}");
-    let id = req["approval"]["id"].as_str().unwrap().to_owned();
-    let mut bob = d.conn("officer2").await;
-    let r = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
+    // Refused when asked, before a second officer spends an approval on it.
+    let r = post(&mut officer, "/v1/keys:import", body).await;
     assert_error(&r, 422, "unsupported_operation");
+    assert!(r.1["error"]["message"].as_str().unwrap().contains("tpm"));
+    let (_, pending) = get(&mut officer, "/v1/approvals").await;
+    assert_eq!(
+        pending["approvals"].as_array().map(Vec::len),
+        Some(0),
+        "{pending}"
+    );
     let r = get(&mut officer, "/v1/keys/stores/1/imported").await;
     assert_error(&r, 404, "not_found");
     // None of that hurt the daemon.
     assert_eq!(d.admin_get("/readyz").0, 200);
     let created = create(&d, "stores/1/mac", "hmac-sha256").await;
     assert_eq!(created["versions"][0]["kcv"].as_str().unwrap().len(), 6);
+    // An audit entry far longer than one TPM2_HMAC command takes is still sealed: seals MAC the
+    // entry's digest, not the entry.
+    // (The longest name and the longest reason the API accepts, escaped where JSON must.)
+    let long = format!("stores/{}/{}", "a".repeat(60), "b".repeat(60));
+    create(&d, &long, "hmac-sha256").await;
+    let reason = "\"".repeat(500);
+    let r = post(
+        &mut officer,
+        &format!("/v1/keys/{long}:revoke"),
+        json!({"version": 1, "reason": reason}),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{}", r.1);
+    assert_eq!(d.admin_get("/readyz").0, 200);
 }
 
 /// Sign continuously from several clients while the TPM dies and comes back: every answer is a

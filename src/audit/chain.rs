@@ -2,11 +2,11 @@
 //!
 //! Format: every entry carries `prev`, the SHA-256 of the entry before it (canonical form plus
 //! MAC text). The writer seals each group commit: the last entry of every transaction carries an
-//! HMAC-SHA256 under the audit key in the token over its canonical form; the other entries of
+//! HMAC-SHA256 under the audit key in the token over the SHA-256 of its canonical form (a fixed
+//! 32-byte input, which every backend can MAC in one call); the other entries of
 //! that transaction carry an empty `mac`. Because the sealed entry's canonical form holds `prev`,
-//! the seal covers every entry before it through the chain. (Trails written before seals
-//! existed have a MAC on every entry: every entry is then its own seal, and they verify
-//! unchanged.) The seal is what costs a device call, so one per transaction instead of one per
+//! the seal covers every entry before it through the chain. (An entry whose `mac` is set is a
+//! seal wherever it stands, so a trail with a MAC on every entry verifies too.) The seal is what costs a device call, so one per transaction instead of one per
 //! entry is most of what makes auditing every request affordable.
 
 use serde::Serialize;
@@ -30,7 +30,7 @@ pub struct Entry {
     pub audit_key_version: u32,
     /// SHA-256 (hex) of the previous entry's canonical form including its MAC.
     pub prev: String,
-    /// HMAC-SHA256 (hex) over the canonical form, under the audit key in the token, on the last
+    /// HMAC-SHA256 (hex) over the canonical form's SHA-256, under the audit key in the token, on the last
     /// entry of each transaction (the seal); empty on the others.
     #[serde(skip)]
     pub mac: String,
@@ -68,6 +68,15 @@ impl Entry {
             prev: &self.prev,
         })
         .unwrap_or_default()
+    }
+
+    /// What a seal MACs: the SHA-256 of the canonical form, so the input has a fixed size
+    /// whatever an entry holds (a TPM MACs at most 1024 bytes in one command, and a long revoke
+    /// reason must not make the trail unwritable).
+    pub fn seal_input(&self) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, &self.canonical())
+            .as_ref()
+            .to_vec()
     }
 
     /// What the next entry's `prev` must be.

@@ -223,7 +223,7 @@ impl Writer {
                             key_type: KeyType::HmacSha256,
                             object: &self.key.object,
                         },
-                        &e.canonical(),
+                        &e.seal_input(),
                     )
                     .map_err(|e| format!("MAC in the token: {e}"))?;
                 e.mac = chain::hex(&mac);

@@ -50,7 +50,7 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
                     key_type: KeyType::HmacSha256,
                     object,
                 },
-                &e.canonical(),
+                &e.seal_input(),
                 &mac,
             )
             .map_err(|e| e.to_string())

@@ -110,6 +110,9 @@ impl Service {
                 "key '{name}' already exists"
             )));
         }
+        // A backend that cannot import (a TPM) says so now, not after a second officer has
+        // spent an approval on it. The wrapping key exists once made, so this costs a lookup.
+        self.backend.import_wrapping_key()?;
         // RFC 5649 output is the material rounded up to 8 bytes plus 8: the blob's length says
         // how long the material is, so a 16-byte key cannot slip in as an AES-256 key.
         let allowed = if key_type == crate::keys::KeyType::HmacSha256 {
