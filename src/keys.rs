@@ -83,15 +83,20 @@ pub enum KeyType {
     /// A transport (key-encryption) key: wraps keys for export to a terminal, nothing else.
     #[serde(rename = "aes256-kw")]
     Aes256Kw,
+    /// A master key that only derives per-terminal keys inside the device (see
+    /// `crate::backend::Derivation`); it signs, encrypts and wraps nothing itself.
+    #[serde(rename = "aes256-derive")]
+    Aes256Derive,
 }
 
 impl KeyType {
-    pub const ALL: [KeyType; 5] = [
+    pub const ALL: [KeyType; 6] = [
         KeyType::HmacSha256,
         KeyType::EcdsaP256,
         KeyType::Ed25519,
         KeyType::Aes256Gcm,
         KeyType::Aes256Kw,
+        KeyType::Aes256Derive,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +106,7 @@ impl KeyType {
             KeyType::Ed25519 => "ed25519",
             KeyType::Aes256Gcm => "aes256-gcm",
             KeyType::Aes256Kw => "aes256-kw",
+            KeyType::Aes256Derive => "aes256-derive",
         }
     }
 
@@ -127,6 +133,17 @@ impl KeyType {
 
     pub fn encrypts(self) -> bool {
         matches!(self, KeyType::Aes256Gcm)
+    }
+
+    /// Master keys, which only derive other keys.
+    pub fn derives(self) -> bool {
+        matches!(self, KeyType::Aes256Derive)
+    }
+
+    /// Types a key derived from a master may have: symmetric keys the device can derive
+    /// directly as a secret of the right length.
+    pub fn derivable(self) -> bool {
+        matches!(self, KeyType::HmacSha256 | KeyType::Aes256Gcm)
     }
 }
 

@@ -20,6 +20,14 @@ pub struct CreateKey {
     pub verify_grace: Option<String>,
     pub max_operations: Option<u64>,
     pub exportable: Option<bool>,
+    /// Name of an `aes256-derive` master: the key is derived from it, not stored.
+    pub derive_from: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchCreate {
+    pub keys: Vec<CreateKey>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +266,8 @@ pub struct KeyView {
     pub verify_grace: String,
     pub max_operations: Option<u64>,
     pub exportable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derive_from: Option<String>,
     pub active_version: Option<u32>,
     pub versions: Vec<VersionView>,
 }
@@ -278,6 +288,15 @@ pub struct VersionView {
     pub kcv: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
+    /// For derived versions: the master version and KDF that make it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derivation: Option<DerivationView>,
+}
+
+#[derive(Serialize)]
+pub struct DerivationView {
+    pub master_version: u32,
+    pub kdf: &'static str,
 }
 
 impl KeyView {
@@ -291,6 +310,7 @@ impl KeyView {
             verify_grace: format_duration(k.lifecycle.verify_grace),
             max_operations: k.lifecycle.max_operations,
             exportable: k.lifecycle.exportable,
+            derive_from: k.derive_from.as_ref().map(|m| m.to_string()),
             active_version: k.active().map(|v| v.version),
             versions: k
                 .versions
@@ -309,6 +329,10 @@ impl KeyView {
                         .public_key_der
                         .as_deref()
                         .map(|der| encoding::pem("PUBLIC KEY", der)),
+                    derivation: v.derivation.map(|d| DerivationView {
+                        master_version: d.master_version,
+                        kdf: d.kdf.as_str(),
+                    }),
                 })
                 .collect(),
         }

@@ -1,6 +1,7 @@
 //! The network front: the mutual-TLS API listener and the plain admin listener.
 
 mod admin;
+mod batch;
 mod handlers;
 mod json;
 mod routes;

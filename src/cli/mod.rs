@@ -168,6 +168,9 @@ enum ProvisionCommand {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+        /// Keys per `batchCreate` request (1 to 1000).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
     },
 }
 
@@ -336,8 +339,8 @@ pub fn main() -> ExitCode {
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
-        Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel }) => {
-            runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel)))
+        Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel, batch }) => {
+            runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel, batch)))
         }
         Command::Audit(AuditCommand::Verify { config }) => {
             runtime().and_then(|rt| rt.block_on(audit::verify(&config)))

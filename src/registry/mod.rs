@@ -11,14 +11,16 @@ pub mod approvals;
 pub mod purchases;
 pub mod retail;
 
+mod deadlines;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::backend::ObjectRef;
+use crate::backend::{Kdf, ObjectRef};
 use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +50,46 @@ pub struct VersionRecord {
     pub public_key_der: Option<Vec<u8>>,
     /// Key check value (hex) of symmetric keys.
     pub kcv: Option<String>,
-    /// Operations performed (sign, MAC, encrypt). Shared by every snapshot of this version and
-    /// written to the database by [`Registry::flush_usage`], not on every operation.
-    pub operations: Arc<AtomicU64>,
-    persisted_operations: Arc<AtomicU64>,
+    /// For a version derived from a master key: which master version and KDF made it.
+    pub derivation: Option<Derivation>,
+    /// Operations performed (sign, MAC, encrypt), readable as an `AtomicU64`. Shared by every
+    /// snapshot of this version and written to the database by [`Registry::flush_usage`], not on
+    /// every operation.
+    pub operations: Arc<Usage>,
+}
+
+/// How a derived version was made. The master's key material is named by the version's
+/// backend reference; this is the record for people and for the master's own life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Derivation {
+    pub master_version: u32,
+    pub kdf: Kdf,
+}
+
+/// Use count of one version, with what the database last saw and whether it waits in the
+/// flush queue (so a flush visits only versions used since the last one).
+#[derive(Debug, Default)]
+pub struct Usage {
+    count: AtomicU64,
+    persisted: AtomicU64,
+    queued: AtomicBool,
+}
+
+impl Usage {
+    fn new(count: u64) -> Self {
+        Self {
+            count: AtomicU64::new(count),
+            persisted: AtomicU64::new(count),
+            queued: AtomicBool::new(false),
+        }
+    }
+}
+
+impl std::ops::Deref for Usage {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.count
+    }
 }
 
 impl VersionRecord {
@@ -73,8 +111,8 @@ impl VersionRecord {
             object,
             public_key_der,
             kcv: None,
-            operations: Arc::new(AtomicU64::new(0)),
-            persisted_operations: Arc::new(AtomicU64::new(0)),
+            derivation: None,
+            operations: Arc::new(Usage::new(0)),
         }
     }
 
@@ -106,6 +144,8 @@ pub struct KeyRecord {
     pub lifecycle: Lifecycle,
     pub created_at: i64,
     pub created_by: String,
+    /// The master key (`aes256-derive`) this key's versions are derived from, if any.
+    pub derive_from: Option<KeyName>,
     pub versions: Vec<VersionRecord>,
 }
 
@@ -134,7 +174,8 @@ const SCHEMA: &[&str] = &[
         rotation_period BIGINT,
         verify_grace BIGINT NOT NULL,
         max_operations BIGINT,
-        exportable BIGINT NOT NULL)",
+        exportable BIGINT NOT NULL,
+        derive_from TEXT)",
     "CREATE TABLE IF NOT EXISTS key_versions (
         name TEXT NOT NULL REFERENCES keys(name),
         version BIGINT NOT NULL,
@@ -148,13 +189,26 @@ const SCHEMA: &[&str] = &[
         object_ref TEXT NOT NULL,
         public_key TEXT,
         kcv TEXT,
+        kdf TEXT,
+        master_version BIGINT,
         PRIMARY KEY (name, version))",
+];
+
+/// Columns added after the first release, for databases made before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("keys", "derive_from", "TEXT"),
+    ("key_versions", "kdf", "TEXT"),
+    ("key_versions", "master_version", "BIGINT"),
 ];
 
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
     index: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
+    /// When each key next needs the scheduler, so a pass visits only keys that are due.
+    deadlines: Mutex<deadlines::Deadlines>,
+    /// Versions used since the last usage flush.
+    used: Mutex<Vec<(KeyName, u32, Arc<Usage>)>>,
 }
 
 impl Registry {
@@ -176,11 +230,7 @@ impl Registry {
             .connect(url)
             .await?;
         if !maintain {
-            let registry = Self {
-                pool,
-                is_sqlite: url.starts_with("sqlite:"),
-                index: RwLock::new(BTreeMap::new()),
-            };
+            let registry = Self::empty(pool, url);
             registry.load().await?;
             return Ok(registry);
         }
@@ -196,6 +246,14 @@ impl Registry {
         {
             sqlx::query(stmt).execute(&pool).await?;
         }
+        for (table, column, ty) in ADDED_COLUMNS {
+            let probe = format!("SELECT {column} FROM {table} LIMIT 1");
+            if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {
+                sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+                    .execute(&pool)
+                    .await?;
+            }
+        }
         // A crash between reserving a name and recording its first version leaves a key with no
         // versions; it never served, so it is dropped to free the name.
         let orphans = sqlx::query(
@@ -209,18 +267,24 @@ impl Registry {
                 "dropped keys reserved but never generated"
             );
         }
-        let registry = Self {
-            pool,
-            is_sqlite: url.starts_with("sqlite:"),
-            index: RwLock::new(BTreeMap::new()),
-        };
+        let registry = Self::empty(pool, url);
         registry.load().await?;
         Ok(registry)
     }
 
+    fn empty(pool: AnyPool, url: &str) -> Self {
+        Self {
+            pool,
+            is_sqlite: url.starts_with("sqlite:"),
+            index: RwLock::new(BTreeMap::new()),
+            deadlines: Mutex::new(Default::default()),
+            used: Mutex::new(Vec::new()),
+        }
+    }
+
     async fn load(&self) -> Result<(), RegistryError> {
         let keys = sqlx::query(
-            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable FROM keys",
+            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys",
         )
             .fetch_all(&self.pool)
             .await?;
@@ -230,7 +294,7 @@ impl Registry {
             map.insert(rec.name.as_str().to_owned(), rec);
         }
         let versions = sqlx::query(
-            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv FROM key_versions ORDER BY name, version",
+            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -241,8 +305,16 @@ impl Registry {
                 k.versions.push(v);
             }
         }
-        let index = map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let mut deadlines = deadlines::Deadlines::default();
+        let index = map
+            .into_iter()
+            .map(|(k, v)| {
+                deadlines.update(None, &v);
+                (k, Arc::new(v))
+            })
+            .collect();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = deadlines;
         Ok(())
     }
 
@@ -318,24 +390,61 @@ impl Registry {
         created_at: i64,
         created_by: &str,
     ) -> Result<(), RegistryError> {
-        let res = sqlx::query(
-            "INSERT INTO keys (name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(name.as_str())
-        .bind(key_type.as_str())
-        .bind(created_at)
-        .bind(created_by)
-        .bind(lifecycle.rotation_period.map(to_i64))
-        .bind(to_i64(lifecycle.verify_grace))
-        .bind(lifecycle.max_operations.map(to_i64))
-        .bind(i64::from(lifecycle.exportable))
-        .execute(&self.pool)
-        .await;
+        let res = sqlx::query(INSERT_KEY)
+            .bind(name.as_str())
+            .bind(key_type.as_str())
+            .bind(created_at)
+            .bind(created_by)
+            .bind(lifecycle.rotation_period.map(to_i64))
+            .bind(to_i64(lifecycle.verify_grace))
+            .bind(lifecycle.max_operations.map(to_i64))
+            .bind(i64::from(lifecycle.exportable))
+            .bind(None::<String>)
+            .execute(&self.pool)
+            .await;
         match res {
             Ok(_) => Ok(()),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RegistryError::Exists),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Record many new keys (each with its versions) in one transaction, publishing them after
+    /// it commits. A name already taken is reported per key (`None`) and skips only that key.
+    pub async fn insert_new_keys(
+        &self,
+        recs: Vec<KeyRecord>,
+    ) -> Result<Vec<Option<Arc<KeyRecord>>>, RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        let mut fresh = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let l = &rec.lifecycle;
+            let done = sqlx::query(&format!("{INSERT_KEY} ON CONFLICT (name) DO NOTHING"))
+                .bind(rec.name.as_str())
+                .bind(rec.key_type.as_str())
+                .bind(rec.created_at)
+                .bind(rec.created_by.as_str())
+                .bind(l.rotation_period.map(to_i64))
+                .bind(to_i64(l.verify_grace))
+                .bind(l.max_operations.map(to_i64))
+                .bind(i64::from(l.exportable))
+                .bind(rec.derive_from.as_ref().map(KeyName::as_str))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                fresh.push(None);
+                continue;
+            }
+            for v in &rec.versions {
+                insert_version(&mut tx, &rec.name, v).await?;
+            }
+            fresh.push(Some(rec));
+        }
+        tx.commit().await?;
+        Ok(fresh
+            .into_iter()
+            .map(|r| r.map(|rec| self.publish(rec)))
+            .collect())
     }
 
     /// Give back a reserved name whose generation failed.
@@ -405,11 +514,38 @@ impl Registry {
 
     fn publish(&self, rec: KeyRecord) -> Arc<KeyRecord> {
         let rec = Arc::new(rec);
-        self.index
+        // Deadlines first: a scheduler pass that sees the new record due finds it in the index.
+        let mut deadlines = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self
+            .index
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.name.as_str().to_owned(), rec.clone());
+        deadlines.update(old.as_deref(), &rec);
         rec
+    }
+
+    /// Keys with a scheduled change (rotation, end of grace) due at or before `now`.
+    pub fn due(&self, now: i64) -> Vec<KeyName> {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .due(now)
+    }
+
+    /// Count one operation on `v` of `name`, queueing the version for the next usage flush.
+    /// Returns the count before this operation.
+    pub fn count_use(&self, name: &KeyName, v: &VersionRecord) -> u64 {
+        let before = v.operations.fetch_add(1, Ordering::Relaxed);
+        let u = &v.operations;
+        if !u.queued.load(Ordering::Relaxed) && !u.queued.swap(true, Ordering::AcqRel) {
+            self.used.lock().unwrap_or_else(|p| p.into_inner()).push((
+                name.clone(),
+                v.version,
+                u.clone(),
+            ));
+        }
+        before
     }
 
     /// Every key, for the scheduler.
@@ -423,41 +559,55 @@ impl Registry {
     }
 
     /// Write operation counts that changed since the last flush. Counts are kept in memory on
-    /// the hot path; a crash loses at most the operations since the last flush.
+    /// the hot path; a crash loses at most the operations since the last flush. Only versions
+    /// used since the last flush are visited.
     pub async fn flush_usage(&self) -> Result<usize, RegistryError> {
+        let queued = std::mem::take(&mut *self.used.lock().unwrap_or_else(|p| p.into_inner()));
         let mut changed = Vec::new();
-        for key in self.all() {
-            for v in &key.versions {
-                let now = v.operations.load(Ordering::Relaxed);
-                if now != v.persisted_operations.load(Ordering::Relaxed) {
-                    changed.push((
-                        key.name.clone(),
-                        v.version,
-                        now,
-                        v.persisted_operations.clone(),
-                    ));
-                }
+        for (name, version, u) in queued {
+            // Unqueue before reading, so an operation from now on queues the version again.
+            u.queued.store(false, Ordering::Release);
+            let now = u.load(Ordering::Relaxed);
+            if now != u.persisted.load(Ordering::Relaxed) {
+                changed.push((name, version, now, u));
             }
         }
         if changed.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin().await?;
-        for (name, version, ops, _) in &changed {
-            sqlx::query("UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3")
+        let written = async {
+            let mut tx = self.pool.begin().await?;
+            for (name, version, ops, _) in &changed {
+                sqlx::query(
+                    "UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3",
+                )
                 .bind(to_i64(*ops))
                 .bind(name.as_str())
                 .bind(i64::from(*version))
                 .execute(&mut *tx)
                 .await?;
+            }
+            tx.commit().await
         }
-        tx.commit().await?;
-        for (_, _, ops, persisted) in &changed {
-            persisted.store(*ops, Ordering::Relaxed);
+        .await;
+        if let Err(e) = written {
+            // Queue them again for the next attempt.
+            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, version, _, u) in changed {
+                if !u.queued.swap(true, Ordering::AcqRel) {
+                    used.push((name, version, u));
+                }
+            }
+            return Err(e.into());
+        }
+        for (_, _, ops, u) in &changed {
+            u.persisted.store(*ops, Ordering::Relaxed);
         }
         Ok(changed.len())
     }
 }
+
+const INSERT_KEY: &str = "INSERT INTO keys (name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 async fn insert_version(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -465,7 +615,7 @@ async fn insert_version(
     v: &VersionRecord,
 ) -> Result<(), RegistryError> {
     sqlx::query(
-        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(name.as_str())
     .bind(i64::from(v.version))
@@ -479,6 +629,8 @@ async fn insert_version(
     .bind(hex_encode(&v.object.0))
     .bind(v.public_key_der.as_deref().map(hex_encode))
     .bind(v.kcv.as_deref())
+    .bind(v.derivation.map(|d| d.kdf.as_str()))
+    .bind(v.derivation.map(|d| i64::from(d.master_version)))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -503,6 +655,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
     let max_ops: Option<i64> = row.try_get("max_operations")?;
     let grace: i64 = row.try_get("verify_grace")?;
     let exportable: i64 = row.try_get("exportable")?;
+    let derive_from: Option<String> = row.try_get("derive_from")?;
     Ok(KeyRecord {
         name: KeyName::parse(&name).map_err(|_| corrupt("name"))?,
         key_type: KeyType::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
@@ -514,6 +667,10 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
         },
         created_at: row.try_get("created_at")?,
         created_by: row.try_get("created_by")?,
+        derive_from: match derive_from {
+            Some(m) => Some(KeyName::parse(&m).map_err(|_| corrupt("derive_from"))?),
+            None => None,
+        },
         versions: Vec::new(),
     })
 }
@@ -528,6 +685,16 @@ fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryE
     let public: Option<String> = row.try_get("public_key")?;
     let version: i64 = row.try_get("version")?;
     let ops = from_i64(row.try_get("operations")?);
+    let kdf: Option<String> = row.try_get("kdf")?;
+    let master_version: Option<i64> = row.try_get("master_version")?;
+    let derivation = match (kdf, master_version) {
+        (None, None) => None,
+        (Some(k), Some(m)) => Some(Derivation {
+            kdf: Kdf::parse(&k).ok_or_else(|| corrupt("kdf"))?,
+            master_version: u32::try_from(m).map_err(|_| corrupt("master_version"))?,
+        }),
+        _ => return Err(corrupt("kdf and master_version")),
+    };
     Ok(VersionRecord {
         version: u32::try_from(version).map_err(|_| corrupt("version"))?,
         state: VersionState::parse(&state).ok_or_else(|| corrupt("state"))?,
@@ -536,9 +703,9 @@ fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryE
         changed_by: row.try_get("changed_by")?,
         reason: row.try_get("reason")?,
         grace_until: row.try_get("grace_until")?,
-        operations: Arc::new(AtomicU64::new(ops)),
-        persisted_operations: Arc::new(AtomicU64::new(ops)),
+        operations: Arc::new(Usage::new(ops)),
         kcv: row.try_get("kcv")?,
+        derivation,
         object: ObjectRef(hex_decode(&object).ok_or_else(|| corrupt("object_ref"))?),
         public_key_der: match public {
             Some(p) => Some(hex_decode(&p).ok_or_else(|| corrupt("public_key"))?),

@@ -3,11 +3,15 @@
 //! supports the operation (422), a version in a state that allows it, then the device.
 
 mod approvals;
+mod batch;
+mod derived;
 mod envelope;
 pub mod lifecycle;
 pub mod status;
 
 pub use approvals::{Executed, ExportResult, ImportRequest};
+pub use batch::{BatchItem, NewKey, MAX_BATCH};
+pub use derived::context as derivation_context;
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -286,9 +290,7 @@ impl Service {
             let key = self.lookup(name)?;
             require(allowed(key.key_type), op, &key)?;
             let v = active(&key)?;
-            let used = v
-                .operations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let used = self.registry.count_use(name, v);
             match key.lifecycle.max_operations {
                 Some(max) if used >= max => {
                     v.operations

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use cryptoki::object::ObjectClass;
 
 use super::connection::Connection;
-use super::{object_class, sign_mechanism, templates, to_be_signed, Pkcs11Settings, Template};
+use super::{
+    object_class, sign_mechanism, templates, to_be_signed, Pkcs11Settings, Template,
+    DEFAULT_DERIVED_CACHE,
+};
 use crate::keys::KeyType;
 
 pub struct RawRate {
@@ -37,6 +40,7 @@ pub fn measure(
         token: settings.token.clone(),
         pin: settings.pin.clone(),
         sessions: threads,
+        derived_cache: DEFAULT_DERIVED_CACHE,
     };
     let conn = Arc::new(Connection::open(&sessions)?);
     let id = b"tillkey-rawbench".to_vec();
@@ -77,7 +81,9 @@ pub fn measure(
             let s = conn
                 .take_session(Duration::from_secs(1))
                 .ok_or("no session")?;
-            let h = conn.handle(&s, class, &id).map_err(|e| format!("{e:?}"))?;
+            let h = conn
+                .token_handle(&s, class, &id)
+                .map_err(|e| format!("{e:?}"))?;
             while running.load(Ordering::Relaxed) {
                 // ECDSA hashes per call, as the daemon does.
                 let input = to_be_signed(key_type, &data);
