@@ -168,8 +168,9 @@ enum ProvisionCommand {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
-        /// Keys per `batchCreate` request (1 to 1000).
-        #[arg(long, default_value_t = 500)]
+        /// Keys per `batchCreate` request (1 to 1000). Each key is ~150 bytes of JSON: keep
+        /// batches within the daemon's `max_body_bytes` (64 KiB by default).
+        #[arg(long, default_value_t = 250)]
         batch: usize,
     },
 }
