@@ -4,6 +4,8 @@
 //! Expects a running daemon from `softhsm-ci/dev-env` / `quickstart` (`softhsm-ci/bench` does the
 //! whole thing with release builds). Keys it makes live under `stores/bench/<run>/`.
 
+mod scale;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +51,10 @@ pub struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Instead of the per-type phases, the scale phase over this many derived keys (see
+    /// `bench/scale.rs`).
+    #[arg(long)]
+    scale_hot: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -99,6 +105,20 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+
+    if let Some(hot) = args.scale_hot {
+        let setup = scale::Setup {
+            args: &args,
+            config: &config,
+            settings,
+            officer: &officer,
+            service: &service,
+            pid,
+            run_id: &run_id,
+            rt: &rt,
+        };
+        return scale::run(&setup, hot);
+    }
 
     let mut rows = Vec::new();
     for t in &args.types {

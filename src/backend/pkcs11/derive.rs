@@ -202,7 +202,7 @@ fn sweep(retired: &mut Vec<Arc<Derived>>) -> Vec<Arc<Derived>> {
 }
 
 /// A session object: sensitive, never extractable, with the usage of its type only.
-fn template(key_type: KeyType) -> Vec<Attribute> {
+pub(super) fn template(key_type: KeyType) -> Vec<Attribute> {
     let mut attrs = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::Token(false),

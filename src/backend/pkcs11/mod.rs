@@ -10,6 +10,7 @@ mod derive;
 mod errors;
 mod exchange;
 pub mod rawbench;
+pub mod rawderive;
 mod templates;
 pub mod uri;
 
