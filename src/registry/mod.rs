@@ -12,6 +12,7 @@ pub mod purchases;
 pub mod retail;
 
 mod deadlines;
+mod load;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -204,7 +205,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
-    index: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
+    index: RwLock<BTreeMap<KeyName, Arc<KeyRecord>>>,
     /// When each key next needs the scheduler, so a pass visits only keys that are due.
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
@@ -231,7 +232,7 @@ impl Registry {
             .await?;
         if !maintain {
             let registry = Self::empty(pool, url);
-            registry.load().await?;
+            registry.load(false).await?;
             return Ok(registry);
         }
         if url.starts_with("sqlite:") {
@@ -254,21 +255,8 @@ impl Registry {
                     .await?;
             }
         }
-        // A crash between reserving a name and recording its first version leaves a key with no
-        // versions; it never served, so it is dropped to free the name.
-        let orphans = sqlx::query(
-            "DELETE FROM keys WHERE NOT EXISTS (SELECT 1 FROM key_versions v WHERE v.name = keys.name)",
-        )
-        .execute(&pool)
-        .await?;
-        if orphans.rows_affected() > 0 {
-            tracing::warn!(
-                count = orphans.rows_affected(),
-                "dropped keys reserved but never generated"
-            );
-        }
         let registry = Self::empty(pool, url);
-        registry.load().await?;
+        registry.load(true).await?;
         Ok(registry)
     }
 
@@ -280,42 +268,6 @@ impl Registry {
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
         }
-    }
-
-    async fn load(&self) -> Result<(), RegistryError> {
-        let keys = sqlx::query(
-            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys",
-        )
-            .fetch_all(&self.pool)
-            .await?;
-        let mut map: BTreeMap<String, KeyRecord> = BTreeMap::new();
-        for row in keys {
-            let rec = key_from_row(&row)?;
-            map.insert(rec.name.as_str().to_owned(), rec);
-        }
-        let versions = sqlx::query(
-            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        for row in versions {
-            let name: String = row.try_get("name")?;
-            let v = version_from_row(&name, &row)?;
-            if let Some(k) = map.get_mut(&name) {
-                k.versions.push(v);
-            }
-        }
-        let mut deadlines = deadlines::Deadlines::default();
-        let index = map
-            .into_iter()
-            .map(|(k, v)| {
-                deadlines.update(None, &v);
-                (k, Arc::new(v))
-            })
-            .collect();
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
-        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = deadlines;
-        Ok(())
     }
 
     /// Close every connection; SQLite then checkpoints its write-ahead log into the database
@@ -357,12 +309,12 @@ impl Registry {
         use std::ops::Bound;
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let start = match after {
-            Some(a) if a >= prefix => Bound::Excluded(a.to_owned()),
-            _ => Bound::Included(prefix.to_owned()),
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
         };
         let mut page: Vec<Arc<KeyRecord>> = index
-            .range((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.as_str().starts_with(prefix))
             .filter(|(_, v)| keep(v))
             .take(limit.saturating_add(1))
             .map(|(_, v)| v.clone())
@@ -520,7 +472,7 @@ impl Registry {
             .index
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.name.as_str().to_owned(), rec.clone());
+            .insert(rec.name.clone(), rec.clone());
         deadlines.update(old.as_deref(), &rec);
         rec
     }
