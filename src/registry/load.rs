@@ -1,81 +1,298 @@
 //! Reading the whole registry into the in-memory index at start-up.
 //!
-//! Both tables are streamed in name order (their primary-key indexes) and merged, so a million
-//! keys are read in one pass with no intermediate copy of the result set, and the index is
-//! built from already sorted entries.
+//! Both tables are read in name order (their primary-key indexes) and merged in one pass, and
+//! the index is built from already sorted entries. An SQLite registry is read straight from its
+//! file with `rusqlite` on a blocking thread: through `sqlx` every row crosses threads and is
+//! converted twice, which measured ~20 us per row on a busy 2-core machine, 40 s for a million
+//! keys; directly it is about a microsecond. Other databases go through `sqlx`.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::deadlines::Deadlines;
-use super::{key_from_row, version_from_row, KeyRecord, Registry, RegistryError, VersionRecord};
-use crate::keys::KeyName;
+use super::{
+    from_i64, hex_decode, Derivation, KeyRecord, Registry, RegistryError, Usage, VersionRecord,
+};
+use crate::backend::{Kdf, ObjectRef};
+use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
+
+const KEYS: &str = "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys ORDER BY name";
+const VERSIONS: &str = "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version";
+
+/// The file behind an `sqlite://PATH?...` URL (none for in-memory databases).
+pub(super) fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && !path.starts_with(':')).then(|| PathBuf::from(path))
+}
+
+/// One `keys` row as stored.
+struct KeyCols {
+    name: String,
+    key_type: String,
+    created_at: i64,
+    created_by: String,
+    rotation_period: Option<i64>,
+    verify_grace: i64,
+    max_operations: Option<i64>,
+    exportable: i64,
+    derive_from: Option<String>,
+}
+
+/// One `key_versions` row as stored.
+struct VersionCols {
+    name: String,
+    version: i64,
+    state: String,
+    created_at: i64,
+    state_changed_at: i64,
+    changed_by: String,
+    reason: Option<String>,
+    grace_until: Option<i64>,
+    operations: i64,
+    object_ref: String,
+    public_key: Option<String>,
+    kcv: Option<String>,
+    kdf: Option<String>,
+    master_version: Option<i64>,
+}
+
+fn corrupt(name: &str, what: &str) -> RegistryError {
+    RegistryError::Corrupt {
+        name: name.to_owned(),
+        what: what.to_owned(),
+    }
+}
+
+impl KeyCols {
+    fn into_record(self) -> Result<KeyRecord, RegistryError> {
+        let n = &self.name;
+        Ok(KeyRecord {
+            name: KeyName::parse(n).map_err(|_| corrupt(n, "name"))?,
+            key_type: KeyType::parse(&self.key_type).ok_or_else(|| corrupt(n, "key_type"))?,
+            lifecycle: Lifecycle {
+                rotation_period: self.rotation_period.map(from_i64),
+                verify_grace: from_i64(self.verify_grace),
+                max_operations: self.max_operations.map(from_i64),
+                exportable: self.exportable != 0,
+            },
+            created_at: self.created_at,
+            created_by: self.created_by,
+            derive_from: match &self.derive_from {
+                Some(m) => Some(KeyName::parse(m).map_err(|_| corrupt(n, "derive_from"))?),
+                None => None,
+            },
+            versions: Vec::new(),
+        })
+    }
+}
+
+impl VersionCols {
+    fn into_record(self) -> Result<VersionRecord, RegistryError> {
+        let n = &self.name;
+        let derivation = match (&self.kdf, self.master_version) {
+            (None, None) => None,
+            (Some(k), Some(m)) => Some(Derivation {
+                kdf: Kdf::parse(k).ok_or_else(|| corrupt(n, "kdf"))?,
+                master_version: u32::try_from(m).map_err(|_| corrupt(n, "master_version"))?,
+            }),
+            _ => return Err(corrupt(n, "kdf and master_version")),
+        };
+        Ok(VersionRecord {
+            version: u32::try_from(self.version).map_err(|_| corrupt(n, "version"))?,
+            state: VersionState::parse(&self.state).ok_or_else(|| corrupt(n, "state"))?,
+            created_at: self.created_at,
+            state_changed_at: self.state_changed_at,
+            changed_by: self.changed_by,
+            reason: self.reason,
+            grace_until: self.grace_until,
+            operations: Arc::new(Usage::new(from_i64(self.operations))),
+            kcv: self.kcv,
+            derivation,
+            object: ObjectRef(
+                hex_decode(&self.object_ref).ok_or_else(|| corrupt(n, "object_ref"))?,
+            ),
+            public_key_der: match &self.public_key {
+                Some(p) => Some(hex_decode(p).ok_or_else(|| corrupt(n, "public_key"))?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The index's entries in name order, the scheduler's agenda, and keys without versions.
+#[derive(Default)]
+struct Loaded {
+    entries: Vec<(KeyName, Arc<KeyRecord>)>,
+    deadlines: Deadlines,
+    orphans: Vec<KeyName>,
+}
+
+/// Merge keys and versions, both in name order.
+fn merge(
+    keys: impl Iterator<Item = Result<KeyCols, RegistryError>>,
+    versions: impl Iterator<Item = Result<VersionCols, RegistryError>>,
+) -> Result<Loaded, RegistryError> {
+    let mut out = Loaded::default();
+    let mut versions = versions.peekable();
+    for k in keys {
+        let mut rec = k?.into_record()?;
+        loop {
+            let order = match versions.peek() {
+                None => break,
+                Some(Err(_)) => Ordering::Equal,
+                Some(Ok(v)) => v.name.as_str().cmp(rec.name.as_str()),
+            };
+            match order {
+                // A version whose key row is gone: nothing can use it.
+                Ordering::Less => {
+                    versions.next();
+                }
+                Ordering::Equal => {
+                    if let Some(v) = versions.next() {
+                        rec.versions.push(v?.into_record()?);
+                    }
+                }
+                Ordering::Greater => break,
+            }
+        }
+        if rec.versions.is_empty() {
+            out.orphans.push(rec.name);
+            continue;
+        }
+        out.deadlines.update(None, &rec);
+        out.entries.push((rec.name.clone(), Arc::new(rec)));
+    }
+    Ok(out)
+}
+
+fn read_sqlite(path: &Path) -> Result<Loaded, RegistryError> {
+    use rusqlite::OpenFlags;
+    let db = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mut ks = db.prepare(KEYS)?;
+    let mut vs = db.prepare(VERSIONS)?;
+    let keys = ks.query_map([], |r| {
+        Ok(KeyCols {
+            name: r.get(0)?,
+            key_type: r.get(1)?,
+            created_at: r.get(2)?,
+            created_by: r.get(3)?,
+            rotation_period: r.get(4)?,
+            verify_grace: r.get(5)?,
+            max_operations: r.get(6)?,
+            exportable: r.get(7)?,
+            derive_from: r.get(8)?,
+        })
+    })?;
+    let versions = vs.query_map([], |r| {
+        Ok(VersionCols {
+            name: r.get(0)?,
+            version: r.get(1)?,
+            state: r.get(2)?,
+            created_at: r.get(3)?,
+            state_changed_at: r.get(4)?,
+            changed_by: r.get(5)?,
+            reason: r.get(6)?,
+            grace_until: r.get(7)?,
+            operations: r.get(8)?,
+            object_ref: r.get(9)?,
+            public_key: r.get(10)?,
+            kcv: r.get(11)?,
+            kdf: r.get(12)?,
+            master_version: r.get(13)?,
+        })
+    })?;
+    merge(
+        keys.map(|r| r.map_err(RegistryError::from)),
+        versions.map(|r| r.map_err(RegistryError::from)),
+    )
+}
+
+async fn read_any(pool: &sqlx::AnyPool) -> Result<Loaded, RegistryError> {
+    let keys = sqlx::query(KEYS).fetch_all(pool).await?;
+    let versions = sqlx::query(VERSIONS).fetch_all(pool).await?;
+    let keys = keys.iter().map(|r| {
+        Ok(KeyCols {
+            name: r.try_get("name")?,
+            key_type: r.try_get("key_type")?,
+            created_at: r.try_get("created_at")?,
+            created_by: r.try_get("created_by")?,
+            rotation_period: r.try_get("rotation_period")?,
+            verify_grace: r.try_get("verify_grace")?,
+            max_operations: r.try_get("max_operations")?,
+            exportable: r.try_get("exportable")?,
+            derive_from: r.try_get("derive_from")?,
+        })
+    });
+    let versions = versions.iter().map(|r| {
+        Ok(VersionCols {
+            name: r.try_get("name")?,
+            version: r.try_get("version")?,
+            state: r.try_get("state")?,
+            created_at: r.try_get("created_at")?,
+            state_changed_at: r.try_get("state_changed_at")?,
+            changed_by: r.try_get("changed_by")?,
+            reason: r.try_get("reason")?,
+            grace_until: r.try_get("grace_until")?,
+            operations: r.try_get("operations")?,
+            object_ref: r.try_get("object_ref")?,
+            public_key: r.try_get("public_key")?,
+            kcv: r.try_get("kcv")?,
+            kdf: r.try_get("kdf")?,
+            master_version: r.try_get("master_version")?,
+        })
+    });
+    merge(keys, versions)
+}
 
 impl Registry {
     /// Fill the index. With `maintain`, keys reserved but never given a version (a crash
     /// between the two steps of a create) are dropped to free their names; they never served.
     pub(super) async fn load(&self, maintain: bool) -> Result<(), RegistryError> {
-        let mut keys = sqlx::query(
-            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys ORDER BY name",
-        )
-        .fetch(&self.pool);
-        let mut versions = sqlx::query(
-            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version",
-        )
-        .fetch(&self.pool);
-        let mut entries: Vec<(KeyName, Arc<KeyRecord>)> = Vec::new();
-        let mut deadlines = Deadlines::default();
-        let mut orphans: Vec<KeyName> = Vec::new();
-        let mut next: Option<(String, VersionRecord)> = None;
-        while let Some(row) = keys.try_next().await? {
-            let mut rec = key_from_row(&row)?;
-            loop {
-                if next.is_none() {
-                    let Some(vrow) = versions.try_next().await? else {
-                        break;
-                    };
-                    let name: String = vrow.try_get("name")?;
-                    let v = version_from_row(&name, &vrow)?;
-                    next = Some((name, v));
-                }
-                let Some((name, _)) = &next else { break };
-                match name.as_str().cmp(rec.name.as_str()) {
-                    // A version whose key row is gone: nothing can use it.
-                    Ordering::Less => next = None,
-                    Ordering::Equal => {
-                        if let Some((_, v)) = next.take() {
-                            rec.versions.push(v);
-                        }
-                    }
-                    Ordering::Greater => break,
-                }
-            }
-            if rec.versions.is_empty() {
-                orphans.push(rec.name);
-                continue;
-            }
-            deadlines.update(None, &rec);
-            entries.push((rec.name.clone(), Arc::new(rec)));
-        }
-        drop(keys);
-        drop(versions);
+        let loaded = match self.sqlite_file.clone() {
+            Some(path) => tokio::task::spawn_blocking(move || read_sqlite(&path))
+                .await
+                .map_err(|e| RegistryError::Load(e.to_string()))??,
+            None => read_any(&self.pool).await?,
+        };
         // Already in order: building the map is linear.
-        let index: BTreeMap<KeyName, Arc<KeyRecord>> = entries.into_iter().collect();
+        let index: BTreeMap<KeyName, Arc<KeyRecord>> = loaded.entries.into_iter().collect();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
-        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = deadlines;
-        if maintain && !orphans.is_empty() {
-            for name in &orphans {
+        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = loaded.deadlines;
+        if maintain && !loaded.orphans.is_empty() {
+            for name in &loaded.orphans {
                 self.release(name).await?;
             }
             tracing::warn!(
-                count = orphans.len(),
+                count = loaded.orphans.len(),
                 "dropped keys reserved but never generated"
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_file;
+
+    #[test]
+    fn finds_the_file_of_an_sqlite_url() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/tillkey/registry.db?mode=rwc"),
+            Some("/var/lib/tillkey/registry.db".into())
+        );
+        assert_eq!(sqlite_file("sqlite:r.db"), Some("r.db".into()));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://h/db"), None);
     }
 }

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
 
 use crate::backend::{Kdf, ObjectRef};
 use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
@@ -32,6 +32,10 @@ pub enum RegistryError {
     Exists,
     #[error("corrupt row for key '{name}': {what}")]
     Corrupt { name: String, what: String },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("loading the registry: {0}")]
+    Load(String),
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +209,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
+    /// The database file, read directly at start-up (see `load`).
+    sqlite_file: Option<std::path::PathBuf>,
     index: RwLock<BTreeMap<KeyName, Arc<KeyRecord>>>,
     /// When each key next needs the scheduler, so a pass visits only keys that are due.
     deadlines: Mutex<deadlines::Deadlines>,
@@ -264,6 +270,7 @@ impl Registry {
         Self {
             pool,
             is_sqlite: url.starts_with("sqlite:"),
+            sqlite_file: load::sqlite_file(url),
             index: RwLock::new(BTreeMap::new()),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
@@ -594,76 +601,6 @@ fn to_i64(v: u64) -> i64 {
 
 fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
-    let name: String = row.try_get("name")?;
-    let corrupt = |what: &str| RegistryError::Corrupt {
-        name: name.clone(),
-        what: what.to_owned(),
-    };
-    let key_type: String = row.try_get("key_type")?;
-    let rotation: Option<i64> = row.try_get("rotation_period")?;
-    let max_ops: Option<i64> = row.try_get("max_operations")?;
-    let grace: i64 = row.try_get("verify_grace")?;
-    let exportable: i64 = row.try_get("exportable")?;
-    let derive_from: Option<String> = row.try_get("derive_from")?;
-    Ok(KeyRecord {
-        name: KeyName::parse(&name).map_err(|_| corrupt("name"))?,
-        key_type: KeyType::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
-        lifecycle: Lifecycle {
-            rotation_period: rotation.map(from_i64),
-            verify_grace: from_i64(grace),
-            max_operations: max_ops.map(from_i64),
-            exportable: exportable != 0,
-        },
-        created_at: row.try_get("created_at")?,
-        created_by: row.try_get("created_by")?,
-        derive_from: match derive_from {
-            Some(m) => Some(KeyName::parse(&m).map_err(|_| corrupt("derive_from"))?),
-            None => None,
-        },
-        versions: Vec::new(),
-    })
-}
-
-fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryError> {
-    let corrupt = |what: &str| RegistryError::Corrupt {
-        name: name.to_owned(),
-        what: what.to_owned(),
-    };
-    let state: String = row.try_get("state")?;
-    let object: String = row.try_get("object_ref")?;
-    let public: Option<String> = row.try_get("public_key")?;
-    let version: i64 = row.try_get("version")?;
-    let ops = from_i64(row.try_get("operations")?);
-    let kdf: Option<String> = row.try_get("kdf")?;
-    let master_version: Option<i64> = row.try_get("master_version")?;
-    let derivation = match (kdf, master_version) {
-        (None, None) => None,
-        (Some(k), Some(m)) => Some(Derivation {
-            kdf: Kdf::parse(&k).ok_or_else(|| corrupt("kdf"))?,
-            master_version: u32::try_from(m).map_err(|_| corrupt("master_version"))?,
-        }),
-        _ => return Err(corrupt("kdf and master_version")),
-    };
-    Ok(VersionRecord {
-        version: u32::try_from(version).map_err(|_| corrupt("version"))?,
-        state: VersionState::parse(&state).ok_or_else(|| corrupt("state"))?,
-        created_at: row.try_get("created_at")?,
-        state_changed_at: row.try_get("state_changed_at")?,
-        changed_by: row.try_get("changed_by")?,
-        reason: row.try_get("reason")?,
-        grace_until: row.try_get("grace_until")?,
-        operations: Arc::new(Usage::new(ops)),
-        kcv: row.try_get("kcv")?,
-        derivation,
-        object: ObjectRef(hex_decode(&object).ok_or_else(|| corrupt("object_ref"))?),
-        public_key_der: match public {
-            Some(p) => Some(hex_decode(&p).ok_or_else(|| corrupt("public_key"))?),
-            None => None,
-        },
-    })
 }
 
 pub fn hex_encode(bytes: &[u8]) -> String {
