@@ -13,6 +13,17 @@ pub(super) struct Deadlines {
 }
 
 impl Deadlines {
+    /// The agenda of `keys` at start-up, built in one sorted pass.
+    pub fn build<'a>(keys: impl Iterator<Item = &'a KeyRecord>) -> Self {
+        let mut entries: Vec<(i64, KeyName)> = keys
+            .filter_map(|k| next_deadline(k).map(|at| (at, k.name.clone())))
+            .collect();
+        entries.sort_unstable();
+        Self {
+            agenda: entries.into_iter().collect(),
+        }
+    }
+
     /// Replace `old`'s entry (the record being superseded, if any) with `new`'s.
     pub fn update(&mut self, old: Option<&KeyRecord>, new: &KeyRecord) {
         if let Some(at) = old.and_then(next_deadline) {

@@ -126,11 +126,10 @@ impl VersionCols {
     }
 }
 
-/// The index's entries in name order, the scheduler's agenda, and keys without versions.
+/// The index's entries in name order and keys without versions.
 #[derive(Default)]
 struct Loaded {
     entries: Vec<(KeyName, Arc<KeyRecord>)>,
-    deadlines: Deadlines,
     orphans: Vec<KeyName>,
 }
 
@@ -166,7 +165,6 @@ fn merge(
             out.orphans.push(rec.name);
             continue;
         }
-        out.deadlines.update(None, &rec);
         out.entries.push((rec.name.clone(), Arc::new(rec)));
     }
     Ok(out)
@@ -264,10 +262,11 @@ impl Registry {
                 .map_err(|e| RegistryError::Load(e.to_string()))??,
             None => read_any(&self.pool).await?,
         };
+        let deadlines = Deadlines::build(loaded.entries.iter().map(|(_, k)| k.as_ref()));
         // Already in order: building the map is linear.
         let index: BTreeMap<KeyName, Arc<KeyRecord>> = loaded.entries.into_iter().collect();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
-        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = loaded.deadlines;
+        *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = deadlines;
         if maintain && !loaded.orphans.is_empty() {
             for name in &loaded.orphans {
                 self.release(name).await?;

@@ -246,9 +246,20 @@ impl Registry {
                 .execute(&pool)
                 .await?;
         }
-        for stmt in SCHEMA
-            .iter()
-            .chain([&approvals::SCHEMA, &purchases::SCHEMA])
+        let sqlite = url.starts_with("sqlite:");
+        for stmt in SCHEMA {
+            // SQLite: store key rows in name order (the primary key is the table), so the
+            // start-up read in name order is a sequential scan with no index lookups, and the
+            // name is stored once instead of in the table and again in its index.
+            let stmt = if sqlite {
+                format!("{stmt} WITHOUT ROWID")
+            } else {
+                (*stmt).to_owned()
+            };
+            sqlx::query(&stmt).execute(&pool).await?;
+        }
+        for stmt in [&approvals::SCHEMA, &purchases::SCHEMA]
+            .into_iter()
             .chain(retail::SCHEMA)
         {
             sqlx::query(stmt).execute(&pool).await?;
