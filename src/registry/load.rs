@@ -7,7 +7,7 @@
 //! keys; directly it is about a microsecond. Other databases go through `sqlx`.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -70,8 +70,35 @@ fn corrupt(name: &str, what: &str) -> RegistryError {
     }
 }
 
+/// One shared copy of each identity and master name, however many keys repeat it.
+#[derive(Default)]
+struct Interner {
+    identities: HashMap<String, Arc<str>>,
+    masters: HashMap<String, KeyName>,
+}
+
+impl Interner {
+    fn identity(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.identities.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.identities.insert(s.to_owned(), a.clone());
+        a
+    }
+
+    fn master(&mut self, key: &str, s: &str) -> Result<KeyName, RegistryError> {
+        if let Some(m) = self.masters.get(s) {
+            return Ok(m.clone());
+        }
+        let m = KeyName::parse(s).map_err(|_| corrupt(key, "derive_from"))?;
+        self.masters.insert(s.to_owned(), m.clone());
+        Ok(m)
+    }
+}
+
 impl KeyCols {
-    fn into_record(self) -> Result<KeyRecord, RegistryError> {
+    fn into_record(self, interner: &mut Interner) -> Result<KeyRecord, RegistryError> {
         let n = &self.name;
         Ok(KeyRecord {
             name: KeyName::parse(n).map_err(|_| corrupt(n, "name"))?,
@@ -83,9 +110,9 @@ impl KeyCols {
                 exportable: self.exportable != 0,
             },
             created_at: self.created_at,
-            created_by: self.created_by,
+            created_by: interner.identity(&self.created_by),
             derive_from: match &self.derive_from {
-                Some(m) => Some(KeyName::parse(m).map_err(|_| corrupt(n, "derive_from"))?),
+                Some(m) => Some(interner.master(n, m)?),
                 None => None,
             },
             versions: Vec::new(),
@@ -94,7 +121,7 @@ impl KeyCols {
 }
 
 impl VersionCols {
-    fn into_record(self) -> Result<VersionRecord, RegistryError> {
+    fn into_record(self, interner: &mut Interner) -> Result<VersionRecord, RegistryError> {
         let n = &self.name;
         let derivation = match (&self.kdf, self.master_version) {
             (None, None) => None,
@@ -109,7 +136,7 @@ impl VersionCols {
             state: VersionState::parse(&self.state).ok_or_else(|| corrupt(n, "state"))?,
             created_at: self.created_at,
             state_changed_at: self.state_changed_at,
-            changed_by: self.changed_by,
+            changed_by: interner.identity(&self.changed_by),
             reason: self.reason,
             grace_until: self.grace_until,
             operations: Arc::new(Usage::new(from_i64(self.operations))),
@@ -133,15 +160,26 @@ struct Loaded {
     orphans: Vec<KeyName>,
 }
 
+impl Loaded {
+    fn finish(&mut self, rec: KeyRecord) {
+        if rec.versions.is_empty() {
+            self.orphans.push(rec.name);
+        } else {
+            self.entries.push((rec.name.clone(), Arc::new(rec)));
+        }
+    }
+}
+
 /// Merge keys and versions, both in name order.
 fn merge(
     keys: impl Iterator<Item = Result<KeyCols, RegistryError>>,
     versions: impl Iterator<Item = Result<VersionCols, RegistryError>>,
 ) -> Result<Loaded, RegistryError> {
     let mut out = Loaded::default();
+    let mut interner = Interner::default();
     let mut versions = versions.peekable();
     for k in keys {
-        let mut rec = k?.into_record()?;
+        let mut rec = k?.into_record(&mut interner)?;
         loop {
             let order = match versions.peek() {
                 None => break,
@@ -155,7 +193,7 @@ fn merge(
                 }
                 Ordering::Equal => {
                     if let Some(v) = versions.next() {
-                        rec.versions.push(v?.into_record()?);
+                        rec.versions.push(v?.into_record(&mut interner)?);
                     }
                 }
                 Ordering::Greater => break,
@@ -178,41 +216,136 @@ fn read_sqlite(path: &Path) -> Result<Loaded, RegistryError> {
     )?;
     let mut ks = db.prepare(KEYS)?;
     let mut vs = db.prepare(VERSIONS)?;
-    let keys = ks.query_map([], |r| {
-        Ok(KeyCols {
-            name: r.get(0)?,
-            key_type: r.get(1)?,
-            created_at: r.get(2)?,
-            created_by: r.get(3)?,
-            rotation_period: r.get(4)?,
-            verify_grace: r.get(5)?,
-            max_operations: r.get(6)?,
-            exportable: r.get(7)?,
-            derive_from: r.get(8)?,
-        })
-    })?;
-    let versions = vs.query_map([], |r| {
-        Ok(VersionCols {
-            name: r.get(0)?,
-            version: r.get(1)?,
-            state: r.get(2)?,
-            created_at: r.get(3)?,
-            state_changed_at: r.get(4)?,
-            changed_by: r.get(5)?,
-            reason: r.get(6)?,
-            grace_until: r.get(7)?,
-            operations: r.get(8)?,
-            object_ref: r.get(9)?,
-            public_key: r.get(10)?,
-            kcv: r.get(11)?,
-            kdf: r.get(12)?,
-            master_version: r.get(13)?,
-        })
-    })?;
-    merge(
-        keys.map(|r| r.map_err(RegistryError::from)),
-        versions.map(|r| r.map_err(RegistryError::from)),
-    )
+    let mut krows = ks.query([])?;
+    let mut vrows = vs.query([])?;
+    let mut interner = Interner::default();
+    let mut out = Loaded::default();
+    // The versions drive; keys are pulled up to each version's name. Values are read in place
+    // (borrowed from SQLite), so the only allocations are the ones the index keeps.
+    let mut current: Option<KeyRecord> = None;
+    while let Some(v) = vrows.next()? {
+        let vname = v.get_ref(0)?.as_str().map_err(sql)?;
+        loop {
+            match current.as_ref().map(|k| k.name.as_str().cmp(vname)) {
+                Some(Ordering::Equal | Ordering::Greater) => break,
+                // No key yet, or the current key has no more versions.
+                _ => {
+                    if let Some(k) = current.take() {
+                        out.finish(k);
+                    }
+                    match krows.next()? {
+                        Some(row) => current = Some(key_from_sqlite(row, &mut interner)?),
+                        None => break,
+                    }
+                }
+            }
+        }
+        match current.as_mut() {
+            Some(k) if k.name.as_str() == vname => {
+                let rec = version_from_sqlite(v, vname, &mut interner)?;
+                k.versions.push(rec);
+            }
+            // A version whose key row is gone: nothing can use it.
+            _ => {}
+        }
+    }
+    if let Some(k) = current.take() {
+        out.finish(k);
+    }
+    while let Some(row) = krows.next()? {
+        out.finish(key_from_sqlite(row, &mut interner)?);
+    }
+    Ok(out)
+}
+
+fn sql(e: rusqlite::types::FromSqlError) -> RegistryError {
+    RegistryError::Sqlite(e.into())
+}
+
+fn key_from_sqlite(r: &rusqlite::Row<'_>, i: &mut Interner) -> Result<KeyRecord, RegistryError> {
+    let n = r.get_ref(0)?.as_str().map_err(sql)?;
+    let int = |c: usize| {
+        r.get_ref(c)
+            .map_err(RegistryError::from)?
+            .as_i64()
+            .map_err(sql)
+    };
+    let opt = |c: usize| {
+        r.get_ref(c)
+            .map_err(RegistryError::from)?
+            .as_i64_or_null()
+            .map_err(sql)
+    };
+    Ok(KeyRecord {
+        name: KeyName::parse(n).map_err(|_| corrupt(n, "name"))?,
+        key_type: KeyType::parse(r.get_ref(1)?.as_str().map_err(sql)?)
+            .ok_or_else(|| corrupt(n, "key_type"))?,
+        created_at: int(2)?,
+        created_by: i.identity(r.get_ref(3)?.as_str().map_err(sql)?),
+        lifecycle: Lifecycle {
+            rotation_period: opt(4)?.map(from_i64),
+            verify_grace: from_i64(int(5)?),
+            max_operations: opt(6)?.map(from_i64),
+            exportable: int(7)? != 0,
+        },
+        derive_from: match r.get_ref(8)?.as_str_or_null().map_err(sql)? {
+            Some(m) => Some(i.master(n, m)?),
+            None => None,
+        },
+        versions: Vec::new(),
+    })
+}
+
+fn version_from_sqlite(
+    r: &rusqlite::Row<'_>,
+    n: &str,
+    i: &mut Interner,
+) -> Result<VersionRecord, RegistryError> {
+    let int = |c: usize| {
+        r.get_ref(c)
+            .map_err(RegistryError::from)?
+            .as_i64()
+            .map_err(sql)
+    };
+    let opt = |c: usize| {
+        r.get_ref(c)
+            .map_err(RegistryError::from)?
+            .as_i64_or_null()
+            .map_err(sql)
+    };
+    let text = |c: usize| {
+        r.get_ref(c)
+            .map_err(RegistryError::from)?
+            .as_str_or_null()
+            .map_err(sql)
+    };
+    let derivation = match (text(12)?, opt(13)?) {
+        (None, None) => None,
+        (Some(k), Some(m)) => Some(Derivation {
+            kdf: Kdf::parse(k).ok_or_else(|| corrupt(n, "kdf"))?,
+            master_version: u32::try_from(m).map_err(|_| corrupt(n, "master_version"))?,
+        }),
+        _ => return Err(corrupt(n, "kdf and master_version")),
+    };
+    let object = text(9)?.ok_or_else(|| corrupt(n, "object_ref"))?;
+    Ok(VersionRecord {
+        version: u32::try_from(int(1)?).map_err(|_| corrupt(n, "version"))?,
+        state: VersionState::parse(text(2)?.unwrap_or_default())
+            .ok_or_else(|| corrupt(n, "state"))?,
+        created_at: int(3)?,
+        state_changed_at: int(4)?,
+        changed_by: i.identity(text(5)?.unwrap_or_default()),
+        reason: text(6)?.map(str::to_owned),
+        grace_until: opt(7)?,
+        operations: Arc::new(Usage::new(from_i64(int(8)?))),
+        object: ObjectRef(hex_decode(object).ok_or_else(|| corrupt(n, "object_ref"))?),
+        public_key_der: match text(10)? {
+            Some(p) => Some(hex_decode(p).ok_or_else(|| corrupt(n, "public_key"))?),
+            None => None,
+        },
+        kcv: text(11)?.map(str::to_owned),
+        derivation,
+    })
 }
 
 async fn read_any(pool: &sqlx::AnyPool) -> Result<Loaded, RegistryError> {

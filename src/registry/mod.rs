@@ -46,7 +46,8 @@ pub struct VersionRecord {
     pub created_at: i64,
     /// When the version entered its current state, who put it there, and why (revocations).
     pub state_changed_at: i64,
-    pub changed_by: String,
+    /// Shared: a registry of a million keys has a handful of distinct identities.
+    pub changed_by: Arc<str>,
     pub reason: Option<String>,
     /// End of the verify-only window.
     pub grace_until: Option<i64>,
@@ -110,7 +111,7 @@ impl VersionRecord {
             state: VersionState::Active,
             created_at,
             state_changed_at: created_at,
-            changed_by: by.to_owned(),
+            changed_by: by.into(),
             reason: None,
             grace_until: None,
             object,
@@ -126,7 +127,7 @@ impl VersionRecord {
         Self {
             state,
             state_changed_at: at,
-            changed_by: by.to_owned(),
+            changed_by: by.into(),
             reason: reason.map(str::to_owned),
             grace_until: None,
             ..self.clone()
@@ -148,7 +149,7 @@ pub struct KeyRecord {
     pub key_type: KeyType,
     pub lifecycle: Lifecycle,
     pub created_at: i64,
-    pub created_by: String,
+    pub created_by: Arc<str>,
     /// The master key (`aes256-derive`) this key's versions are derived from, if any.
     pub derive_from: Option<KeyName>,
     pub versions: Vec<VersionRecord>,
@@ -393,7 +394,7 @@ impl Registry {
                 .bind(rec.name.as_str())
                 .bind(rec.key_type.as_str())
                 .bind(rec.created_at)
-                .bind(rec.created_by.as_str())
+                .bind(&*rec.created_by)
                 .bind(l.rotation_period.map(to_i64))
                 .bind(to_i64(l.verify_grace))
                 .bind(l.max_operations.map(to_i64))
@@ -467,7 +468,7 @@ impl Registry {
                     )
                     .bind(v.state.as_str())
                     .bind(v.state_changed_at)
-                    .bind(&v.changed_by)
+                    .bind(&*v.changed_by)
                     .bind(v.reason.as_deref())
                     .bind(v.grace_until)
                     .bind(new.name.as_str())
@@ -592,7 +593,7 @@ async fn insert_version(
     .bind(v.state.as_str())
     .bind(v.created_at)
     .bind(v.state_changed_at)
-    .bind(&v.changed_by)
+    .bind(&*v.changed_by)
     .bind(v.reason.as_deref())
     .bind(v.grace_until)
     .bind(to_i64(v.operations.load(Ordering::Relaxed)))
@@ -619,11 +620,21 @@ pub fn hex_encode(bytes: &[u8]) -> String {
 }
 
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
+    let mut out = Vec::with_capacity(b.len() / 2);
+    for pair in b.chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Some(out)
 }

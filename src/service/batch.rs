@@ -129,7 +129,7 @@ impl Service {
             key_type,
             lifecycle,
             created_at: now,
-            created_by: caller.identity.clone(),
+            created_by: caller.identity.as_str().into(),
             derive_from: master.map(|m| m.name.clone()),
             versions: vec![first],
         })

@@ -263,7 +263,7 @@ impl Service {
             key_type,
             lifecycle,
             created_at: now,
-            created_by: caller.identity.clone(),
+            created_by: caller.identity.as_str().into(),
             derive_from: master.as_ref().map(|m| m.name.clone()),
             versions: vec![first.clone()],
         };
@@ -335,7 +335,7 @@ impl Service {
             key_type,
             lifecycle,
             created_at: now,
-            created_by: requested_by.to_owned(),
+            created_by: requested_by.into(),
             derive_from: None,
             versions: vec![v.clone()],
         };
