@@ -13,12 +13,14 @@ pub(super) struct Deadlines {
 }
 
 impl Deadlines {
-    /// The agenda of `keys` at start-up, built in one sorted pass.
+    /// The agenda of `keys` (given in name order) at start-up, built in one sorted pass.
     pub fn build<'a>(keys: impl Iterator<Item = &'a KeyRecord>) -> Self {
         let mut entries: Vec<(i64, KeyName)> = keys
             .filter_map(|k| next_deadline(k).map(|at| (at, k.name.clone())))
             .collect();
-        entries.sort_unstable();
+        // Stable by time keeps name order among equal times (keys enrolled in the same second),
+        // so the set is built from sorted input without comparing names.
+        entries.sort_by_key(|e| e.0);
         Self {
             agenda: entries.into_iter().collect(),
         }

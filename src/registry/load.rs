@@ -75,15 +75,24 @@ fn corrupt(name: &str, what: &str) -> RegistryError {
 struct Interner {
     identities: HashMap<String, Arc<str>>,
     masters: HashMap<String, KeyName>,
+    /// Neighbouring rows mostly repeat the identity: checked before hashing.
+    last: Option<Arc<str>>,
 }
 
 impl Interner {
     fn identity(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.identities.get(s) {
+        if let Some(a) = self.last.as_ref().filter(|a| &***a == s) {
             return a.clone();
         }
-        let a: Arc<str> = Arc::from(s);
-        self.identities.insert(s.to_owned(), a.clone());
+        let a = match self.identities.get(s) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = Arc::from(s);
+                self.identities.insert(s.to_owned(), a.clone());
+                a
+            }
+        };
+        self.last = Some(a.clone());
         a
     }
 
