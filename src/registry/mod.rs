@@ -519,7 +519,8 @@ impl Registry {
         before
     }
 
-    /// Every key, for the scheduler.
+    /// Every key: a snapshot of the whole index, O(keys). The scheduler uses [`Registry::due`]
+    /// instead; this is for rare whole-registry tasks.
     pub fn all(&self) -> Vec<Arc<KeyRecord>> {
         self.index
             .read()
