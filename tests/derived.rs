@@ -310,3 +310,41 @@ async fn the_derived_key_cache_stays_within_its_bound() {
     // 12 keys through a cache of 4: most uses had to derive again.
     assert!(figure("derivations") > 12, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_derived_version_is_revoked_and_destroyed_under_dual_control() {
+    let env = Env::new();
+    let d = env.start();
+    create(&d, MASTER, "aes256-derive").await;
+    let name = "stores/5/pos/1/qr-mac";
+    create_derived(&d, name, "hmac-sha256").await;
+    let (sig1, _) = sign(&d, name, b"m").await;
+    let mut alice = d.conn("officer").await;
+    let mut bob = d.conn("officer2").await;
+    let (s, _) = post(&mut alice, &format!("/v1/keys/{name}:rotate"), json!({})).await;
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        &mut alice,
+        &format!("/v1/keys/{name}:revoke"),
+        json!({"version": 1, "reason": "terminal stolen"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(verify(&d, name, b"m", &sig1).await["valid"], false);
+    let (s, req) = post(
+        &mut alice,
+        &format!("/v1/keys/{name}:destroy"),
+        json!({"version": 1}),
+    )
+    .await;
+    assert_eq!(s, 202, "{req}");
+    let id = req["approval"]["id"].as_str().unwrap().to_owned();
+    let (s, done) = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
+    assert_eq!(s, 200, "{done}");
+    let (_, k) = get(&mut alice, &format!("/v1/keys/{name}")).await;
+    assert_eq!(version(&k, 1)["state"], "destroyed", "{k}");
+    // Version 2 is untouched.
+    let (sig2, v) = sign(&d, name, b"m").await;
+    assert_eq!(v, 2);
+    assert_eq!(verify(&d, name, b"m", &sig2).await["valid"], true);
+}
