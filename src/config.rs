@@ -103,6 +103,7 @@ enum RawBackend {
         pin_file: Option<PathBuf>,
         pin_credential: Option<String>,
         sessions: Option<usize>,
+        derived_cache: Option<usize>,
     },
     #[serde(rename = "tpm")]
     Tpm {
@@ -265,6 +266,7 @@ impl Config {
                 pin_file,
                 pin_credential,
                 sessions,
+                derived_cache,
             } => {
                 let module = file("backend.module", &module)?;
                 let selector =
@@ -282,12 +284,20 @@ impl Config {
                         "backend.sessions = {sessions}: must be between 1 and 512"
                     ));
                 }
+                let derived_cache =
+                    derived_cache.unwrap_or(crate::backend::pkcs11::DEFAULT_DERIVED_CACHE);
+                if !(1..=1_000_000).contains(&derived_cache) {
+                    return Err(format!(
+                        "backend.derived_cache = {derived_cache}: must be between 1 and 1000000"
+                    ));
+                }
                 BackendConfig::Pkcs11(Pkcs11Settings {
                     module,
                     token_uri: token,
                     token: selector,
                     pin,
                     sessions,
+                    derived_cache,
                 })
             }
             RawBackend::Tpm {

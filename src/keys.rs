@@ -1,6 +1,8 @@
 //! Key vocabulary shared by every layer: names, types, versions and their states.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,9 +20,10 @@ pub const MAX_SEGMENT_LEN: usize = 64;
 /// A validated resource name such as `stores/1212/pos/0001/qr-mac`.
 ///
 /// Lower-case segments of `[a-z0-9._-]` joined by `/`; no empty, `.` or `..` segments, so a
-/// name can never be read as a path or glob and compares byte for byte.
+/// name can never be read as a path or glob and compares byte for byte. Shared, not copied:
+/// the index, the scheduler's agenda and every record of a key hold the same string.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KeyName(String);
+pub struct KeyName(Arc<str>);
 
 impl KeyName {
     pub fn parse(s: &str) -> Result<Self, ServiceError> {
@@ -47,7 +50,7 @@ impl KeyName {
                 return Err(bad("segments may contain only a-z, 0-9, '.', '_' and '-'"));
             }
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(Arc::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -61,6 +64,13 @@ impl KeyName {
 
 fn is_name_byte(b: u8) -> bool {
     matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-')
+}
+
+/// Orders and hashes exactly as the string does, so maps keyed by name can be searched by `&str`.
+impl Borrow<str> for KeyName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Display for KeyName {
@@ -83,15 +93,20 @@ pub enum KeyType {
     /// A transport (key-encryption) key: wraps keys for export to a terminal, nothing else.
     #[serde(rename = "aes256-kw")]
     Aes256Kw,
+    /// A master key that only derives per-terminal keys inside the device (see
+    /// `crate::backend::Derivation`); it signs, encrypts and wraps nothing itself.
+    #[serde(rename = "aes256-derive")]
+    Aes256Derive,
 }
 
 impl KeyType {
-    pub const ALL: [KeyType; 5] = [
+    pub const ALL: [KeyType; 6] = [
         KeyType::HmacSha256,
         KeyType::EcdsaP256,
         KeyType::Ed25519,
         KeyType::Aes256Gcm,
         KeyType::Aes256Kw,
+        KeyType::Aes256Derive,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +116,7 @@ impl KeyType {
             KeyType::Ed25519 => "ed25519",
             KeyType::Aes256Gcm => "aes256-gcm",
             KeyType::Aes256Kw => "aes256-kw",
+            KeyType::Aes256Derive => "aes256-derive",
         }
     }
 
@@ -127,6 +143,17 @@ impl KeyType {
 
     pub fn encrypts(self) -> bool {
         matches!(self, KeyType::Aes256Gcm)
+    }
+
+    /// Master keys, which only derive other keys.
+    pub fn derives(self) -> bool {
+        matches!(self, KeyType::Aes256Derive)
+    }
+
+    /// Types a key derived from a master may have: symmetric keys the device can derive
+    /// directly as a secret of the right length.
+    pub fn derivable(self) -> bool {
+        matches!(self, KeyType::HmacSha256 | KeyType::Aes256Gcm)
     }
 }
 

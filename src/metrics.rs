@@ -28,8 +28,17 @@ pub struct BackendErrorLabel {
     pub kind: &'static str,
 }
 
+/// Which figure of the backend's derived-key cache.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DerivedLabel {
+    pub what: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Derived-key cache: `held` (keys in the device now), `capacity`, `derivations` (since
+    /// start). Read from the backend at scrape time.
+    pub derived_keys: Family<DerivedLabel, Gauge>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<OperationLabel, Histogram>,
     pub backend_errors: Family<BackendErrorLabel, Counter>,
@@ -60,6 +69,12 @@ impl Metrics {
         let keys = Gauge::default();
         let policy_reloads = Family::<OutcomeLabel, Counter>::default();
         let tls_reloads = Family::<OutcomeLabel, Counter>::default();
+        let derived_keys = Family::<DerivedLabel, Gauge>::default();
+        registry.register(
+            "derived_keys",
+            "Derived-key cache of the backend: held, capacity, derivations since start",
+            derived_keys.clone(),
+        );
         registry.register(
             "tls_reloads",
             "TLS material reloads by outcome",
@@ -93,6 +108,7 @@ impl Metrics {
         );
         Self {
             registry,
+            derived_keys,
             requests,
             latency,
             backend_errors,

@@ -139,3 +139,56 @@ fn the_shipped_templates_do_not_break_the_policy_loader() {
     tillkey::policy::Policy::load_dir(&repo().join("policies"))
         .expect("policies/ with templates.toml loads");
 }
+
+const DERIVED: &str = r#"
+[[store]]
+id = "2001"
+group = "north"
+pos = ["0001", "0002", "0003"]
+templates = ["group-master", "qr-mac-derived"]
+
+[[store]]
+id = "2002"
+group = "north"
+pos = ["0001", "0002"]
+templates = ["group-master", "qr-mac-derived"]
+"#;
+
+#[tokio::test]
+async fn enrolment_of_derived_terminal_keys_is_idempotent_and_needs_a_group() {
+    let env = Env::new();
+    let d = env.start();
+    let r = enrol(&d, &env, DERIVED, &["--batch", "2"]);
+    // One master for the group, one derived key per terminal.
+    assert_eq!(
+        (r["keys_wanted"].clone(), r["created"].clone()),
+        (6.into(), 6.into()),
+        "{r}"
+    );
+    let again = enrol(&d, &env, DERIVED, &[]);
+    assert_eq!(
+        (again["created"].clone(), again["existing"].clone()),
+        (0.into(), 6.into()),
+        "{again}"
+    );
+    let mut officer = d.conn("officer").await;
+    let (s, k) = get(&mut officer, "/v1/keys/stores/2002/pos/0002/qr-mac").await;
+    assert_eq!(s, 200, "{k}");
+    assert_eq!(k["derive_from"], "groups/north/pos-master");
+    assert_eq!(k["versions"][0]["derivation"]["master_version"], 1);
+    let (s, m) = get(&mut officer, "/v1/keys/groups/north/pos-master").await;
+    assert_eq!((s, m["type"].as_str()), (200, Some("aes256-derive")));
+
+    let path = env.path("nogroup.toml");
+    write(
+        &path,
+        "[[store]]\nid = \"9\"\npos = [\"1\"]\ntemplates = [\"qr-mac-derived\"]\n",
+    );
+    let out = run_enrol(&d, &env, &path, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the store's group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

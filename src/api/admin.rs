@@ -78,6 +78,20 @@ async fn answer(
             m.backend_ready
                 .set(i64::from(state.service.backend().health() == Health::Ready));
             m.keys.set(state.service.key_count() as i64);
+            if let Some(c) = state.service.backend().derived_cache() {
+                for (what, n) in [
+                    ("held", c.held as i64),
+                    ("capacity", c.capacity as i64),
+                    (
+                        "derivations",
+                        i64::try_from(c.derivations).unwrap_or(i64::MAX),
+                    ),
+                ] {
+                    m.derived_keys
+                        .get_or_create(&crate::metrics::DerivedLabel { what })
+                        .set(n);
+                }
+            }
             (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

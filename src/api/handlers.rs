@@ -142,7 +142,13 @@ pub async fn dispatch(
                 exportable: req.exportable,
             };
             let key = svc
-                .create_key(caller, &req.name, &req.key_type, &settings)
+                .create_key_from(
+                    caller,
+                    &req.name,
+                    &req.key_type,
+                    &settings,
+                    req.derive_from.as_deref(),
+                )
                 .await?;
             ok(
                 StatusCode::CREATED,
@@ -150,6 +156,7 @@ pub async fn dispatch(
                 key.active().map(|v| v.version),
             )
         }
+        Route::BatchCreate => super::batch_create::create(svc, caller, body, note).await,
         Route::GetKey => {
             let key = svc.get_key(caller, name)?;
             ok(StatusCode::OK, &KeyView::of(&key), None)

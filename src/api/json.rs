@@ -20,6 +20,14 @@ pub struct CreateKey {
     pub verify_grace: Option<String>,
     pub max_operations: Option<u64>,
     pub exportable: Option<bool>,
+    /// Name of an `aes256-derive` master: the key is derived from it, not stored.
+    pub derive_from: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchCreate {
+    pub keys: Vec<CreateKey>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +289,8 @@ pub struct KeyView {
     pub verify_grace: String,
     pub max_operations: Option<u64>,
     pub exportable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derive_from: Option<String>,
     pub active_version: Option<u32>,
     pub versions: Vec<VersionView>,
 }
@@ -301,6 +311,15 @@ pub struct VersionView {
     pub kcv: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
+    /// For derived versions: the master version and KDF that make it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derivation: Option<DerivationView>,
+}
+
+#[derive(Serialize)]
+pub struct DerivationView {
+    pub master_version: u32,
+    pub kdf: &'static str,
 }
 
 impl KeyView {
@@ -309,11 +328,12 @@ impl KeyView {
             name: k.name.to_string(),
             key_type: k.key_type.as_str(),
             created_at: rfc3339(k.created_at),
-            created_by: k.created_by.clone(),
+            created_by: k.created_by.to_string(),
             rotation_period: k.lifecycle.rotation_period.map(format_duration),
             verify_grace: format_duration(k.lifecycle.verify_grace),
             max_operations: k.lifecycle.max_operations,
             exportable: k.lifecycle.exportable,
+            derive_from: k.derive_from.as_ref().map(|m| m.to_string()),
             active_version: k.active().map(|v| v.version),
             versions: k
                 .versions
@@ -323,7 +343,7 @@ impl KeyView {
                     state: v.state.as_str(),
                     created_at: rfc3339(v.created_at),
                     state_changed_at: rfc3339(v.state_changed_at),
-                    changed_by: v.changed_by.clone(),
+                    changed_by: v.changed_by.to_string(),
                     reason: v.reason.clone(),
                     grace_until: v.grace_until.map(rfc3339),
                     operations: v.operations.load(std::sync::atomic::Ordering::Relaxed),
@@ -332,6 +352,10 @@ impl KeyView {
                         .public_key_der
                         .as_deref()
                         .map(|der| encoding::pem("PUBLIC KEY", der)),
+                    derivation: v.derivation.map(|d| DerivationView {
+                        master_version: d.master_version,
+                        kdf: d.kdf.as_str(),
+                    }),
                 })
                 .collect(),
         }

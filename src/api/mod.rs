@@ -2,6 +2,7 @@
 
 mod admin;
 mod batch;
+mod batch_create;
 mod handlers;
 mod json;
 mod routes;

@@ -30,6 +30,7 @@ pub const RECEIPT_HEADER: &str = "x-tillkey-receipt";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     CreateKey,
+    BatchCreate,
     ListKeys,
     GetKey,
     UpdateKey,
@@ -74,6 +75,7 @@ impl Route {
     pub fn label(self) -> &'static str {
         match self {
             Route::CreateKey => "create",
+            Route::BatchCreate => "batch_create",
             Route::ListKeys => "list",
             Route::GetKey => "get",
             Route::UpdateKey => "update",
@@ -232,6 +234,7 @@ fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>),
             "revokePrefix" => Route::RevokePrefix,
             "rotatePrefix" => Route::RotatePrefix,
             "import" => Route::Import,
+            "batchCreate" => Route::BatchCreate,
             _ => return Err(unknown()),
         };
         if *method != Method::POST {

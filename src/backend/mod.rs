@@ -33,6 +33,47 @@ pub struct KeyRef<'a> {
     pub object: &'a ObjectRef,
 }
 
+/// The key-derivation function that made a derived key version. Recorded per version, so a
+/// version keeps its derivation after the master rotates or a later generation changes KDF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kdf {
+    /// PKCS#11 `CKM_AES_CBC_ENCRYPT_DATA`: the 32-byte context encrypted under the master in CBC
+    /// mode (IV recorded with the version). What SoftHSM offers; each output block is the
+    /// master's AES permutation of a distinct input, so one terminal's key says nothing about
+    /// another's.
+    AesCbcEncryptData,
+}
+
+impl Kdf {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kdf::AesCbcEncryptData => "aes-cbc-encrypt-data",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        (s == "aes-cbc-encrypt-data").then_some(Kdf::AesCbcEncryptData)
+    }
+}
+
+/// A derived key version: its backend reference (which re-derives the key on demand; nothing is
+/// stored in the device) and the KDF used.
+#[derive(Debug)]
+pub struct DerivedKey {
+    pub object: ObjectRef,
+    pub kdf: Kdf,
+}
+
+/// Occupancy of a backend's cache of derived keys, for metrics and the bound's tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DerivedCacheStats {
+    /// Derived keys held in the device now (cached plus those still in use after eviction).
+    pub held: usize,
+    pub capacity: usize,
+    /// Derivations performed since start (cache misses).
+    pub derivations: u64,
+}
+
 /// Whether the backend can serve, and if not, why (shown on `/readyz`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -136,6 +177,28 @@ pub trait KeyBackend: Send + Sync {
     /// Release what the device would otherwise keep after this process exits (a TPM without a
     /// resource manager keeps loaded objects). Nothing to do for PKCS#11.
     fn close(&self) {}
+
+    /// Make a derived key of `key_type` from a master version (`aes256-derive`) and a 32-byte
+    /// context unique to the key name and version. The device holds no new persistent object:
+    /// the returned reference re-derives the key (deterministically) whenever it is used, so
+    /// signing and verifying work after a restart and the device's object count does not grow.
+    fn derive(
+        &self,
+        master: KeyRef<'_>,
+        key_type: KeyType,
+        context: &[u8; 32],
+    ) -> BackendResult<DerivedKey> {
+        let _ = (master, key_type, context);
+        Err(BackendError::Unsupported(format!(
+            "the {} backend cannot derive keys",
+            self.kind()
+        )))
+    }
+
+    /// Cache occupancy, for backends that cache derived keys.
+    fn derived_cache(&self) -> Option<DerivedCacheStats> {
+        None
+    }
 }
 
 pub type SharedBackend = Arc<dyn KeyBackend>;

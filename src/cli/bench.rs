@@ -8,6 +8,8 @@
 //! device operation (`raw_threads` threads, one session each), then the daemon under `clients`
 //! concurrent keep-alive connections. New phases add a function and a name in [`PHASES`].
 
+mod scale;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +70,10 @@ pub struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Instead of the per-type phases, the scale phase over this many derived keys (see
+    /// `bench/scale.rs`).
+    #[arg(long)]
+    scale_hot: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -146,6 +152,25 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "--batch-size must be 1..={}",
             crate::service::batch::MAX_BATCH
         ));
+    }
+
+    if let Some(hot) = args.scale_hot {
+        let BackendConfig::Pkcs11(settings) = &config.backend else {
+            return Err(
+                "--scale-hot measures derived keys, which only the pkcs11 backend makes".into(),
+            );
+        };
+        let setup = scale::Setup {
+            args: &args,
+            config: &config,
+            settings,
+            officer: &bench.officer,
+            service: &bench.service,
+            pid: bench.pid,
+            run_id: &bench.run_id,
+            rt: &bench.rt,
+        };
+        return scale::run(&setup, hot);
     }
 
     let mut rows = Vec::new();

@@ -188,6 +188,10 @@ enum ProvisionCommand {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+        /// Keys per `batchCreate` request (1 to 1000). Each key is ~150 bytes of JSON: keep
+        /// batches within the daemon's `max_body_bytes` (64 KiB by default).
+        #[arg(long, default_value_t = 250)]
+        batch: usize,
     },
 }
 
@@ -393,8 +397,8 @@ pub fn main() -> ExitCode {
         Command::Provision(ProvisionCommand::Package(PackageCommand::Approve { conn, dir })) => {
             runtime().and_then(|rt| rt.block_on(package::approve(&conn, &dir)))
         }
-        Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel }) => {
-            runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel)))
+        Command::Provision(ProvisionCommand::Enrol { conn, manifest, templates, dry_run, parallel, batch }) => {
+            runtime().and_then(|rt| rt.block_on(provision::enrol(&conn, &manifest, &templates, dry_run, parallel, batch)))
         }
         Command::Audit(AuditCommand::Verify { config }) => {
             runtime().and_then(|rt| rt.block_on(audit::verify(&config)))

@@ -35,6 +35,9 @@ pub struct Template {
     verify_grace: Option<String>,
     max_operations: Option<u64>,
     exportable: Option<bool>,
+    /// Master to derive the key from (may use {group} and {store}); the key then holds no
+    /// object in the HSM.
+    derive_from: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +51,9 @@ pub(super) struct Manifest {
 #[serde(deny_unknown_fields)]
 pub(super) struct Store {
     pub(super) id: String,
+    /// Store group, for templates whose keys are per group (`{group}`), such as derivation
+    /// masters.
+    group: Option<String>,
     #[serde(default)]
     pub(super) pos: Vec<String>,
     pub(super) templates: Vec<String>,
@@ -69,13 +75,28 @@ fn desired(
             let tpl = templates
                 .get(t)
                 .ok_or_else(|| format!("store {}: no template named '{t}'", store.id))?;
-            let base = tpl.key.replace("{store}", &store.id);
+            let fill = |pattern: &str| -> Result<String, String> {
+                let s = pattern.replace("{store}", &store.id);
+                match (&store.group, s.contains("{group}")) {
+                    (Some(g), _) => Ok(s.replace("{group}", g)),
+                    (None, false) => Ok(s),
+                    (None, true) => Err(format!(
+                        "store {}: template '{t}' needs the store's group",
+                        store.id
+                    )),
+                }
+            };
+            let base = fill(&tpl.key)?;
+            let mut tpl = tpl.clone();
+            if let Some(m) = &tpl.derive_from {
+                tpl.derive_from = Some(fill(m)?);
+            }
             if base.contains("{pos}") {
                 for pos in &store.pos {
                     want.insert(base.replace("{pos}", pos), tpl.clone());
                 }
             } else {
-                want.insert(base, tpl.clone());
+                want.insert(base, tpl);
             }
         }
     }
@@ -91,7 +112,7 @@ fn from_template(name: &str, templates: &BTreeMap<String, Template>) -> bool {
             && pattern
                 .iter()
                 .zip(&parts)
-                .all(|(p, n)| *p == "{store}" || *p == "{pos}" || p == n)
+                .all(|(p, n)| matches!(*p, "{store}" | "{pos}" | "{group}") || p == n)
     })
 }
 
@@ -101,6 +122,7 @@ pub async fn enrol(
     templates: &Path,
     dry_run: bool,
     parallel: usize,
+    batch: usize,
 ) -> Result<bool, String> {
     let started = Instant::now();
     let file: TemplateFile = read_toml(templates)?;
@@ -115,28 +137,13 @@ pub async fn enrol(
     let client = conn.client()?;
     let mut c = client.connect().await.map_err(|e| e.to_string())?;
     let mut existing = BTreeSet::new();
-    let mut token: Option<String> = None;
-    loop {
-        let path = match &token {
-            Some(t) => format!("/v1/keys?prefix=stores/&page_token={t}"),
-            None => "/v1/keys?prefix=stores/".to_string(),
-        };
-        let (status, page) = c
-            .call(Method::GET, &path, None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !status.is_success() {
-            return Err(format!("listing keys: {page}"));
-        }
-        for k in page["keys"].as_array().into_iter().flatten() {
-            if let Some(n) = k["name"].as_str() {
-                existing.insert(n.to_owned());
-            }
-        }
-        match page["next_page_token"].as_str() {
-            Some(t) => token = Some(t.to_owned()),
-            None => break,
-        }
+    // Every top-level segment the manifest's keys (and their masters) live under.
+    let prefixes: BTreeSet<String> = want
+        .keys()
+        .filter_map(|n| n.split_once('/').map(|(top, _)| format!("{top}/")))
+        .collect();
+    for prefix in prefixes {
+        list_into(&mut c, &prefix, &mut existing).await?;
     }
 
     let missing: Vec<(String, Template)> = want
@@ -149,40 +156,20 @@ pub async fn enrol(
         .filter(|n| !want.contains_key(*n) && from_template(n, &templates))
         .cloned()
         .collect();
+
     let mut created = 0usize;
+    let mut raced = 0usize;
     let mut failures = Vec::new();
     if !dry_run {
-        let chunks: Vec<Vec<(String, Template)>> = missing
-            .chunks(missing.len().div_ceil(parallel.max(1)).max(1))
-            .map(<[_]>::to_vec)
-            .collect();
-        let mut tasks = Vec::new();
-        for chunk in chunks {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut c = client.connect().await.map_err(|e| e.to_string())?;
-                let mut done = 0usize;
-                let mut failed = Vec::new();
-                for (name, t) in chunk {
-                    let body = json!({
-                        "name": name, "type": t.key_type, "rotation_period": t.rotation_period,
-                        "verify_grace": t.verify_grace, "max_operations": t.max_operations, "exportable": t.exportable,
-                    });
-                    let body = super::strip_nulls(body);
-                    match c.call(Method::POST, "/v1/keys", Some(&body)).await {
-                        Ok((s, _)) if s.as_u16() == 201 => done += 1,
-                        // Someone else made it meanwhile: still idempotent.
-                        Ok((s, _)) if s.as_u16() == 409 => {}
-                        Ok((_, v)) => failed.push(format!("{name}: {}", v["error"]["message"])),
-                        Err(e) => failed.push(format!("{name}: {e}")),
-                    }
-                }
-                Ok::<_, String>((done, failed))
-            }));
-        }
-        for t in tasks {
-            let (done, failed) = t.await.map_err(|e| e.to_string())??;
+        // Masters (and every other stored key) first: derived keys need theirs to exist.
+        let (derived, stored): (Vec<_>, Vec<_>) = missing
+            .iter()
+            .cloned()
+            .partition(|(_, t)| t.derive_from.is_some());
+        for phase in [stored, derived] {
+            let (done, dup, failed) = create_all(&client, phase, batch, parallel).await?;
             created += done;
+            raced += dup;
             failures.extend(failed);
         }
     }
@@ -190,8 +177,9 @@ pub async fn enrol(
         "stores": manifest.store.len(),
         "terminals": manifest.store.iter().map(|s| s.pos.len()).sum::<usize>(),
         "keys_wanted": want.len(),
-        "existing": want.len() - missing.len(),
+        "existing": want.len() - missing.len() + raced,
         "created": created,
+        "keys_per_second": if started.elapsed().as_secs_f64() > 0.0 { (created as f64 / started.elapsed().as_secs_f64()).round() } else { 0.0 },
         "to_create": if dry_run { missing.len() } else { 0 },
         "would_retire": would_retire,
         "failures": failures,
@@ -202,4 +190,101 @@ pub async fn enrol(
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
     Ok(report["failures"].as_array().is_none_or(|f| f.is_empty()))
+}
+
+/// Add the names of every key under `prefix` to `into`, page by page.
+async fn list_into(
+    c: &mut crate::client::Connection,
+    prefix: &str,
+    into: &mut BTreeSet<String>,
+) -> Result<(), String> {
+    let mut token: Option<String> = None;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/keys?prefix={prefix}&page_token={t}"),
+            None => format!("/v1/keys?prefix={prefix}"),
+        };
+        let (status, page) = c
+            .call(Method::GET, &path, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("listing keys: {page}"));
+        }
+        for k in page["keys"].as_array().into_iter().flatten() {
+            if let Some(n) = k["name"].as_str() {
+                into.insert(n.to_owned());
+            }
+        }
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Create `keys` through `POST /v1/keys:batchCreate`, `batch` at a time over `parallel`
+/// connections: (created, already there, failures).
+async fn create_all(
+    client: &crate::client::Client,
+    keys: Vec<(String, Template)>,
+    batch: usize,
+    parallel: usize,
+) -> Result<(usize, usize, Vec<String>), String> {
+    let batches: Vec<Vec<(String, Template)>> = keys
+        .chunks(batch.clamp(1, 1000))
+        .map(<[_]>::to_vec)
+        .collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(batches));
+    let mut tasks = Vec::new();
+    for _ in 0..parallel.max(1) {
+        let client = client.clone();
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.map_err(|e| e.to_string())?;
+            let (mut done, mut dup, mut failed) = (0usize, 0usize, Vec::new());
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let Some(items) = next else { break };
+                let body = json!({ "keys": items.iter().map(|(name, t)| super::strip_nulls(json!({
+                    "name": name, "type": t.key_type, "rotation_period": t.rotation_period,
+                    "verify_grace": t.verify_grace, "max_operations": t.max_operations,
+                    "exportable": t.exportable, "derive_from": t.derive_from,
+                }))).collect::<Vec<_>>() });
+                match c
+                    .call(Method::POST, "/v1/keys:batchCreate", Some(&body))
+                    .await
+                {
+                    Ok((s, v)) if s.is_success() => {
+                        for r in v["results"].as_array().into_iter().flatten() {
+                            match r["outcome"].as_str() {
+                                Some("created") => done += 1,
+                                // Someone else made it meanwhile: still idempotent.
+                                _ if r["error"]["code"] == "already_exists" => dup += 1,
+                                _ => {
+                                    failed.push(format!("{}: {}", r["name"], r["error"]["message"]))
+                                }
+                            }
+                        }
+                    }
+                    Ok((_, v)) => failed.push(format!(
+                        "batch of {} from {}: {}",
+                        items.len(),
+                        items[0].0,
+                        v["error"]["message"]
+                    )),
+                    Err(e) => failed.push(format!("batch from {}: {e}", items[0].0)),
+                }
+            }
+            Ok::<_, String>((done, dup, failed))
+        }));
+    }
+    let (mut done, mut dup, mut failed) = (0, 0, Vec::new());
+    for t in tasks {
+        let (d, u, f) = t.await.map_err(|e| e.to_string())??;
+        done += d;
+        dup += u;
+        failed.extend(f);
+    }
+    Ok((done, dup, failed))
 }

@@ -30,10 +30,12 @@ pub enum Operation {
     Verify,
     Encrypt,
     Decrypt,
+    /// Create keys derived from this master key.
+    Derive,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 14] = [
         Operation::Create,
         Operation::Read,
         Operation::Rotate,
@@ -47,6 +49,7 @@ impl Operation {
         Operation::Verify,
         Operation::Encrypt,
         Operation::Decrypt,
+        Operation::Derive,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Operation {
             Operation::Verify => "verify",
             Operation::Encrypt => "encrypt",
             Operation::Decrypt => "decrypt",
+            Operation::Derive => "derive",
         }
     }
 
@@ -85,6 +89,7 @@ fn role_operations(role: &str) -> Option<&'static [Operation]> {
             Operation::Import,
             Operation::Export,
             Operation::Audit,
+            Operation::Derive,
         ]),
         "auditor" => Some(&[Operation::Audit]),
         _ => None,

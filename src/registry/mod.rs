@@ -11,14 +11,17 @@ pub mod approvals;
 pub mod purchases;
 pub mod retail;
 
+mod deadlines;
+mod load;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
 
-use crate::backend::ObjectRef;
+use crate::backend::{Kdf, ObjectRef};
 use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,10 @@ pub enum RegistryError {
     Exists,
     #[error("corrupt row for key '{name}': {what}")]
     Corrupt { name: String, what: String },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("loading the registry: {0}")]
+    Load(String),
 }
 
 #[derive(Debug, Clone)]
@@ -39,7 +46,8 @@ pub struct VersionRecord {
     pub created_at: i64,
     /// When the version entered its current state, who put it there, and why (revocations).
     pub state_changed_at: i64,
-    pub changed_by: String,
+    /// Shared: a registry of a million keys has a handful of distinct identities.
+    pub changed_by: Arc<str>,
     pub reason: Option<String>,
     /// End of the verify-only window.
     pub grace_until: Option<i64>,
@@ -48,10 +56,46 @@ pub struct VersionRecord {
     pub public_key_der: Option<Vec<u8>>,
     /// Key check value (hex) of symmetric keys.
     pub kcv: Option<String>,
-    /// Operations performed (sign, MAC, encrypt). Shared by every snapshot of this version and
-    /// written to the database by [`Registry::flush_usage`], not on every operation.
-    pub operations: Arc<AtomicU64>,
-    persisted_operations: Arc<AtomicU64>,
+    /// For a version derived from a master key: which master version and KDF made it.
+    pub derivation: Option<Derivation>,
+    /// Operations performed (sign, MAC, encrypt), readable as an `AtomicU64`. Shared by every
+    /// snapshot of this version and written to the database by [`Registry::flush_usage`], not on
+    /// every operation.
+    pub operations: Arc<Usage>,
+}
+
+/// How a derived version was made. The master's key material is named by the version's
+/// backend reference; this is the record for people and for the master's own life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Derivation {
+    pub master_version: u32,
+    pub kdf: Kdf,
+}
+
+/// Use count of one version, with what the database last saw and whether it waits in the
+/// flush queue (so a flush visits only versions used since the last one).
+#[derive(Debug, Default)]
+pub struct Usage {
+    count: AtomicU64,
+    persisted: AtomicU64,
+    queued: AtomicBool,
+}
+
+impl Usage {
+    fn new(count: u64) -> Self {
+        Self {
+            count: AtomicU64::new(count),
+            persisted: AtomicU64::new(count),
+            queued: AtomicBool::new(false),
+        }
+    }
+}
+
+impl std::ops::Deref for Usage {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.count
+    }
 }
 
 impl VersionRecord {
@@ -67,14 +111,14 @@ impl VersionRecord {
             state: VersionState::Active,
             created_at,
             state_changed_at: created_at,
-            changed_by: by.to_owned(),
+            changed_by: by.into(),
             reason: None,
             grace_until: None,
             object,
             public_key_der,
             kcv: None,
-            operations: Arc::new(AtomicU64::new(0)),
-            persisted_operations: Arc::new(AtomicU64::new(0)),
+            derivation: None,
+            operations: Arc::new(Usage::new(0)),
         }
     }
 
@@ -83,7 +127,7 @@ impl VersionRecord {
         Self {
             state,
             state_changed_at: at,
-            changed_by: by.to_owned(),
+            changed_by: by.into(),
             reason: reason.map(str::to_owned),
             grace_until: None,
             ..self.clone()
@@ -105,7 +149,9 @@ pub struct KeyRecord {
     pub key_type: KeyType,
     pub lifecycle: Lifecycle,
     pub created_at: i64,
-    pub created_by: String,
+    pub created_by: Arc<str>,
+    /// The master key (`aes256-derive`) this key's versions are derived from, if any.
+    pub derive_from: Option<KeyName>,
     pub versions: Vec<VersionRecord>,
 }
 
@@ -134,7 +180,8 @@ const SCHEMA: &[&str] = &[
         rotation_period BIGINT,
         verify_grace BIGINT NOT NULL,
         max_operations BIGINT,
-        exportable BIGINT NOT NULL)",
+        exportable BIGINT NOT NULL,
+        derive_from TEXT)",
     "CREATE TABLE IF NOT EXISTS key_versions (
         name TEXT NOT NULL REFERENCES keys(name),
         version BIGINT NOT NULL,
@@ -148,13 +195,28 @@ const SCHEMA: &[&str] = &[
         object_ref TEXT NOT NULL,
         public_key TEXT,
         kcv TEXT,
+        kdf TEXT,
+        master_version BIGINT,
         PRIMARY KEY (name, version))",
+];
+
+/// Columns added after the first release, for databases made before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("keys", "derive_from", "TEXT"),
+    ("key_versions", "kdf", "TEXT"),
+    ("key_versions", "master_version", "BIGINT"),
 ];
 
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
-    index: RwLock<BTreeMap<String, Arc<KeyRecord>>>,
+    /// The database file, read directly at start-up (see `load`).
+    sqlite_file: Option<std::path::PathBuf>,
+    index: RwLock<BTreeMap<KeyName, Arc<KeyRecord>>>,
+    /// When each key next needs the scheduler, so a pass visits only keys that are due.
+    deadlines: Mutex<deadlines::Deadlines>,
+    /// Versions used since the last usage flush.
+    used: Mutex<Vec<(KeyName, u32, Arc<Usage>)>>,
 }
 
 impl Registry {
@@ -176,12 +238,8 @@ impl Registry {
             .connect(url)
             .await?;
         if !maintain {
-            let registry = Self {
-                pool,
-                is_sqlite: url.starts_with("sqlite:"),
-                index: RwLock::new(BTreeMap::new()),
-            };
-            registry.load().await?;
+            let registry = Self::empty(pool, url);
+            registry.load(false).await?;
             return Ok(registry);
         }
         if url.starts_with("sqlite:") {
@@ -189,61 +247,46 @@ impl Registry {
                 .execute(&pool)
                 .await?;
         }
-        for stmt in SCHEMA
-            .iter()
-            .chain([&approvals::SCHEMA, &purchases::SCHEMA])
+        let sqlite = url.starts_with("sqlite:");
+        for stmt in SCHEMA {
+            // SQLite: store key rows in name order (the primary key is the table), so the
+            // start-up read in name order is a sequential scan with no index lookups, and the
+            // name is stored once instead of in the table and again in its index.
+            let stmt = if sqlite {
+                format!("{stmt} WITHOUT ROWID")
+            } else {
+                (*stmt).to_owned()
+            };
+            sqlx::query(&stmt).execute(&pool).await?;
+        }
+        for stmt in [&approvals::SCHEMA, &purchases::SCHEMA]
+            .into_iter()
             .chain(retail::SCHEMA)
         {
             sqlx::query(stmt).execute(&pool).await?;
         }
-        // A crash between reserving a name and recording its first version leaves a key with no
-        // versions; it never served, so it is dropped to free the name.
-        let orphans = sqlx::query(
-            "DELETE FROM keys WHERE NOT EXISTS (SELECT 1 FROM key_versions v WHERE v.name = keys.name)",
-        )
-        .execute(&pool)
-        .await?;
-        if orphans.rows_affected() > 0 {
-            tracing::warn!(
-                count = orphans.rows_affected(),
-                "dropped keys reserved but never generated"
-            );
+        for (table, column, ty) in ADDED_COLUMNS {
+            let probe = format!("SELECT {column} FROM {table} LIMIT 1");
+            if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {
+                sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+                    .execute(&pool)
+                    .await?;
+            }
         }
-        let registry = Self {
-            pool,
-            is_sqlite: url.starts_with("sqlite:"),
-            index: RwLock::new(BTreeMap::new()),
-        };
-        registry.load().await?;
+        let registry = Self::empty(pool, url);
+        registry.load(true).await?;
         Ok(registry)
     }
 
-    async fn load(&self) -> Result<(), RegistryError> {
-        let keys = sqlx::query(
-            "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable FROM keys",
-        )
-            .fetch_all(&self.pool)
-            .await?;
-        let mut map: BTreeMap<String, KeyRecord> = BTreeMap::new();
-        for row in keys {
-            let rec = key_from_row(&row)?;
-            map.insert(rec.name.as_str().to_owned(), rec);
+    fn empty(pool: AnyPool, url: &str) -> Self {
+        Self {
+            pool,
+            is_sqlite: url.starts_with("sqlite:"),
+            sqlite_file: load::sqlite_file(url),
+            index: RwLock::new(BTreeMap::new()),
+            deadlines: Mutex::new(Default::default()),
+            used: Mutex::new(Vec::new()),
         }
-        let versions = sqlx::query(
-            "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv FROM key_versions ORDER BY name, version",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        for row in versions {
-            let name: String = row.try_get("name")?;
-            let v = version_from_row(&name, &row)?;
-            if let Some(k) = map.get_mut(&name) {
-                k.versions.push(v);
-            }
-        }
-        let index = map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
-        Ok(())
     }
 
     /// Close every connection; SQLite then checkpoints its write-ahead log into the database
@@ -285,12 +328,12 @@ impl Registry {
         use std::ops::Bound;
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let start = match after {
-            Some(a) if a >= prefix => Bound::Excluded(a.to_owned()),
-            _ => Bound::Included(prefix.to_owned()),
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
         };
         let mut page: Vec<Arc<KeyRecord>> = index
-            .range((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.as_str().starts_with(prefix))
             .filter(|(_, v)| keep(v))
             .take(limit.saturating_add(1))
             .map(|(_, v)| v.clone())
@@ -318,24 +361,61 @@ impl Registry {
         created_at: i64,
         created_by: &str,
     ) -> Result<(), RegistryError> {
-        let res = sqlx::query(
-            "INSERT INTO keys (name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(name.as_str())
-        .bind(key_type.as_str())
-        .bind(created_at)
-        .bind(created_by)
-        .bind(lifecycle.rotation_period.map(to_i64))
-        .bind(to_i64(lifecycle.verify_grace))
-        .bind(lifecycle.max_operations.map(to_i64))
-        .bind(i64::from(lifecycle.exportable))
-        .execute(&self.pool)
-        .await;
+        let res = sqlx::query(INSERT_KEY)
+            .bind(name.as_str())
+            .bind(key_type.as_str())
+            .bind(created_at)
+            .bind(created_by)
+            .bind(lifecycle.rotation_period.map(to_i64))
+            .bind(to_i64(lifecycle.verify_grace))
+            .bind(lifecycle.max_operations.map(to_i64))
+            .bind(i64::from(lifecycle.exportable))
+            .bind(None::<String>)
+            .execute(&self.pool)
+            .await;
         match res {
             Ok(_) => Ok(()),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RegistryError::Exists),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Record many new keys (each with its versions) in one transaction, publishing them after
+    /// it commits. A name already taken is reported per key (`None`) and skips only that key.
+    pub async fn insert_new_keys(
+        &self,
+        recs: Vec<KeyRecord>,
+    ) -> Result<Vec<Option<Arc<KeyRecord>>>, RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        let mut fresh = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let l = &rec.lifecycle;
+            let done = sqlx::query(&format!("{INSERT_KEY} ON CONFLICT (name) DO NOTHING"))
+                .bind(rec.name.as_str())
+                .bind(rec.key_type.as_str())
+                .bind(rec.created_at)
+                .bind(&*rec.created_by)
+                .bind(l.rotation_period.map(to_i64))
+                .bind(to_i64(l.verify_grace))
+                .bind(l.max_operations.map(to_i64))
+                .bind(i64::from(l.exportable))
+                .bind(rec.derive_from.as_ref().map(KeyName::as_str))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                fresh.push(None);
+                continue;
+            }
+            for v in &rec.versions {
+                insert_version(&mut tx, &rec.name, v).await?;
+            }
+            fresh.push(Some(rec));
+        }
+        tx.commit().await?;
+        Ok(fresh
+            .into_iter()
+            .map(|r| r.map(|rec| self.publish(rec)))
+            .collect())
     }
 
     /// Give back a reserved name whose generation failed.
@@ -388,7 +468,7 @@ impl Registry {
                     )
                     .bind(v.state.as_str())
                     .bind(v.state_changed_at)
-                    .bind(&v.changed_by)
+                    .bind(&*v.changed_by)
                     .bind(v.reason.as_deref())
                     .bind(v.grace_until)
                     .bind(new.name.as_str())
@@ -405,14 +485,42 @@ impl Registry {
 
     fn publish(&self, rec: KeyRecord) -> Arc<KeyRecord> {
         let rec = Arc::new(rec);
-        self.index
+        // Deadlines first: a scheduler pass that sees the new record due finds it in the index.
+        let mut deadlines = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self
+            .index
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.name.as_str().to_owned(), rec.clone());
+            .insert(rec.name.clone(), rec.clone());
+        deadlines.update(old.as_deref(), &rec);
         rec
     }
 
-    /// Every key, for the scheduler.
+    /// Keys with a scheduled change (rotation, end of grace) due at or before `now`.
+    pub fn due(&self, now: i64) -> Vec<KeyName> {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .due(now)
+    }
+
+    /// Count `uses` operations on `v` of `name`, queueing the version for the next usage flush.
+    /// Returns the count before them.
+    pub fn count_use(&self, name: &KeyName, v: &VersionRecord, uses: u64) -> u64 {
+        let before = v.operations.fetch_add(uses, Ordering::Relaxed);
+        let u = &v.operations;
+        if !u.queued.load(Ordering::Relaxed) && !u.queued.swap(true, Ordering::AcqRel) {
+            self.used.lock().unwrap_or_else(|p| p.into_inner()).push((
+                name.clone(),
+                v.version,
+                u.clone(),
+            ));
+        }
+        before
+    }
+
+    /// Every key: a snapshot of the whole index, O(keys). The scheduler uses [`Registry::due`]
+    /// instead; this is for rare whole-registry tasks.
     pub fn all(&self) -> Vec<Arc<KeyRecord>> {
         self.index
             .read()
@@ -423,41 +531,55 @@ impl Registry {
     }
 
     /// Write operation counts that changed since the last flush. Counts are kept in memory on
-    /// the hot path; a crash loses at most the operations since the last flush.
+    /// the hot path; a crash loses at most the operations since the last flush. Only versions
+    /// used since the last flush are visited.
     pub async fn flush_usage(&self) -> Result<usize, RegistryError> {
+        let queued = std::mem::take(&mut *self.used.lock().unwrap_or_else(|p| p.into_inner()));
         let mut changed = Vec::new();
-        for key in self.all() {
-            for v in &key.versions {
-                let now = v.operations.load(Ordering::Relaxed);
-                if now != v.persisted_operations.load(Ordering::Relaxed) {
-                    changed.push((
-                        key.name.clone(),
-                        v.version,
-                        now,
-                        v.persisted_operations.clone(),
-                    ));
-                }
+        for (name, version, u) in queued {
+            // Unqueue before reading, so an operation from now on queues the version again.
+            u.queued.store(false, Ordering::Release);
+            let now = u.load(Ordering::Relaxed);
+            if now != u.persisted.load(Ordering::Relaxed) {
+                changed.push((name, version, now, u));
             }
         }
         if changed.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin().await?;
-        for (name, version, ops, _) in &changed {
-            sqlx::query("UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3")
+        let written = async {
+            let mut tx = self.pool.begin().await?;
+            for (name, version, ops, _) in &changed {
+                sqlx::query(
+                    "UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3",
+                )
                 .bind(to_i64(*ops))
                 .bind(name.as_str())
                 .bind(i64::from(*version))
                 .execute(&mut *tx)
                 .await?;
+            }
+            tx.commit().await
         }
-        tx.commit().await?;
-        for (_, _, ops, persisted) in &changed {
-            persisted.store(*ops, Ordering::Relaxed);
+        .await;
+        if let Err(e) = written {
+            // Queue them again for the next attempt.
+            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, version, _, u) in changed {
+                if !u.queued.swap(true, Ordering::AcqRel) {
+                    used.push((name, version, u));
+                }
+            }
+            return Err(e.into());
+        }
+        for (_, _, ops, u) in &changed {
+            u.persisted.store(*ops, Ordering::Relaxed);
         }
         Ok(changed.len())
     }
 }
+
+const INSERT_KEY: &str = "INSERT INTO keys (name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 async fn insert_version(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -465,20 +587,22 @@ async fn insert_version(
     v: &VersionRecord,
 ) -> Result<(), RegistryError> {
     sqlx::query(
-        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "INSERT INTO key_versions (name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(name.as_str())
     .bind(i64::from(v.version))
     .bind(v.state.as_str())
     .bind(v.created_at)
     .bind(v.state_changed_at)
-    .bind(&v.changed_by)
+    .bind(&*v.changed_by)
     .bind(v.reason.as_deref())
     .bind(v.grace_until)
     .bind(to_i64(v.operations.load(Ordering::Relaxed)))
     .bind(hex_encode(&v.object.0))
     .bind(v.public_key_der.as_deref().map(hex_encode))
     .bind(v.kcv.as_deref())
+    .bind(v.derivation.map(|d| d.kdf.as_str()))
+    .bind(v.derivation.map(|d| i64::from(d.master_version)))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -492,71 +616,26 @@ fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn key_from_row(row: &AnyRow) -> Result<KeyRecord, RegistryError> {
-    let name: String = row.try_get("name")?;
-    let corrupt = |what: &str| RegistryError::Corrupt {
-        name: name.clone(),
-        what: what.to_owned(),
-    };
-    let key_type: String = row.try_get("key_type")?;
-    let rotation: Option<i64> = row.try_get("rotation_period")?;
-    let max_ops: Option<i64> = row.try_get("max_operations")?;
-    let grace: i64 = row.try_get("verify_grace")?;
-    let exportable: i64 = row.try_get("exportable")?;
-    Ok(KeyRecord {
-        name: KeyName::parse(&name).map_err(|_| corrupt("name"))?,
-        key_type: KeyType::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
-        lifecycle: Lifecycle {
-            rotation_period: rotation.map(from_i64),
-            verify_grace: from_i64(grace),
-            max_operations: max_ops.map(from_i64),
-            exportable: exportable != 0,
-        },
-        created_at: row.try_get("created_at")?,
-        created_by: row.try_get("created_by")?,
-        versions: Vec::new(),
-    })
-}
-
-fn version_from_row(name: &str, row: &AnyRow) -> Result<VersionRecord, RegistryError> {
-    let corrupt = |what: &str| RegistryError::Corrupt {
-        name: name.to_owned(),
-        what: what.to_owned(),
-    };
-    let state: String = row.try_get("state")?;
-    let object: String = row.try_get("object_ref")?;
-    let public: Option<String> = row.try_get("public_key")?;
-    let version: i64 = row.try_get("version")?;
-    let ops = from_i64(row.try_get("operations")?);
-    Ok(VersionRecord {
-        version: u32::try_from(version).map_err(|_| corrupt("version"))?,
-        state: VersionState::parse(&state).ok_or_else(|| corrupt("state"))?,
-        created_at: row.try_get("created_at")?,
-        state_changed_at: row.try_get("state_changed_at")?,
-        changed_by: row.try_get("changed_by")?,
-        reason: row.try_get("reason")?,
-        grace_until: row.try_get("grace_until")?,
-        operations: Arc::new(AtomicU64::new(ops)),
-        persisted_operations: Arc::new(AtomicU64::new(ops)),
-        kcv: row.try_get("kcv")?,
-        object: ObjectRef(hex_decode(&object).ok_or_else(|| corrupt("object_ref"))?),
-        public_key_der: match public {
-            Some(p) => Some(hex_decode(&p).ok_or_else(|| corrupt("public_key"))?),
-            None => None,
-        },
-    })
-}
-
 pub fn hex_encode(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
+    let mut out = Vec::with_capacity(b.len() / 2);
+    for pair in b.chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Some(out)
 }

@@ -165,6 +165,7 @@ impl Service {
         let name = self.authorize(caller, Operation::Destroy, name)?;
         let key = self.lookup(&name)?;
         destroyable(&key, version)?;
+        self.no_dependents(&key, version)?;
         self.new_approval(caller, "destroy", &name, Some(version), "{}".into())
             .await
     }
@@ -420,6 +421,7 @@ impl Service {
             .version
             .ok_or_else(|| ServiceError::invalid("destroy needs a version"))?;
         let v = destroyable(&key, version)?;
+        self.no_dependents(&key, version)?;
         self.backend.destroy(KeyRef {
             key_type: key.key_type,
             object: &v.object,
@@ -440,6 +442,23 @@ impl Service {
             }
         }
         Ok(self.registry.commit(&key, new).await?)
+    }
+}
+
+impl Service {
+    /// A master version that derived keys still use is not destroyed: revoke or rotate (and let
+    /// retire) those keys first.
+    fn no_dependents(&self, key: &KeyRecord, version: u32) -> Result<(), ServiceError> {
+        if !key.key_type.derives() {
+            return Ok(());
+        }
+        match self.derived_dependents(&key.name, version) {
+            0 => Ok(()),
+            n => Err(ServiceError::FailedPrecondition(format!(
+                "version {version} of master '{}' still derives {n} usable key(s); revoke them or let them retire first",
+                key.name
+            ))),
+        }
     }
 }
 

@@ -28,6 +28,15 @@ pub struct LifecycleInput {
     pub exportable: Option<bool>,
 }
 
+/// A new key that passed every check short of the device.
+pub(super) struct NewKeyChecked {
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub lifecycle: Lifecycle,
+    /// The master, for a derived key.
+    pub master: Option<Arc<KeyRecord>>,
+}
+
 /// What a prefix action did.
 pub struct PrefixOutcome {
     pub keys: Vec<String>,
@@ -67,7 +76,7 @@ impl LifecycleInput {
                     "exportable is fixed when the key is created",
                 ));
             }
-            if e && key_type.is_asymmetric() {
+            if e && (key_type.is_asymmetric() || key_type.derives()) {
                 return Err(ServiceError::invalid(
                     "only symmetric keys (for terminals) may be exportable",
                 ));
@@ -108,6 +117,7 @@ pub async fn ensure_service_key(
         lifecycle,
         created_at: now,
         created_by: SERVICE.into(),
+        derive_from: None,
         versions: vec![VersionRecord::new(
             1,
             now,
@@ -150,6 +160,20 @@ impl Service {
         key_type: &str,
         settings: &LifecycleInput,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
+        self.create_key_from(caller, name, key_type, settings, None)
+            .await
+    }
+
+    /// Everything about a new key that can be checked before the device is asked: the name,
+    /// the grant(s), the type, the settings, and the master for a derived key.
+    pub(super) fn check_new_key(
+        &self,
+        caller: &Caller,
+        name: &str,
+        key_type: &str,
+        settings: &LifecycleInput,
+        derive_from: Option<&str>,
+    ) -> Result<NewKeyChecked, ServiceError> {
         let name = self.authorize(caller, Operation::Create, name)?;
         let key_type = KeyType::parse(key_type).ok_or_else(|| {
             ServiceError::invalid(format!(
@@ -158,6 +182,21 @@ impl Service {
             ))
         })?;
         let lifecycle = settings.apply(Lifecycle::default(), key_type, true)?;
+        let master = match derive_from {
+            None => None,
+            Some(m) => {
+                if !key_type.derivable() {
+                    return Err(ServiceError::invalid(format!(
+                        "{} keys cannot be derived; derived keys are hmac-sha256 or aes256-gcm",
+                        key_type.as_str()
+                    )));
+                }
+                if lifecycle.exportable {
+                    return Err(ServiceError::invalid("derived keys are never exportable"));
+                }
+                Some(self.master_for(caller, m)?)
+            }
+        };
         if !self.backend.supports(key_type) {
             return Err(ServiceError::UnsupportedOperation(format!(
                 "the {} backend cannot hold {} keys",
@@ -165,6 +204,29 @@ impl Service {
                 key_type.as_str()
             )));
         }
+        Ok(NewKeyChecked {
+            name,
+            key_type,
+            lifecycle,
+            master,
+        })
+    }
+
+    /// Create a key; with `derive_from`, one derived from that master (see `derived`).
+    pub async fn create_key_from(
+        &self,
+        caller: &Caller,
+        name: &str,
+        key_type: &str,
+        settings: &LifecycleInput,
+        derive_from: Option<&str>,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let NewKeyChecked {
+            name,
+            key_type,
+            lifecycle,
+            master,
+        } = self.check_new_key(caller, name, key_type, settings, derive_from)?;
         let now = unix_now();
         match self
             .registry
@@ -178,14 +240,18 @@ impl Service {
             }
             other => other?,
         }
-        let first = match self.generate_version(
-            &name,
-            key_type,
-            lifecycle.exportable,
-            1,
-            now,
-            &caller.identity,
-        ) {
+        let made = match &master {
+            Some(m) => self.derive_version(&name, key_type, m, 1, now, &caller.identity),
+            None => self.generate_version(
+                &name,
+                key_type,
+                lifecycle.exportable,
+                1,
+                now,
+                &caller.identity,
+            ),
+        };
+        let first = match made {
             Ok(v) => v,
             Err(e) => {
                 self.registry.release(&name).await?;
@@ -197,7 +263,8 @@ impl Service {
             key_type,
             lifecycle,
             created_at: now,
-            created_by: caller.identity.clone(),
+            created_by: caller.identity.as_str().into(),
+            derive_from: master.as_ref().map(|m| m.name.clone()),
             versions: vec![first.clone()],
         };
         match self.registry.insert_first_version(rec).await {
@@ -268,7 +335,8 @@ impl Service {
             key_type,
             lifecycle,
             created_at: now,
-            created_by: requested_by.to_owned(),
+            created_by: requested_by.into(),
+            derive_from: None,
             versions: vec![v.clone()],
         };
         match self.registry.insert_first_version(rec).await {
@@ -281,7 +349,7 @@ impl Service {
         }
     }
 
-    fn generate_version(
+    pub(super) fn generate_version(
         &self,
         name: &KeyName,
         key_type: KeyType,
@@ -297,6 +365,36 @@ impl Service {
         Ok(v)
     }
 
+    /// The next version of an existing key: derived from its master's active version, or
+    /// generated.
+    fn next_version(
+        &self,
+        key: &KeyRecord,
+        version: u32,
+        now: i64,
+        by: &str,
+    ) -> Result<VersionRecord, ServiceError> {
+        match &key.derive_from {
+            Some(m) => {
+                let master = self.registry.get(m).ok_or_else(|| {
+                    ServiceError::FailedPrecondition(format!(
+                        "master '{m}' of '{}' no longer exists",
+                        key.name
+                    ))
+                })?;
+                self.derive_version(&key.name, key.key_type, &master, version, now, by)
+            }
+            None => self.generate_version(
+                &key.name,
+                key.key_type,
+                key.lifecycle.exportable,
+                version,
+                now,
+                by,
+            ),
+        }
+    }
+
     /// Compute and record the key check value of a new symmetric version; a version whose KCV
     /// cannot be computed is removed from the token rather than kept half-described.
     fn attach_check_value(
@@ -304,7 +402,8 @@ impl Service {
         key_type: KeyType,
         v: &mut VersionRecord,
     ) -> Result<(), ServiceError> {
-        if key_type.is_asymmetric() {
+        // Masters have no KCV: they can neither MAC nor encrypt a check block.
+        if key_type.is_asymmetric() || key_type.derives() {
             return Ok(());
         }
         match self.backend.check_value(KeyRef {
@@ -323,7 +422,7 @@ impl Service {
     }
 
     /// Remove a freshly generated object that never reached the registry.
-    fn discard(&self, key_type: KeyType, v: &VersionRecord) {
+    pub(super) fn discard(&self, key_type: KeyType, v: &VersionRecord) {
         if let Err(e) = self.backend.destroy(KeyRef {
             key_type,
             object: &v.object,
@@ -341,14 +440,7 @@ impl Service {
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let now = unix_now();
         let next = key.latest_version() + 1;
-        let fresh = self.generate_version(
-            &key.name,
-            key.key_type,
-            key.lifecycle.exportable,
-            next,
-            now,
-            by,
-        )?;
+        let fresh = self.next_version(key, next, now, by)?;
         let mut new = key.clone();
         for v in &mut new.versions {
             if v.state == VersionState::Active {
@@ -490,21 +582,12 @@ impl Service {
     /// the next pass.
     pub async fn tick(&self) {
         let now = unix_now();
-        for key in self.registry.all() {
-            let due_rotation = match (key.lifecycle.rotation_period, key.active()) {
-                (Some(p), Some(a)) => a.created_at + p as i64 <= now,
-                _ => false,
-            };
-            let due_retire = key.versions.iter().any(|v| {
-                v.state == VersionState::VerifyOnly && v.grace_until.is_some_and(|g| g <= now)
-            });
-            if !due_rotation && !due_retire {
-                continue;
-            }
+        for name in self.registry.due(now) {
             let _guard = self.changes.lock().await;
-            let Some(current) = self.registry.get(&key.name) else {
+            let Some(current) = self.registry.get(&name) else {
                 continue;
             };
+            let key = current.clone();
             let result = async {
                 let mut key = current;
                 if let (Some(p), Some(a)) = (key.lifecycle.rotation_period, key.active()) {

@@ -4,11 +4,15 @@
 
 mod approvals;
 pub mod batch;
+mod batch_create;
+mod derived;
 mod envelope;
 pub mod lifecycle;
 pub mod status;
 
 pub use approvals::{Executed, ExportResult, ImportRequest};
+pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
+pub use derived::context as derivation_context;
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -304,9 +308,7 @@ impl Service {
                 )));
             }
             let v = active(&key)?;
-            let used = v
-                .operations
-                .fetch_add(uses, std::sync::atomic::Ordering::Relaxed);
+            let used = self.registry.count_use(name, v, uses);
             match key.lifecycle.max_operations {
                 Some(max) if used + uses > max => {
                     v.operations

@@ -5,7 +5,7 @@
 //! builds a new one, so no stale session or handle survives a device restart.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -15,6 +15,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+use super::derive::{Derived, DerivedCache, DerivedRef};
 use super::Pkcs11Settings;
 
 /// Error inside one operation: a PKCS#11 failure, or an object the registry names that the token
@@ -39,6 +40,21 @@ pub(super) struct Connection {
     anchor: Mutex<Option<Session>>,
     pool: SessionPool,
     handles: RwLock<HashMap<(u8, Vec<u8>), ObjectHandle>>,
+    /// Derived keys live in this connection's sessions, so they go with it.
+    pub derived: DerivedCache,
+}
+
+/// A key's handle for the length of one operation; for a derived key it also holds the lease
+/// that keeps the object from being destroyed meanwhile.
+pub(super) struct Held {
+    handle: ObjectHandle,
+    _lease: Option<Arc<Derived>>,
+}
+
+impl Held {
+    pub fn get(&self) -> ObjectHandle {
+        self.handle
+    }
 }
 
 impl Connection {
@@ -78,6 +94,7 @@ impl Connection {
             anchor: Mutex::new(Some(anchor)),
             pool: SessionPool::new(sessions),
             handles: RwLock::new(HashMap::new()),
+            derived: DerivedCache::new(settings.derived_cache),
         })
     }
 
@@ -106,8 +123,31 @@ impl Connection {
         self.pool.size
     }
 
-    /// Handle of the object with this class and `CKA_ID`, cached after the first search.
+    /// The key a registry reference names: a token object found by `CKA_ID`, or a derived key
+    /// (derived now unless cached).
     pub fn handle(
+        &self,
+        session: &Session,
+        class: ObjectClass,
+        id: &[u8],
+    ) -> Result<Held, OpError> {
+        match DerivedRef::parse(id) {
+            Some(r) => {
+                let d = self.derived.resolve(self, session, id, &r)?;
+                Ok(Held {
+                    handle: d.handle,
+                    _lease: Some(d),
+                })
+            }
+            None => Ok(Held {
+                handle: self.token_handle(session, class, id)?,
+                _lease: None,
+            }),
+        }
+    }
+
+    /// Handle of the token object with this class and `CKA_ID`, cached after the first search.
+    pub fn token_handle(
         &self,
         session: &Session,
         class: ObjectClass,
@@ -137,6 +177,9 @@ impl Connection {
     }
 
     pub fn forget_handles(&self, id: Option<&[u8]>) {
+        if let Some(id) = id {
+            self.derived.forget(id);
+        }
         let mut map = self.handles.write().unwrap_or_else(|p| p.into_inner());
         match id {
             Some(id) => map.retain(|(_, k), _| k != id),

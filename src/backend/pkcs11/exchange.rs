@@ -48,6 +48,11 @@ fn usage(sign: bool, encrypt: bool, wrap: bool) -> [Attribute; 7] {
 pub(super) fn secret_usage(key_type: KeyType) -> [Attribute; 7] {
     match key_type {
         KeyType::HmacSha256 => usage(true, false, false),
+        KeyType::Aes256Derive => {
+            let mut u = usage(false, false, false);
+            u[6] = Attribute::Derive(true);
+            u
+        }
         KeyType::Aes256Gcm => {
             let mut u = usage(true, true, false);
             u[1] = Attribute::Verify(false);
@@ -71,7 +76,7 @@ impl Pkcs11Backend {
         };
         let out = self.with_session("check value", key.object, |conn, s| {
             let h = conn.handle(s, ObjectClass::SECRET_KEY, &key.object.0)?;
-            Ok(s.sign(&mech, h, data)?)
+            Ok(s.sign(&mech, h.get(), data)?)
         })?;
         let mut kcv = [0u8; 3];
         kcv.copy_from_slice(
@@ -88,8 +93,8 @@ impl Pkcs11Backend {
     ) -> BackendResult<Vec<u8>> {
         self.with_session("export wrap", key.object, |conn, s| {
             let h = conn.handle(s, object_class(key.key_type, false), &key.object.0)?;
-            let t = conn.handle(s, ObjectClass::SECRET_KEY, &transport.object.0)?;
-            match s.wrap_key(&Mechanism::AesKeyWrapPad, t, h) {
+            let t = conn.token_handle(s, ObjectClass::SECRET_KEY, &transport.object.0)?;
+            match s.wrap_key(&Mechanism::AesKeyWrapPad, t, h.get()) {
                 Err(Error::Pkcs11(RvError::KeyUnextractable, _)) => Err(OpError::Refused(
                     "the key was not created exportable; it cannot leave the token".into(),
                 )),
@@ -101,7 +106,7 @@ impl Pkcs11Backend {
     pub(super) fn import_wrapping_key_impl(&self) -> BackendResult<Vec<u8>> {
         let object = ObjectRef(WRAPPING_ID.to_vec());
         self.with_session("import wrapping key", &object, |conn, s| {
-            let public = match conn.handle(s, ObjectClass::PUBLIC_KEY, WRAPPING_ID) {
+            let public = match conn.token_handle(s, ObjectClass::PUBLIC_KEY, WRAPPING_ID) {
                 Ok(h) => h,
                 Err(OpError::ObjectMissing) => generate_wrapping_pair(s)?,
                 Err(e) => return Err(e),
@@ -128,7 +133,7 @@ impl Pkcs11Backend {
             .map_err(|_| BackendError::Failed("system random generator failed".into()))?;
         let object = ObjectRef(id.to_vec());
         self.with_session("import", &object, |conn, s| {
-            let private = conn.handle(s, ObjectClass::PRIVATE_KEY, WRAPPING_ID)?;
+            let private = conn.token_handle(s, ObjectClass::PRIVATE_KEY, WRAPPING_ID)?;
             // The one-time KEK lives only in this session and is destroyed at once.
             let mut kek_template = vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),

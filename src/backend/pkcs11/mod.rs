@@ -6,10 +6,12 @@
 //! of waiting on a dead device.
 
 mod connection;
+mod derive;
 mod errors;
 mod exchange;
 pub mod init;
 pub mod rawbench;
+pub mod rawderive;
 mod templates;
 pub mod uri;
 
@@ -30,7 +32,8 @@ use self::errors::{is_auth_failure, severity, translate, Severity};
 use self::templates::Template;
 pub use self::uri::TokenSelector;
 use super::{
-    BackendError, BackendResult, GeneratedKey, Health, KeyBackend, KeyRef, ObjectRef, GCM_NONCE_LEN,
+    BackendError, BackendResult, DerivedCacheStats, DerivedKey, GeneratedKey, Health, Kdf,
+    KeyBackend, KeyRef, ObjectRef, GCM_NONCE_LEN,
 };
 use crate::encoding;
 use crate::keys::KeyType;
@@ -51,7 +54,13 @@ pub struct Pkcs11Settings {
     pub token: TokenSelector,
     pub pin: Zeroizing<String>,
     pub sessions: usize,
+    /// Most derived keys held in the token at once (see `derive`).
+    pub derived_cache: usize,
 }
+
+/// Default bound of the derived-key cache: the hot terminals of a large estate, a few MB of
+/// SoftHSM memory.
+pub const DEFAULT_DERIVED_CACHE: usize = 10_000;
 
 pub struct Pkcs11Backend {
     settings: Pkcs11Settings,
@@ -251,7 +260,9 @@ fn supervise(backend: Weak<Pkcs11Backend>) {
 
 fn object_class(key_type: KeyType, public: bool) -> ObjectClass {
     match key_type {
-        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw => ObjectClass::SECRET_KEY,
+        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw | KeyType::Aes256Derive => {
+            ObjectClass::SECRET_KEY
+        }
         _ if public => ObjectClass::PUBLIC_KEY,
         _ => ObjectClass::PRIVATE_KEY,
     }
@@ -265,7 +276,7 @@ fn sign_mechanism(key_type: KeyType) -> Option<Mechanism<'static>> {
         KeyType::Ed25519 => Some(Mechanism::Eddsa(EddsaParams::new(
             EddsaSignatureScheme::Pure,
         ))),
-        KeyType::Aes256Gcm | KeyType::Aes256Kw => None,
+        KeyType::Aes256Gcm | KeyType::Aes256Kw | KeyType::Aes256Derive => None,
     }
 }
 
@@ -352,7 +363,7 @@ impl KeyBackend for Pkcs11Backend {
         let class = object_class(key.key_type, false);
         self.with_session("sign", key.object, |conn, s| {
             let h = conn.handle(s, class, &key.object.0)?;
-            Ok(s.sign(&mech, h, &data)?)
+            Ok(s.sign(&mech, h.get(), &data)?)
         })
     }
 
@@ -363,7 +374,7 @@ impl KeyBackend for Pkcs11Backend {
         let class = object_class(key.key_type, true);
         self.with_session("verify", key.object, |conn, s| {
             let h = conn.handle(s, class, &key.object.0)?;
-            match s.verify(&mech, h, &data, signature) {
+            match s.verify(&mech, h.get(), &data, signature) {
                 Ok(()) => Ok(true),
                 Err(e) if is_auth_failure(&e) => Ok(false),
                 Err(e) => Err(e.into()),
@@ -385,7 +396,7 @@ impl KeyBackend for Pkcs11Backend {
             let h = conn.handle(s, ObjectClass::SECRET_KEY, &key.object.0)?;
             let mut iv = *nonce;
             let params = GcmParams::new(&mut iv, aad, 128.into())?;
-            Ok(s.encrypt(&Mechanism::AesGcm(params), h, plaintext)?)
+            Ok(s.encrypt(&Mechanism::AesGcm(params), h.get(), plaintext)?)
         })
     }
 
@@ -403,7 +414,7 @@ impl KeyBackend for Pkcs11Backend {
             let h = conn.handle(s, ObjectClass::SECRET_KEY, &key.object.0)?;
             let mut iv = *nonce;
             let params = GcmParams::new(&mut iv, aad, 128.into())?;
-            match s.decrypt(&Mechanism::AesGcm(params), h, ciphertext) {
+            match s.decrypt(&Mechanism::AesGcm(params), h.get(), ciphertext) {
                 Ok(pt) => Ok(Some(pt)),
                 Err(e) if is_auth_failure(&e) => Ok(None),
                 Err(e) => Err(e.into()),
@@ -412,6 +423,13 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
+        if derive::DerivedRef::parse(&key.object.0).is_some() {
+            // Nothing is stored for a derived key: dropping it from the cache is all there is.
+            if let Some(conn) = self.current() {
+                conn.forget_handles(Some(&key.object.0));
+            }
+            return Ok(());
+        }
         self.exclusively(|| {
             self.with_session("destroy", key.object, |conn, s| {
                 for h in conn.all_objects(s, &key.object.0)? {
@@ -443,6 +461,43 @@ impl KeyBackend for Pkcs11Backend {
         wrapped_key: &[u8],
     ) -> BackendResult<GeneratedKey> {
         self.exclusively(|| self.import_impl(key_type, label, encrypted_kek, wrapped_key))
+    }
+
+    fn derive(
+        &self,
+        master: KeyRef<'_>,
+        key_type: KeyType,
+        context: &[u8; 32],
+    ) -> BackendResult<DerivedKey> {
+        if !master.key_type.derives() {
+            return Err(self.unsupported("derive", master.key_type));
+        }
+        if !key_type.derivable() {
+            return Err(BackendError::Unsupported(format!(
+                "{} keys cannot be derived",
+                key_type.as_str()
+            )));
+        }
+        let r = derive::DerivedRef {
+            kdf: Kdf::AesCbcEncryptData,
+            key_type,
+            // The context is already unique per key and version; the IV is recorded with it so
+            // a later generation may choose another without breaking older versions.
+            iv: [0; 16],
+            master: master.object.0.clone(),
+            context: *context,
+        };
+        let object = ObjectRef(r.encode());
+        // Derive once now, so a missing or unusable master fails the creation, not a later sign.
+        self.with_session("derive", &object, |conn, s| {
+            conn.handle(s, ObjectClass::SECRET_KEY, &object.0)
+                .map(|_| ())
+        })?;
+        Ok(DerivedKey { object, kdf: r.kdf })
+    }
+
+    fn derived_cache(&self) -> Option<DerivedCacheStats> {
+        self.current().map(|c| c.derived.stats())
     }
 
     fn health(&self) -> Health {

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use cryptoki::object::ObjectClass;
 
 use super::connection::Connection;
-use super::{object_class, sign_mechanism, templates, to_be_signed, Pkcs11Settings, Template};
+use super::{
+    object_class, sign_mechanism, templates, to_be_signed, Pkcs11Settings, Template,
+    DEFAULT_DERIVED_CACHE,
+};
 use crate::keys::KeyType;
 
 pub struct RawRate {
@@ -67,6 +70,7 @@ pub fn measure_op(
         token: settings.token.clone(),
         pin: settings.pin.clone(),
         sessions: threads,
+        derived_cache: DEFAULT_DERIVED_CACHE,
     };
     let conn = Arc::new(Connection::open(&sessions)?);
     let id = b"tillkey-rawbench".to_vec();
@@ -107,7 +111,9 @@ pub fn measure_op(
             let s = conn
                 .take_session(Duration::from_secs(1))
                 .ok_or("no session")?;
-            let h = conn.handle(&s, class, &id).map_err(|e| format!("{e:?}"))?;
+            let h = conn
+                .token_handle(&s, class, &id)
+                .map_err(|e| format!("{e:?}"))?;
             let verify_h = match op {
                 RawOp::Sign => None,
                 RawOp::Verify => {
@@ -115,7 +121,9 @@ pub fn measure_op(
                         .sign(&mech, h, &to_be_signed(key_type, &data))
                         .map_err(|e| e.to_string())?;
                     let public = object_class(key_type, true);
-                    let vh = conn.handle(&s, public, &id).map_err(|e| format!("{e:?}"))?;
+                    let vh = conn
+                        .token_handle(&s, public, &id)
+                        .map_err(|e| format!("{e:?}"))?;
                     Some((vh, sig))
                 }
             };

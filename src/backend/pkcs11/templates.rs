@@ -45,7 +45,7 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str, exportable: bool) -> 
         Attribute::Modifiable(false),
     ];
     match key_type {
-        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw => {
+        KeyType::HmacSha256 | KeyType::Aes256Gcm | KeyType::Aes256Kw | KeyType::Aes256Derive => {
             let mut attrs = common(ObjectClass::SECRET_KEY);
             attrs.extend(locked);
             attrs.extend(secret_usage(key_type));

@@ -88,7 +88,7 @@ pub fn template(key_type: KeyType) -> Option<tss_esapi::Result<Public>> {
                 .with_ecc_unique_identifier(EccPoint::default())
                 .build()
         })()),
-        KeyType::Ed25519 | KeyType::Aes256Gcm | KeyType::Aes256Kw => None,
+        KeyType::Ed25519 | KeyType::Aes256Gcm | KeyType::Aes256Kw | KeyType::Aes256Derive => None,
     }
 }
 

@@ -1,0 +1,137 @@
+//! The registry on its own (a real SQLite file): start-up loading, clean-up of half-created
+//! keys, the scheduler's agenda and batched inserts.
+
+use tillkey::backend::{Kdf, ObjectRef};
+use tillkey::keys::{KeyName, KeyType, Lifecycle};
+use tillkey::registry::{Derivation, KeyRecord, Registry, VersionRecord};
+
+fn url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display())
+}
+
+fn record(name: &str, created_at: i64, rotation: Option<u64>) -> KeyRecord {
+    let mut v = VersionRecord::new(1, created_at, "tester", ObjectRef(vec![1, 2, 3]), None);
+    v.derivation = Some(Derivation {
+        master_version: 3,
+        kdf: Kdf::AesCbcEncryptData,
+    });
+    KeyRecord {
+        name: KeyName::parse(name).unwrap(),
+        key_type: KeyType::HmacSha256,
+        lifecycle: Lifecycle {
+            rotation_period: rotation,
+            ..Lifecycle::default()
+        },
+        created_at,
+        created_by: "tester".into(),
+        derive_from: Some(KeyName::parse("groups/g/master").unwrap()),
+        versions: vec![v],
+    }
+}
+
+#[tokio::test]
+async fn loads_in_order_drops_half_created_keys_and_keeps_the_agenda() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    let recs = vec![
+        record("stores/2/pos/1/mac", 1000, Some(50)),
+        record("stores/1/pos/1/mac", 1000, None),
+        record("stores/10/pos/1/mac", 1000, Some(10)),
+    ];
+    let made = r.insert_new_keys(recs.clone()).await.unwrap();
+    assert!(made.iter().all(Option::is_some));
+    // A second insert of the same names is refused per key, not as a whole.
+    let again = r
+        .insert_new_keys(vec![recs[0].clone(), record("stores/3/a", 1000, None)])
+        .await
+        .unwrap();
+    assert!(again[0].is_none() && again[1].is_some());
+    // Reserved but never given a version: what a crash between the two steps leaves.
+    let orphan = KeyName::parse("stores/9/orphan").unwrap();
+    r.reserve(
+        &orphan,
+        KeyType::HmacSha256,
+        &Lifecycle::default(),
+        1000,
+        "t",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.due(1009), Vec::<KeyName>::new());
+    let due: Vec<String> = r.due(1050).iter().map(|n| n.to_string()).collect();
+    assert_eq!(due, ["stores/10/pos/1/mac", "stores/2/pos/1/mac"]);
+    r.close().await;
+
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    assert_eq!(r.len(), 4);
+    assert!(r.get(&orphan).is_none());
+    // The name is free again.
+    r.reserve(
+        &orphan,
+        KeyType::HmacSha256,
+        &Lifecycle::default(),
+        1000,
+        "t",
+    )
+    .await
+    .unwrap();
+    let (page, more) = r.list("stores/", None, 10, |_| true);
+    let names: Vec<&str> = page.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(
+        (names, more),
+        (
+            vec![
+                "stores/1/pos/1/mac",
+                "stores/10/pos/1/mac",
+                "stores/2/pos/1/mac",
+                "stores/3/a"
+            ],
+            false
+        )
+    );
+    let k = r
+        .get(&KeyName::parse("stores/2/pos/1/mac").unwrap())
+        .unwrap();
+    assert_eq!(
+        k.derive_from.as_ref().map(KeyName::as_str),
+        Some("groups/g/master")
+    );
+    assert_eq!(
+        k.versions[0].derivation,
+        Some(Derivation {
+            master_version: 3,
+            kdf: Kdf::AesCbcEncryptData
+        })
+    );
+    assert_eq!(k.versions[0].object, ObjectRef(vec![1, 2, 3]));
+    let due: Vec<String> = r.due(1050).iter().map(|n| n.to_string()).collect();
+    assert_eq!(due, ["stores/10/pos/1/mac", "stores/2/pos/1/mac"]);
+}
+
+#[tokio::test]
+async fn usage_counts_are_flushed_once_per_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    r.insert_new_keys(vec![record("stores/1/a", 1000, None)])
+        .await
+        .unwrap();
+    let name = KeyName::parse("stores/1/a").unwrap();
+    let k = r.get(&name).unwrap();
+    assert_eq!(r.flush_usage().await.unwrap(), 0);
+    for _ in 0..5 {
+        r.count_use(&name, &k.versions[0], 1);
+    }
+    assert_eq!(r.flush_usage().await.unwrap(), 1);
+    assert_eq!(r.flush_usage().await.unwrap(), 0);
+    r.count_use(&name, &k.versions[0], 1);
+    assert_eq!(r.flush_usage().await.unwrap(), 1);
+    r.close().await;
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    let k = r.get(&name).unwrap();
+    assert_eq!(
+        k.versions[0]
+            .operations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+}
