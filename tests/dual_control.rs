@@ -117,6 +117,23 @@ async fn destroy_needs_a_second_officer_and_runs_once() {
         ops.contains(&("approve".into(), "permission_denied".into())),
         "{ops:?}"
     );
+
+    // The registry forgets the object reference as well (for a TPM it is the wrapped key),
+    // and a restart reads the destroyed version back as destroyed.
+    assert!(d.stop().success());
+    let out = std::process::Command::new("sqlite3")
+        .arg(env.path("registry.db"))
+        .arg("SELECT version || ':' || state || ':' || object_ref FROM key_versions WHERE name = 'stores/1/mac' ORDER BY version")
+        .output()
+        .expect("sqlite3");
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert!(rows.lines().next() == Some("1:destroyed:"), "{rows}");
+    let d = env.start();
+    let (s, k) = get(&mut d.conn("officer").await, "/v1/keys/stores/1/mac").await;
+    assert_eq!(
+        (s, k["versions"][0]["state"].clone()),
+        (200, json!("destroyed"))
+    );
 }
 
 #[tokio::test]

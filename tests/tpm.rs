@@ -300,3 +300,68 @@ async fn the_tpm_holds_few_objects_and_none_after_a_stop() {
     assert!(d.stop().success());
     assert_eq!(loaded_objects(&env), 0, "the daemon left objects loaded");
 }
+
+/// `tillkey provision init` on a TPM: nothing to initialise (no labels, no SO PIN), the
+/// daemon's service keys are made before its first start, BYOK is reported unavailable, the
+/// daemon then runs on those keys, and the tool leaves nothing loaded in the TPM.
+#[tokio::test]
+async fn provision_init_prepares_a_tpm_before_the_first_start() {
+    let env = Env::on(Backend::Tpm);
+    let init = |extra: &[&str]| {
+        Command::new(TILLKEY)
+            .args(["provision", "init", "--config"])
+            .arg(env.path("tillkeyd.toml"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = init(&["--so-pin-file", "/dev/null"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("a TPM has no SO PIN"));
+    let out = init(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["device"]["tpm"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("swtpm:")));
+    assert_eq!(report["service_keys"][0]["name"], "tillkey/audit");
+    let kcv = report["service_keys"][0]["kcv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(kcv.len(), 6);
+    assert!(report["import_wrapping_key"]["unavailable"]
+        .as_str()
+        .is_some_and(|m| m.contains("tpm")));
+    assert_eq!(
+        loaded_objects(&env),
+        0,
+        "provision init left objects loaded"
+    );
+
+    // The daemon runs on the keys init made (no second audit key), and its trail, sealed
+    // under that key, verifies.
+    let d = env.start();
+    create(&d, "stores/1/mac", "hmac-sha256").await;
+    assert!(d.stop().success());
+    let versions = Command::new("sqlite3")
+        .arg(env.path("registry.db"))
+        .arg("SELECT COUNT(*) FROM key_versions WHERE name = 'tillkey/audit'")
+        .output()
+        .expect("sqlite3");
+    assert_eq!(String::from_utf8_lossy(&versions.stdout).trim(), "1");
+    let verified = Command::new(TILLKEY)
+        .args(["audit", "verify", "--config"])
+        .arg(env.path("tillkeyd.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}

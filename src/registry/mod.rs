@@ -140,6 +140,7 @@ impl VersionRecord {
             && self.changed_by == other.changed_by
             && self.reason == other.reason
             && self.grace_until == other.grace_until
+            && self.object == other.object
     }
 }
 
@@ -464,13 +465,14 @@ impl Registry {
                 None => insert_version(&mut tx, &new.name, v).await?,
                 Some(o) if !o.same_state(v) => {
                     sqlx::query(
-                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5 WHERE name = $6 AND version = $7",
+                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5, object_ref = $6 WHERE name = $7 AND version = $8",
                     )
                     .bind(v.state.as_str())
                     .bind(v.state_changed_at)
                     .bind(&*v.changed_by)
                     .bind(v.reason.as_deref())
                     .bind(v.grace_until)
+                    .bind(hex_encode(&v.object.0))
                     .bind(new.name.as_str())
                     .bind(i64::from(v.version))
                     .execute(&mut *tx)

@@ -439,6 +439,9 @@ impl Service {
                     &approver.identity,
                     Some(&reason),
                 );
+                // Forget the reference too: for a TPM it is the key's wrapped private blob,
+                // which would still load on the same TPM.
+                x.object = crate::backend::ObjectRef(Vec::new());
             }
         }
         Ok(self.registry.commit(&key, new).await?)
