@@ -183,10 +183,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         }
         let row = match phase.as_str() {
             "hmac-sign" => bench.sign(KeyType::HmacSha256, target(0.5))?,
-            "hmac-verify" => bench.hmac_verify()?,
+            "hmac-verify" => bench.hmac_verify(target(0.5))?,
             "ecdsa-sign" => bench.sign(KeyType::EcdsaP256, target(0.75))?,
             "ed25519-sign" => bench.sign(KeyType::Ed25519, 0.85)?,
-            "hmac-batch" => bench.hmac_batch()?,
+            "hmac-batch" => bench.hmac_batch(target(0.9))?,
             other => {
                 return Err(format!(
                     "unknown phase '{other}'; phases: {}",
@@ -253,7 +253,7 @@ impl Bench<'_> {
     }
 
     /// `:verify` of a correct HMAC tag, one per request.
-    fn hmac_verify(&self) -> Result<Row, String> {
+    fn hmac_verify(&self, target: f64) -> Result<Row, String> {
         let (phase, key_type) = ("hmac-verify".to_string(), KeyType::HmacSha256);
         let raw = self.raw(&phase, key_type, RawOp::Verify)?;
         let name = self.make_key(&phase, key_type)?;
@@ -264,11 +264,11 @@ impl Bench<'_> {
             .ok_or_else(|| format!("no signature in {signed}"))?;
         let body = json!({ "message": b64(&self.message), "signature": signature });
         let load = self.load(&phase, &format!("/v1/keys/{name}:verify"), &body, 1)?;
-        Ok(row(phase, key_type, 1, &raw, &load, 0.5))
+        Ok(row(phase, key_type, 1, &raw, &load, target))
     }
 
     /// `:sign` with `batch_size` messages per request.
-    fn hmac_batch(&self) -> Result<Row, String> {
+    fn hmac_batch(&self, target: f64) -> Result<Row, String> {
         let (phase, key_type) = ("hmac-batch".to_string(), KeyType::HmacSha256);
         let raw = self.raw(&phase, key_type, RawOp::Sign)?;
         let name = self.make_key(&phase, key_type)?;
@@ -276,7 +276,7 @@ impl Bench<'_> {
         let body = json!({ "batch": vec![item; self.args.batch_size] });
         let n = self.args.batch_size;
         let load = self.load(&phase, &format!("/v1/keys/{name}:sign"), &body, n)?;
-        Ok(row(phase, key_type, n, &raw, &load, 0.9))
+        Ok(row(phase, key_type, n, &raw, &load, target))
     }
 
     fn make_key(&self, phase: &str, key_type: KeyType) -> Result<String, String> {
@@ -455,7 +455,7 @@ fn b64(data: &[u8]) -> String {
 fn print_table(rows: &[Row], args: &BenchArgs) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{} clients over mTLS vs {} raw token threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
+        "{} clients over mTLS vs {} raw backend threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
     );
     println!(
