@@ -22,7 +22,7 @@ use hyper::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::provision::{read_toml, Manifest, Template, TemplateFile};
+use super::provision::{load_templates, read_toml, Manifest, Template};
 use super::Conn;
 
 /// One export waiting for the second officer.
@@ -133,12 +133,7 @@ pub async fn request(
             out.join(PENDING).display()
         ));
     }
-    let file: TemplateFile = read_toml(templates)?;
-    let templates: BTreeMap<String, Template> = file
-        .template
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect();
+    let templates = load_templates(templates)?;
     let manifest: Manifest = read_toml(manifest)?;
     let mut wanted = plan(&manifest, &templates, keys, under)?;
     if wanted.is_empty() {

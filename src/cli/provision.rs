@@ -16,7 +16,7 @@ use super::Conn;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct TemplateFile {
+struct TemplateFile {
     #[serde(default)]
     pub(super) template: Vec<Template>,
     #[serde(default)]
@@ -57,6 +57,16 @@ pub(super) struct Store {
     #[serde(default)]
     pub(super) pos: Vec<String>,
     pub(super) templates: Vec<String>,
+}
+
+/// The key templates in `path`, by name.
+pub(super) fn load_templates(path: &Path) -> Result<BTreeMap<String, Template>, String> {
+    let file: TemplateFile = read_toml(path)?;
+    Ok(file
+        .template
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
 }
 
 pub(super) fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
@@ -125,12 +135,7 @@ pub async fn enrol(
     batch: usize,
 ) -> Result<bool, String> {
     let started = Instant::now();
-    let file: TemplateFile = read_toml(templates)?;
-    let templates: BTreeMap<String, Template> = file
-        .template
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect();
+    let templates = load_templates(templates)?;
     let manifest: Manifest = read_toml(manifest)?;
     let want = desired(&manifest, &templates)?;
 
