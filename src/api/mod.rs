@@ -5,6 +5,7 @@ mod batch;
 mod batch_create;
 mod handlers;
 mod json;
+mod retail;
 mod routes;
 
 use std::sync::{Arc, RwLock};
