@@ -421,7 +421,9 @@ on_each_backend! {
             why.contains("audit") && why.contains("refuses writes"),
             "{why}"
         );
-        assert!(d.logs().iter().any(|l| l.contains("audit append failed")));
+        d.wait_for("the audit failure in the log", Duration::from_secs(10), || {
+            d.logs().iter().any(|l| l.contains("audit append failed"))
+        });
 
         // The store accepts writes again: the scheduler's probe is written and readiness returns.
         sqlite(&env, "DROP TRIGGER refuse_audit;");

@@ -209,10 +209,15 @@ async fn recovers_by_itself_when_the_token_goes_away_and_comes_back() {
     assert_eq!(s, 200, "{after}");
     // Same key as before the outage.
     assert_eq!(after["signature"], before["signature"]);
-    assert!(d
-        .logs()
-        .iter()
-        .any(|l| l.contains("pkcs11 token reconnected")));
+    d.wait_for(
+        "the reconnect in the log",
+        std::time::Duration::from_secs(10),
+        || {
+            d.logs()
+                .iter()
+                .any(|l| l.contains("pkcs11 token reconnected"))
+        },
+    );
     drop(d);
     proxy_cmd("stop");
 }

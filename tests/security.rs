@@ -151,10 +151,15 @@ async fn identities_come_from_uri_san_or_cn_and_policy_is_default_deny() {
     )
     .await;
     assert_error(&r, 403, "permission_denied");
-    assert!(d
-        .logs()
-        .iter()
-        .any(|l| l.contains("\"identity\":\"legacy-pos-gateway\"")));
+    d.wait_for(
+        "the CN identity in the log",
+        Duration::from_secs(10),
+        || {
+            d.logs()
+                .iter()
+                .any(|l| l.contains("\"identity\":\"legacy-pos-gateway\""))
+        },
+    );
 }
 
 #[tokio::test]
