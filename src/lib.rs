@@ -8,7 +8,7 @@
 //! - [`backend`]: the `KeyBackend` trait and its hardware implementations. Nothing above this
 //!   module sees a PKCS#11 or TPM type.
 //!
-//! `unsafe` is forbidden here; the FFI lives inside `cryptoki`.
+//! `unsafe` is forbidden here; the FFI lives inside `cryptoki` and `tss-esapi`.
 #![forbid(unsafe_code)]
 
 pub mod api;
