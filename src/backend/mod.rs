@@ -7,6 +7,7 @@
 //! blame the caller, the request, or the device.
 
 pub mod pkcs11;
+pub mod timing;
 pub mod tpm;
 
 use std::sync::Arc;

@@ -2,9 +2,8 @@
 //! straight through `tss-esapi` from `threads` threads, one context each, every thread with the
 //! bench key loaded once. Nothing is left behind: the key exists only as the blob in memory.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
@@ -15,7 +14,7 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use super::objects;
 use super::worker::{OpError, Pool};
 use super::TpmSettings;
-use crate::backend::pkcs11::rawbench::{cpu_seconds, RawRate};
+use crate::backend::timing::{timed, RawRate};
 use crate::keys::KeyType;
 
 fn describe(e: OpError) -> String {
@@ -45,85 +44,45 @@ pub fn measure(
     pool.give(w);
     let (public, private) = made.map_err(describe)?;
     let blob = Arc::new(objects::encode(&public, &private)?.0);
+    let data = message.to_vec();
 
-    let running = Arc::new(AtomicBool::new(true));
-    let counting = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(Mutex::new(None::<String>));
-    let mut workers = Vec::new();
-    for _ in 0..threads {
-        let (pool, blob, running, counting, ops, errors) = (
-            pool.clone(),
-            blob.clone(),
-            running.clone(),
-            counting.clone(),
-            ops.clone(),
-            first_error.clone(),
-        );
-        let data = message.to_vec();
-        workers.push(std::thread::spawn(move || {
-            let Some(mut w) = pool.take(Duration::from_secs(1)) else {
-                return;
-            };
-            let result = (|| -> Result<(), OpError> {
-                let h = pool.key(&mut w, &blob)?;
-                while running.load(Ordering::Relaxed) {
-                    match key_type {
-                        KeyType::HmacSha256 => {
-                            let buf = MaxBuffer::try_from(data.clone())?;
-                            w.ctx
-                                .execute_with_session(Some(AuthSession::Password), |c| {
-                                    c.hmac(h.into(), buf, HashingAlgorithm::Sha256)
-                                })?;
-                        }
-                        _ => {
-                            // Hash per call, as the daemon does.
-                            let d = ring::digest::digest(&ring::digest::SHA256, &data);
-                            let digest = Digest::try_from(d.as_ref().to_vec())?;
-                            let ticket = TPMT_TK_HASHCHECK {
-                                tag: TPM2_ST_HASHCHECK,
-                                hierarchy: TPM2_RH_NULL,
-                                digest: Default::default(),
-                            }
-                            .try_into()?;
-                            w.ctx
-                                .execute_with_session(Some(AuthSession::Password), |c| {
-                                    c.sign(h, digest, SignatureScheme::Null, ticket)
-                                })?;
-                        }
+    timed(threads, warmup, duration, move |_, pace| {
+        let Some(mut w) = pool.take(Duration::from_secs(1)) else {
+            return Err("raw tpm bench: no tpm context".into());
+        };
+        let result = (|| -> Result<(), OpError> {
+            let h = pool.key(&mut w, &blob)?;
+            while pace.running() {
+                match key_type {
+                    KeyType::HmacSha256 => {
+                        let buf = MaxBuffer::try_from(data.clone())?;
+                        w.ctx
+                            .execute_with_session(Some(AuthSession::Password), |c| {
+                                c.hmac(h.into(), buf, HashingAlgorithm::Sha256)
+                            })?;
                     }
-                    if counting.load(Ordering::Relaxed) {
-                        ops.fetch_add(1, Ordering::Relaxed);
+                    _ => {
+                        // Hash per call, as the daemon does.
+                        let d = ring::digest::digest(&ring::digest::SHA256, &data);
+                        let digest = Digest::try_from(d.as_ref().to_vec())?;
+                        let ticket = TPMT_TK_HASHCHECK {
+                            tag: TPM2_ST_HASHCHECK,
+                            hierarchy: TPM2_RH_NULL,
+                            digest: Default::default(),
+                        }
+                        .try_into()?;
+                        w.ctx
+                            .execute_with_session(Some(AuthSession::Password), |c| {
+                                c.sign(h, digest, SignatureScheme::Null, ticket)
+                            })?;
                     }
                 }
-                Ok(())
-            })();
-            w.unload();
-            if let Err(e) = result {
-                let mut first = errors.lock().unwrap_or_else(|p| p.into_inner());
-                first.get_or_insert(describe(e));
+                pace.done_one();
             }
-            pool.give(w);
-        }));
-    }
-    std::thread::sleep(warmup);
-    counting.store(true, Ordering::SeqCst);
-    let cpu0 = cpu_seconds("self");
-    let start = Instant::now();
-    std::thread::sleep(duration);
-    let total = ops.load(Ordering::SeqCst);
-    let elapsed = start.elapsed();
-    let cpu = cpu0.zip(cpu_seconds("self")).map(|(a, b)| b - a);
-    running.store(false, Ordering::SeqCst);
-    for w in workers {
-        w.join().map_err(|_| "bench thread panicked")?;
-    }
-    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(format!("raw tpm bench: {e}"));
-    }
-    Ok(RawRate {
-        ops: total,
-        elapsed,
-        cpu_seconds: cpu,
+            Ok(())
+        })();
+        w.unload();
+        pool.give(w);
+        result.map_err(|e| format!("raw tpm bench: {}", describe(e)))
     })
 }
