@@ -98,6 +98,11 @@ impl Client {
         })
     }
 
+    /// `HOST:PORT` as the `Host` header carries it.
+    pub fn authority(&self) -> &str {
+        &self.host_header
+    }
+
     /// The bare mutual-TLS stream, for callers that speak HTTP themselves (slow-client tests).
     pub async fn connect_tls(
         &self,

@@ -58,7 +58,7 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Startup::Config(e)) => {
             tracing::error!(error = %e, "invalid configuration; not starting");
@@ -68,7 +68,9 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
             tracing::error!(error = %e, "cannot start");
             ExitCode::from(EXIT_UNAVAILABLE)
         }
-    }
+    };
+    crate::logging::flush();
+    code
 }
 
 enum Startup {
@@ -81,7 +83,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::logging::BatchedStderr::start());
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -22,6 +22,7 @@ pub mod encoding;
 pub mod error;
 pub mod exchange;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

@@ -8,11 +8,17 @@ mod json;
 mod retail;
 mod routes;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
@@ -42,9 +48,36 @@ pub struct AppState {
 pub async fn serve_api(
     listener: TcpListener,
     state: Arc<AppState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
+    let tls_state = state.clone();
+    let tls = move || {
+        tls_state
+            .tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    };
+    let handler = move |caller, req| routes::handle(state.clone(), caller, req);
+    serve_mtls(listener, tls, handler, shutdown, drain).await;
+}
+
+/// The mutual-TLS front itself, with the request handler as a parameter: the daemon passes its
+/// router, and `tillkey bench` a fixed answer, so the benchmark's transport floor measures this
+/// exact code (handshake, identity, HTTP/1.1 settings) rather than a look-alike.
+pub async fn serve_mtls<T, H, F>(
+    listener: TcpListener,
+    tls: T,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    T: Fn() -> Arc<ServerConfig> + Send + Sync + 'static,
+    H: Fn(Arc<Caller>, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let tls = Arc::new(tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -60,10 +93,10 @@ pub async fn serve_api(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let state = state.clone();
+        let (tls, handler) = (tls.clone(), handler.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let config = state.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let config = tls();
             let tls = match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
                 TlsAcceptor::from(config).accept(tcp),
@@ -91,7 +124,7 @@ pub async fn serve_api(
                 return;
             };
             let caller = Arc::new(Caller { identity });
-            let svc = service_fn(move |req| routes::handle(state.clone(), caller.clone(), req));
+            let svc = service_fn(move |req| handler(caller.clone(), req));
             // One buffer per response (not a vectored write of head and body), so it leaves
             // in one TLS record.
             let conn = http1::Builder::new()

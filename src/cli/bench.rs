@@ -8,24 +8,32 @@
 //! device operation (`raw_threads` threads, one session each), then the daemon under `clients`
 //! concurrent keep-alive connections. New phases add a function and a name in [`PHASES`].
 
+mod floor;
+mod load;
 mod scale;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::pkcs11::rawbench::{self, cpu_seconds, RawOp, RawRate};
+use crate::backend::pkcs11::rawbench::{self, RawOp, RawRate};
 use crate::client::Client;
 use crate::config::{BackendConfig, Config, Overrides};
 use crate::keys::KeyType;
 
-/// Every phase, in the order they run by default.
+pub use self::floor::{serve as serve_floor, FloorArgs};
+use self::load::{drive, Load, Target};
+
+/// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
+/// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
+/// whole request path without a token call (an authenticated, audited `GET` of a key).
 pub const PHASES: &[&str] = &[
+    "tls-floor",
+    "null",
     "hmac-sign",
     "hmac-verify",
     "ecdsa-sign",
@@ -50,12 +58,12 @@ pub struct BenchArgs {
     /// Unmeasured warm-up seconds per phase.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
-    /// Phases to run (comma-separated): hmac-sign, hmac-verify, ecdsa-sign, ed25519-sign,
-    /// hmac-batch.
+    /// Phases to run (comma-separated): tls-floor, null, hmac-sign, hmac-verify, ecdsa-sign,
+    /// ed25519-sign, hmac-batch.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch"
+        default_value = "tls-floor,null,hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch"
     )]
     phases: Vec<String>,
     /// Bytes per signed message.
@@ -79,20 +87,28 @@ pub struct BenchArgs {
 #[derive(Serialize)]
 pub struct Row {
     phase: String,
-    key_type: &'static str,
+    /// None for the phases without a token operation.
+    key_type: Option<&'static str>,
     /// Messages per request (1 for single calls).
     batch: usize,
-    raw_ops_per_s: f64,
+    raw_ops_per_s: Option<f64>,
     raw_cpu_us_per_op: Option<f64>,
+    /// The daemon's rate (the floor server's in `tls-floor`).
     daemon_ops_per_s: f64,
-    ratio: f64,
+    ratio: Option<f64>,
     /// The ratio issue 7 asks for.
-    target_ratio: f64,
+    target_ratio: Option<f64>,
+    /// The most this phase's ratio can be on this machine through this TLS front: the CPUs
+    /// divided by (the raw token CPU + the `tls-floor` CPU, server and client) per operation.
+    /// Set when `tls-floor` ran in the same run.
+    ceiling_ratio: Option<f64>,
     /// Per request (a whole batch in the batch phases).
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
     daemon_cpu_us_per_op: Option<f64>,
+    /// The load generator's own CPU per operation (it shares the machine).
+    client_cpu_us_per_op: Option<f64>,
 }
 
 /// What every phase needs.
@@ -182,6 +198,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             continue;
         }
         let row = match phase.as_str() {
+            "tls-floor" => bench.floor()?,
+            "null" => bench.null()?,
             "hmac-sign" => bench.sign(KeyType::HmacSha256, target(0.5))?,
             "hmac-verify" => bench.hmac_verify(target(0.5))?,
             "ecdsa-sign" => bench.sign(KeyType::EcdsaP256, target(0.75))?,
@@ -196,6 +214,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         };
         rows.push(row);
     }
+    add_ceilings(&mut rows);
     print_table(&rows, &args);
     if let Some(path) = &args.json {
         let doc = json!({
@@ -242,14 +261,71 @@ impl Bench<'_> {
         }
     }
 
+    /// The mutual-TLS front alone, answering a fixed body (see `floor`).
+    fn floor(&self) -> Result<Row, String> {
+        let phase = "tls-floor";
+        let server = floor::FloorServer::start(&self.args.dev_dir)?;
+        let client = Client::new(
+            &format!("https://localhost:{}", server.port),
+            &self.args.dev_dir.join("ca.crt"),
+            Some((
+                &self.args.dev_dir.join("service.crt"),
+                &self.args.dev_dir.join("service.key"),
+            )),
+        )
+        .map_err(|e| e.to_string())?;
+        let body = json!({ "message": b64(&self.message) });
+        let load = self.drive(
+            phase,
+            Some(server.pid()),
+            self.target(client, "POST", "/v1/keys/floor:sign", &body, 1),
+        )?;
+        Ok(row(phase.into(), None, 1, None, &load, None))
+    }
+
+    /// The daemon's whole request path without a token call: an authenticated, policy-checked,
+    /// audited and logged `GET` of a key's metadata.
+    fn null(&self) -> Result<Row, String> {
+        let phase = "null";
+        let name = self.make_key(phase, KeyType::HmacSha256)?;
+        let target = self.target(
+            self.service.clone(),
+            "GET",
+            &format!("/v1/keys/{name}"),
+            &serde_json::Value::Null,
+            1,
+        );
+        let load = self.drive(
+            phase,
+            self.pid,
+            Target {
+                body: Bytes::new(),
+                ..target
+            },
+        )?;
+        Ok(row(phase.into(), None, 1, None, &load, None))
+    }
+
     /// `:sign` with one message per request.
     fn sign(&self, key_type: KeyType, target: f64) -> Result<Row, String> {
         let phase = format!("{}-sign", short(key_type));
         let raw = self.raw(&phase, key_type, RawOp::Sign)?;
         let name = self.make_key(&phase, key_type)?;
         let body = json!({ "message": b64(&self.message) });
-        let load = self.load(&phase, &format!("/v1/keys/{name}:sign"), &body, 1)?;
-        Ok(row(phase, key_type, 1, &raw, &load, target))
+        let path = format!("/v1/keys/{name}:sign");
+        let load = self.drive(
+            &phase,
+            self.pid,
+            self.target(self.service.clone(), "POST", &path, &body, 1),
+        )?;
+        Ok(row(
+            phase,
+            Some(key_type),
+            1,
+            Some(&raw),
+            &load,
+            Some(target),
+        ))
     }
 
     /// `:verify` of a correct HMAC tag, one per request.
@@ -263,8 +339,20 @@ impl Bench<'_> {
             .as_str()
             .ok_or_else(|| format!("no signature in {signed}"))?;
         let body = json!({ "message": b64(&self.message), "signature": signature });
-        let load = self.load(&phase, &format!("/v1/keys/{name}:verify"), &body, 1)?;
-        Ok(row(phase, key_type, 1, &raw, &load, target))
+        let path = format!("/v1/keys/{name}:verify");
+        let load = self.drive(
+            &phase,
+            self.pid,
+            self.target(self.service.clone(), "POST", &path, &body, 1),
+        )?;
+        Ok(row(
+            phase,
+            Some(key_type),
+            1,
+            Some(&raw),
+            &load,
+            Some(target),
+        ))
     }
 
     /// `:sign` with `batch_size` messages per request.
@@ -275,8 +363,53 @@ impl Bench<'_> {
         let item = json!({ "message": b64(&self.message) });
         let body = json!({ "batch": vec![item; self.args.batch_size] });
         let n = self.args.batch_size;
-        let load = self.load(&phase, &format!("/v1/keys/{name}:sign"), &body, n)?;
-        Ok(row(phase, key_type, n, &raw, &load, target))
+        let path = format!("/v1/keys/{name}:sign");
+        let load = self.drive(
+            &phase,
+            self.pid,
+            Target {
+                check: batch_ok,
+                ..self.target(self.service.clone(), "POST", &path, &body, n)
+            },
+        )?;
+        Ok(row(
+            phase,
+            Some(key_type),
+            n,
+            Some(&raw),
+            &load,
+            Some(target),
+        ))
+    }
+
+    fn target(
+        &self,
+        client: Client,
+        method: &'static str,
+        path: &str,
+        body: &serde_json::Value,
+        per_call: usize,
+    ) -> Target {
+        Target {
+            client,
+            method,
+            path: path.to_owned(),
+            body: Bytes::from(body.to_string()),
+            per_call,
+            check: |_| true,
+        }
+    }
+
+    fn drive(&self, phase: &str, server_pid: Option<u32>, target: Target) -> Result<Load, String> {
+        eprintln!("bench: {phase}: {} clients ...", self.args.clients);
+        drive(
+            &self.rt,
+            target,
+            self.args.clients,
+            self.warmup,
+            self.measured,
+            server_pid,
+        )
     }
 
     fn make_key(&self, phase: &str, key_type: KeyType) -> Result<String, String> {
@@ -311,91 +444,6 @@ impl Bench<'_> {
             Ok(v)
         })
     }
-
-    /// `clients` connections posting `body` to `path` as fast as answers come; each answer
-    /// stands for `per_call` operations, and counts only if every item in it succeeded.
-    fn load(
-        &self,
-        phase: &str,
-        path: &str,
-        body: &serde_json::Value,
-        per_call: usize,
-    ) -> Result<Load, String> {
-        eprintln!(
-            "bench: {phase}: tillkeyd, {} clients ...",
-            self.args.clients
-        );
-        let body = Bytes::from(body.to_string());
-        let path: Arc<str> = Arc::from(path);
-        let start = Instant::now() + self.warmup;
-        let end = start + self.measured;
-        self.rt.block_on(async {
-            let mut tasks = Vec::new();
-            for _ in 0..self.args.clients {
-                let (service, body, path) = (self.service.clone(), body.clone(), path.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    let mut errors = 0u64;
-                    let Ok(mut conn) = service.connect().await else {
-                        return (lat, 1);
-                    };
-                    loop {
-                        let t0 = Instant::now();
-                        if t0 >= end {
-                            break;
-                        }
-                        let answer = conn
-                            .call_raw(hyper::Method::POST, &path, body.to_vec())
-                            .await;
-                        let ok = match answer {
-                            Ok((s, b)) => s.is_success() && (per_call == 1 || batch_ok(&b)),
-                            Err(_) => false,
-                        };
-                        if t0 >= start {
-                            if ok {
-                                lat.push(t0.elapsed().as_micros() as u32);
-                            } else {
-                                errors += 1;
-                            }
-                        }
-                    }
-                    (lat, errors)
-                }));
-            }
-            tokio::time::sleep_until(start.into()).await;
-            let cpu0 = self.pid.and_then(|p| cpu_seconds(&p.to_string()));
-            tokio::time::sleep_until(end.into()).await;
-            let cpu1 = self.pid.and_then(|p| cpu_seconds(&p.to_string()));
-            let mut all = Vec::new();
-            let mut errors = 0;
-            for t in tasks {
-                let (lat, e) = t.await.map_err(|e| e.to_string())?;
-                all.extend(lat);
-                errors += e;
-            }
-            all.sort_unstable();
-            let pct = |p: f64| {
-                all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-                    .map_or(0.0, |&us| us as f64 / 1000.0)
-            };
-            let ops = (all.len() * per_call) as f64;
-            Ok(Load {
-                ops_per_s: ops / self.measured.as_secs_f64(),
-                p50_ms: pct(0.50),
-                p99_ms: pct(0.99),
-                errors,
-                daemon_cpu_us_per_op: cpu0.zip(cpu1).map(|(a, b)| (b - a) * 1e6 / ops.max(1.0)),
-            })
-        })
-    }
-}
-
-struct Load {
-    ops_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-    daemon_cpu_us_per_op: Option<f64>,
 }
 
 /// A batch answer counts only when every item carries a result and none an error.
@@ -418,25 +466,46 @@ fn batch_ok(body: &[u8]) -> bool {
 
 fn row(
     phase: String,
-    key_type: KeyType,
+    key_type: Option<KeyType>,
     batch: usize,
-    raw: &RawRate,
+    raw: Option<&RawRate>,
     load: &Load,
-    target_ratio: f64,
+    target_ratio: Option<f64>,
 ) -> Row {
     Row {
         phase,
-        key_type: key_type.as_str(),
+        key_type: key_type.map(KeyType::as_str),
         batch,
-        raw_ops_per_s: raw.per_second(),
-        raw_cpu_us_per_op: raw.cpu_seconds.map(|c| c * 1e6 / raw.ops.max(1) as f64),
+        raw_ops_per_s: raw.map(RawRate::per_second),
+        raw_cpu_us_per_op: raw.and_then(|r| r.cpu_seconds.map(|c| c * 1e6 / r.ops.max(1) as f64)),
         daemon_ops_per_s: load.ops_per_s,
-        ratio: load.ops_per_s / raw.per_second(),
+        ratio: raw.map(|r| load.ops_per_s / r.per_second()),
         target_ratio,
+        ceiling_ratio: None,
         p50_ms: load.p50_ms,
         p99_ms: load.p99_ms,
         errors: load.errors,
-        daemon_cpu_us_per_op: load.daemon_cpu_us_per_op,
+        daemon_cpu_us_per_op: load.server_cpu_us_per_op,
+        client_cpu_us_per_op: load.client_cpu_us_per_op,
+    }
+}
+
+/// With the transport floor measured in the same run, the best ratio each token phase can
+/// reach: every operation costs its raw token CPU plus at least one floor request (server and
+/// load generator), on `cpus` CPUs. A batch pays the request once for all its items (its body
+/// is larger than the floor's, so this bound is generous to batches).
+fn add_ceilings(rows: &mut [Row]) {
+    let floor = rows
+        .iter()
+        .find(|r| r.phase == "tls-floor")
+        .and_then(|r| Some(r.daemon_cpu_us_per_op? + r.client_cpu_us_per_op?));
+    let Some(floor) = floor else { return };
+    let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    for r in rows.iter_mut() {
+        if let (Some(raw_cpu), Some(raw_rate)) = (r.raw_cpu_us_per_op, r.raw_ops_per_s) {
+            let per_op = raw_cpu + floor / r.batch as f64;
+            r.ceiling_ratio = Some((cpus * 1e6 / per_op / raw_rate).min(1.0));
+        }
     }
 }
 
@@ -453,28 +522,34 @@ fn b64(data: &[u8]) -> String {
 }
 
 fn print_table(rows: &[Row], args: &BenchArgs) {
-    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     println!(
         "{} clients over mTLS vs {} raw backend threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
     );
     println!(
-        "| phase | raw ops/s | daemon ops/s | ratio (target) | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op |"
+        "| phase | raw ops/s | daemon ops/s | ratio (target) | ceiling | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op | client CPU us/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
+        let ratio = match (r.ratio, r.target_ratio) {
+            (Some(ratio), Some(t)) => format!("{ratio:.2} (>= {t:.2})"),
+            _ => "-".into(),
+        };
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} (>= {:.2}) | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
             r.phase,
-            r.raw_ops_per_s,
+            opt(r.raw_ops_per_s, 0),
             r.daemon_ops_per_s,
-            r.ratio,
-            r.target_ratio,
+            ratio,
+            opt(r.ceiling_ratio, 2),
             r.p50_ms,
             r.p99_ms,
             r.errors,
-            opt(r.raw_cpu_us_per_op),
-            opt(r.daemon_cpu_us_per_op)
+            opt(r.raw_cpu_us_per_op, 1),
+            opt(r.daemon_cpu_us_per_op, 1),
+            opt(r.client_cpu_us_per_op, 1)
         );
     }
 }

@@ -92,6 +92,9 @@ enum Command {
     Approvals(ApprovalsCommand),
     /// Measure raw token speed against tillkeyd's on the same token, in one run.
     Bench(bench::BenchArgs),
+    /// The benchmark's transport floor server (started by `bench`, not by hand).
+    #[command(hide = true)]
+    BenchFloor(bench::FloorArgs),
     /// Check or export the tamper-evident audit trail (reads the store and the token directly).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -388,6 +391,7 @@ pub fn main() -> ExitCode {
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::BenchFloor(args) => bench::serve_floor(args).map(|()| true),
         Command::Provision(ProvisionCommand::Init { config, so_pin_file }) => {
             runtime().and_then(|rt| rt.block_on(init::run(&config, so_pin_file.as_deref())))
         }
@@ -598,9 +602,11 @@ async fn call(cmd: Command) -> Result<bool, String> {
             format!("/v1/approvals/{id}:cancel"),
             Some(json!({})),
         ),
-        Command::Pki(_) | Command::Bench(_) | Command::Audit(_) | Command::Provision(_) => {
-            return Err("not an API call".into())
-        }
+        Command::Pki(_)
+        | Command::Bench(_)
+        | Command::BenchFloor(_)
+        | Command::Audit(_)
+        | Command::Provision(_) => return Err("not an API call".into()),
     };
     let body = body.map(strip_nulls);
     let mut connection = conn.client()?.connect().await.map_err(|e| e.to_string())?;

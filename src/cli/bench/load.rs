@@ -1,0 +1,212 @@
+//! The load generator: `clients` keep-alive mTLS connections, each a single task that writes a
+//! prepared request and reads the answer itself.
+//!
+//! It does not use the general client (`crate::client`): that one runs hyper's connection task
+//! beside the caller and passes every request and answer between the two, which costs a task
+//! wake-up and a header map per request. The load generator shares the two CPUs with the
+//! daemon it measures, so whatever it spends is taken from the daemon's figure; its own CPU per
+//! operation is reported beside the daemon's.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::backend::timing::cpu_seconds;
+use crate::client::Client;
+
+/// Largest answer the load generator accepts (a 256-item batch answer is ~25 KB).
+const MAX_ANSWER: usize = 1 << 20;
+
+pub struct Load {
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    /// CPU of the measured server process per operation, when its pid is known.
+    pub server_cpu_us_per_op: Option<f64>,
+    /// CPU of this process (the load generator) per operation.
+    pub client_cpu_us_per_op: Option<f64>,
+}
+
+/// What to send and how to judge the answer.
+pub struct Target {
+    pub client: Client,
+    pub method: &'static str,
+    pub path: String,
+    pub body: Bytes,
+    /// Operations one successful answer stands for.
+    pub per_call: usize,
+    /// Extra check of a 2xx answer's body (batches: every item carries a result).
+    pub check: fn(&[u8]) -> bool,
+}
+
+impl Target {
+    fn request(&self) -> Bytes {
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n",
+            self.method,
+            self.path,
+            self.client.authority()
+        );
+        if self.method != "GET" {
+            head.push_str(&format!("content-length: {}\r\n", self.body.len()));
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        Bytes::from(bytes)
+    }
+}
+
+/// Run `clients` connections against `target` for the warm-up and measured window; the server
+/// process `server_pid` (if known) and this process are clocked over the measured window.
+pub fn drive(
+    rt: &tokio::runtime::Runtime,
+    target: Target,
+    clients: usize,
+    warmup: std::time::Duration,
+    measured: std::time::Duration,
+    server_pid: Option<u32>,
+) -> Result<Load, String> {
+    let request = target.request();
+    let target = Arc::new(target);
+    let start = Instant::now() + warmup;
+    let end = start + measured;
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (target, request) = (target.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                let Ok(mut tls) = target.client.connect_tls().await else {
+                    return (lat, 1);
+                };
+                let mut buf = Vec::with_capacity(4096);
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    let ok = match exchange(&mut tls, &request, &mut buf).await {
+                        Ok((status, body)) => {
+                            (200..300).contains(&status) && (target.check)(&buf[body..])
+                        }
+                        Err(_) => false,
+                    };
+                    if t0 >= start {
+                        if ok {
+                            lat.push(t0.elapsed().as_micros() as u32);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    if !ok {
+                        // The connection may be out of step; start a fresh one.
+                        match target.client.connect_tls().await {
+                            Ok(t) => tls = t,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        tokio::time::sleep_until(start.into()).await;
+        let cpu0 = (
+            server_pid.and_then(|p| cpu_seconds(&p.to_string())),
+            cpu_seconds("self"),
+        );
+        tokio::time::sleep_until(end.into()).await;
+        let cpu1 = (
+            server_pid.and_then(|p| cpu_seconds(&p.to_string())),
+            cpu_seconds("self"),
+        );
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (lat, e) = t.await.map_err(|e| e.to_string())?;
+            all.extend(lat);
+            errors += e;
+        }
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .map_or(0.0, |&us| us as f64 / 1000.0)
+        };
+        let ops = (all.len() * target.per_call) as f64;
+        let per_op =
+            |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) * 1e6 / ops.max(1.0));
+        Ok(Load {
+            ops_per_s: ops / measured.as_secs_f64(),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+            server_cpu_us_per_op: per_op(cpu0.0, cpu1.0),
+            client_cpu_us_per_op: per_op(cpu0.1, cpu1.1),
+        })
+    })
+}
+
+/// One request and its answer on a keep-alive connection: the status and where the body starts
+/// in `buf` (which then holds exactly the answer).
+async fn exchange<S>(
+    stream: &mut S,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(u16, usize), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(request).await.map_err(|e| e.to_string())?;
+    buf.clear();
+    let (status, head_len, body_len) = loop {
+        read_more(stream, buf).await?;
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let len = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .ok_or("answer without content-length")?;
+                break (resp.code.unwrap_or(0), head_len, len);
+            }
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let total = head_len + body_len;
+    if total > MAX_ANSWER {
+        return Err("answer too large".into());
+    }
+    while buf.len() < total {
+        read_more(stream, buf).await?;
+    }
+    if buf.len() > total {
+        return Err("bytes after the answer".into());
+    }
+    Ok((status, head_len))
+}
+
+async fn read_more<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    if buf.len() >= MAX_ANSWER {
+        return Err("answer too large".into());
+    }
+    buf.reserve(4096);
+    let n = stream.read_buf(buf).await.map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("connection closed".into());
+    }
+    Ok(())
+}
