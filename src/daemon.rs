@@ -153,6 +153,7 @@ async fn run(config: Config) -> Result<(), Startup> {
         .ok_or_else(|| Startup::Unavailable(format!("{AUDIT_KEY} has no active version")))?;
     let audit = AuditLog::start(
         registry.pool().clone(),
+        registry.sqlite_file(),
         backend.clone(),
         AuditKey {
             object: active.object.clone(),

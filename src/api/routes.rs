@@ -280,6 +280,9 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let request_id = request_id();
+    // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
+    // taken once the body is in (a client slow to send it must not hold up the group).
+    let mut admission = None;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let routed = route(&parts.method, &path);
@@ -297,6 +300,7 @@ pub async fn handle(
             };
             match body {
                 Ok(body) => {
+                    admission = Some(state.service.audit().admit());
                     let query = parts.uri.query().unwrap_or("");
                     // A bug must cost one request a 500, not the connection its answer.
                     let call = handlers::dispatch(
@@ -334,7 +338,12 @@ pub async fn handle(
         request_id: request_id.clone(),
         detail: std::mem::take(&mut note.detail),
     };
-    let (result, receipt) = match state.service.audit().append(record).await {
+    let (result, receipt) = match state
+        .service
+        .audit()
+        .append_admitted(record, admission)
+        .await
+    {
         Ok(seq) => (result, Some(seq)),
         Err(e) => (Err(e), None),
     };

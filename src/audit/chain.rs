@@ -162,6 +162,50 @@ impl Entry {
     }
 }
 
+/// The writer's own SQLite connection: waits up to 5 s for the registry's writers, and a commit
+/// is on disk (WAL fsynced) before it returns, as with sqlx's defaults.
+pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, String> {
+    let conn = rusqlite::Connection::open(path)
+        .map_err(|e| format!("audit store {}: {e}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+        .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+        .map_err(|e| format!("audit store {}: {e}", path.display()))?;
+    Ok(conn)
+}
+
+/// Insert a group commit in one transaction with one prepared statement.
+pub fn insert_sqlite(conn: &mut rusqlite::Connection, rows: &[Entry]) -> Result<(), String> {
+    write_rows(conn, rows).map_err(|e| e.to_string())
+}
+
+fn write_rows(conn: &mut rusqlite::Connection, rows: &[Entry]) -> rusqlite::Result<()> {
+    // Immediate: take the write lock (waiting out the registry's writers) before anything.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(
+                "INSERT INTO audit (seq, at_ms, identity, operation, key_name, version, outcome, request_id, detail, audit_key_version, prev, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+        for e in rows {
+            insert.execute(rusqlite::params![
+                i64::try_from(e.seq).unwrap_or(i64::MAX),
+                e.at_ms,
+                e.identity,
+                e.operation,
+                e.key,
+                e.version.map(i64::from),
+                e.outcome,
+                e.request_id,
+                e.detail,
+                i64::from(e.audit_key_version),
+                e.prev,
+                e.mac,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
 /// Lower-case hex without an allocation per byte: every entry's hash goes through here on the
 /// request path.
 pub fn hex(bytes: &[u8]) -> String {

@@ -305,6 +305,12 @@ impl Registry {
     }
 
     /// The database, shared with the audit trail.
+    /// The database file when the registry is an SQLite file (the audit writer opens its own
+    /// connection to it).
+    pub fn sqlite_file(&self) -> Option<&std::path::Path> {
+        self.sqlite_file.as_deref()
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
