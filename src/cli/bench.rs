@@ -26,7 +26,7 @@ use crate::config::{BackendConfig, Config, Overrides};
 use crate::keys::KeyType;
 
 pub use self::floor::{serve as serve_floor, FloorArgs};
-use self::load::{drive, Load, Target};
+use self::load::{drive, Load, Sample, Target};
 
 /// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
 /// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
@@ -66,6 +66,9 @@ pub struct BenchArgs {
         default_value = "tls-floor,null,hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch"
     )]
     phases: Vec<String>,
+    /// Alternating raw/daemon windows per phase (their lengths add up to `seconds` each).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Bytes per signed message.
     #[arg(long, default_value_t = 64)]
     message_size: usize,
@@ -229,7 +232,41 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 }
 
 impl Bench<'_> {
-    fn raw(&self, phase: &str, key_type: KeyType, op: RawOp) -> Result<RawRate, String> {
+    /// The raw device and the daemon doing the same operation, in `rounds` alternating windows
+    /// (raw, daemon, raw, daemon, ...) that add up to the measured time each, so a change in
+    /// the machine's speed during the phase (these are shared machines) weighs on both sides.
+    fn paired(
+        &self,
+        phase: &str,
+        key_type: KeyType,
+        op: RawOp,
+        target: Target,
+    ) -> Result<(RawRate, Load), String> {
+        let rounds = self.args.rounds.max(1);
+        let slice = self.measured / rounds;
+        let mut raw = RawRate {
+            ops: 0,
+            elapsed: Duration::ZERO,
+            cpu_seconds: Some(0.0),
+        };
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            let r = self.raw(phase, key_type, op, slice)?;
+            raw.ops += r.ops;
+            raw.elapsed += r.elapsed;
+            raw.cpu_seconds = raw.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
+            samples.push(self.drive(phase, self.pid, target.clone(), slice)?);
+        }
+        Ok((raw, Load::from_samples(samples)))
+    }
+
+    fn raw(
+        &self,
+        phase: &str,
+        key_type: KeyType,
+        op: RawOp,
+        measured: Duration,
+    ) -> Result<RawRate, String> {
         eprintln!(
             "bench: {phase}: raw token, {} threads ...",
             self.args.raw_threads
@@ -241,7 +278,7 @@ impl Bench<'_> {
                 op,
                 self.args.raw_threads,
                 self.warmup,
-                self.measured,
+                measured,
                 &self.message,
             ),
             BackendConfig::Tpm(settings) => {
@@ -254,7 +291,7 @@ impl Bench<'_> {
                     key_type,
                     self.args.raw_threads,
                     self.warmup,
-                    self.measured,
+                    measured,
                     &self.message,
                 )
             }
@@ -275,11 +312,13 @@ impl Bench<'_> {
         )
         .map_err(|e| e.to_string())?;
         let body = json!({ "message": b64(&self.message) });
-        let load = self.drive(
+        let target = self.target(client, "POST", "/v1/keys/floor:sign", &body, 1);
+        let load = Load::from_samples(vec![self.drive(
             phase,
             Some(server.pid()),
-            self.target(client, "POST", "/v1/keys/floor:sign", &body, 1),
-        )?;
+            target,
+            self.measured,
+        )?]);
         Ok(row(phase.into(), None, 1, None, &load, None))
     }
 
@@ -295,29 +334,22 @@ impl Bench<'_> {
             &serde_json::Value::Null,
             1,
         );
-        let load = self.drive(
-            phase,
-            self.pid,
-            Target {
-                body: Bytes::new(),
-                ..target
-            },
-        )?;
+        let target = Target {
+            body: Bytes::new(),
+            ..target
+        };
+        let load = Load::from_samples(vec![self.drive(phase, self.pid, target, self.measured)?]);
         Ok(row(phase.into(), None, 1, None, &load, None))
     }
 
     /// `:sign` with one message per request.
     fn sign(&self, key_type: KeyType, target: f64) -> Result<Row, String> {
         let phase = format!("{}-sign", short(key_type));
-        let raw = self.raw(&phase, key_type, RawOp::Sign)?;
         let name = self.make_key(&phase, key_type)?;
         let body = json!({ "message": b64(&self.message) });
         let path = format!("/v1/keys/{name}:sign");
-        let load = self.drive(
-            &phase,
-            self.pid,
-            self.target(self.service.clone(), "POST", &path, &body, 1),
-        )?;
+        let request = self.target(self.service.clone(), "POST", &path, &body, 1);
+        let (raw, load) = self.paired(&phase, key_type, RawOp::Sign, request)?;
         Ok(row(
             phase,
             Some(key_type),
@@ -331,7 +363,6 @@ impl Bench<'_> {
     /// `:verify` of a correct HMAC tag, one per request.
     fn hmac_verify(&self, target: f64) -> Result<Row, String> {
         let (phase, key_type) = ("hmac-verify".to_string(), KeyType::HmacSha256);
-        let raw = self.raw(&phase, key_type, RawOp::Verify)?;
         let name = self.make_key(&phase, key_type)?;
         let body = json!({ "message": b64(&self.message) });
         let signed = self.call_once(&format!("/v1/keys/{name}:sign"), &body)?;
@@ -340,11 +371,8 @@ impl Bench<'_> {
             .ok_or_else(|| format!("no signature in {signed}"))?;
         let body = json!({ "message": b64(&self.message), "signature": signature });
         let path = format!("/v1/keys/{name}:verify");
-        let load = self.drive(
-            &phase,
-            self.pid,
-            self.target(self.service.clone(), "POST", &path, &body, 1),
-        )?;
+        let request = self.target(self.service.clone(), "POST", &path, &body, 1);
+        let (raw, load) = self.paired(&phase, key_type, RawOp::Verify, request)?;
         Ok(row(
             phase,
             Some(key_type),
@@ -358,20 +386,16 @@ impl Bench<'_> {
     /// `:sign` with `batch_size` messages per request.
     fn hmac_batch(&self, target: f64) -> Result<Row, String> {
         let (phase, key_type) = ("hmac-batch".to_string(), KeyType::HmacSha256);
-        let raw = self.raw(&phase, key_type, RawOp::Sign)?;
         let name = self.make_key(&phase, key_type)?;
         let item = json!({ "message": b64(&self.message) });
         let body = json!({ "batch": vec![item; self.args.batch_size] });
         let n = self.args.batch_size;
         let path = format!("/v1/keys/{name}:sign");
-        let load = self.drive(
-            &phase,
-            self.pid,
-            Target {
-                check: batch_ok,
-                ..self.target(self.service.clone(), "POST", &path, &body, n)
-            },
-        )?;
+        let request = Target {
+            check: batch_ok,
+            ..self.target(self.service.clone(), "POST", &path, &body, n)
+        };
+        let (raw, load) = self.paired(&phase, key_type, RawOp::Sign, request)?;
         Ok(row(
             phase,
             Some(key_type),
@@ -400,14 +424,20 @@ impl Bench<'_> {
         }
     }
 
-    fn drive(&self, phase: &str, server_pid: Option<u32>, target: Target) -> Result<Load, String> {
+    fn drive(
+        &self,
+        phase: &str,
+        server_pid: Option<u32>,
+        target: Target,
+        measured: Duration,
+    ) -> Result<Sample, String> {
         eprintln!("bench: {phase}: {} clients ...", self.args.clients);
         drive(
             &self.rt,
             target,
             self.args.clients,
             self.warmup,
-            self.measured,
+            measured,
             server_pid,
         )
     }

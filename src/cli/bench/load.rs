@@ -19,6 +19,18 @@ use crate::client::Client;
 /// Largest answer the load generator accepts (a 256-item batch answer is ~25 KB).
 const MAX_ANSWER: usize = 1 << 20;
 
+/// One measured window.
+pub struct Sample {
+    /// Latency of every successful request, microseconds.
+    latencies_us: Vec<u32>,
+    errors: u64,
+    ops: f64,
+    seconds: f64,
+    server_cpu_s: Option<f64>,
+    client_cpu_s: Option<f64>,
+}
+
+/// One or more windows of the same phase, summed.
 pub struct Load {
     pub ops_per_s: f64,
     pub p50_ms: f64,
@@ -30,7 +42,39 @@ pub struct Load {
     pub client_cpu_us_per_op: Option<f64>,
 }
 
+impl Load {
+    pub fn from_samples(samples: Vec<Sample>) -> Self {
+        let ops: f64 = samples.iter().map(|s| s.ops).sum();
+        let seconds: f64 = samples.iter().map(|s| s.seconds).sum();
+        let cpu = |f: fn(&Sample) -> Option<f64>| -> Option<f64> {
+            samples
+                .iter()
+                .map(f)
+                .sum::<Option<f64>>()
+                .map(|c| c * 1e6 / ops.max(1.0))
+        };
+        let server_cpu_us_per_op = cpu(|s| s.server_cpu_s);
+        let client_cpu_us_per_op = cpu(|s| s.client_cpu_s);
+        let errors = samples.iter().map(|s| s.errors).sum();
+        let mut all: Vec<u32> = samples.into_iter().flat_map(|s| s.latencies_us).collect();
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .map_or(0.0, |&us| us as f64 / 1000.0)
+        };
+        Self {
+            ops_per_s: ops / seconds.max(f64::MIN_POSITIVE),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+            server_cpu_us_per_op,
+            client_cpu_us_per_op,
+        }
+    }
+}
+
 /// What to send and how to judge the answer.
+#[derive(Clone)]
 pub struct Target {
     pub client: Client,
     pub method: &'static str,
@@ -69,7 +113,7 @@ pub fn drive(
     warmup: std::time::Duration,
     measured: std::time::Duration,
     server_pid: Option<u32>,
-) -> Result<Load, String> {
+) -> Result<Sample, String> {
     let request = target.request();
     let target = Arc::new(target);
     let start = Instant::now() + warmup;
@@ -128,21 +172,14 @@ pub fn drive(
             all.extend(lat);
             errors += e;
         }
-        all.sort_unstable();
-        let pct = |p: f64| {
-            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-                .map_or(0.0, |&us| us as f64 / 1000.0)
-        };
-        let ops = (all.len() * target.per_call) as f64;
-        let per_op =
-            |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) * 1e6 / ops.max(1.0));
-        Ok(Load {
-            ops_per_s: ops / measured.as_secs_f64(),
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
+        let spent = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+        Ok(Sample {
+            ops: (all.len() * target.per_call) as f64,
+            latencies_us: all,
             errors,
-            server_cpu_us_per_op: per_op(cpu0.0, cpu1.0),
-            client_cpu_us_per_op: per_op(cpu0.1, cpu1.1),
+            seconds: measured.as_secs_f64(),
+            server_cpu_s: spent(cpu0.0, cpu1.0),
+            client_cpu_s: spent(cpu0.1, cpu1.1),
         })
     })
 }
