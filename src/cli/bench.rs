@@ -101,9 +101,8 @@ pub struct Row {
     ratio: Option<f64>,
     /// The ratio issue 7 asks for.
     target_ratio: Option<f64>,
-    /// The most this phase's ratio can be on this machine through this TLS front: the CPUs
-    /// divided by (the raw token CPU + the `tls-floor` CPU, server and client) per operation.
-    /// Set when `tls-floor` ran in the same run.
+    /// The most this phase's ratio can be on this machine through this TLS front (see
+    /// `add_ceilings`). Set when `tls-floor` ran in the same run.
     ceiling_ratio: Option<f64>,
     /// Per request (a whole batch in the batch phases).
     p50_ms: f64,
@@ -417,7 +416,7 @@ impl Bench<'_> {
         Target {
             client,
             method,
-            path: path.to_owned(),
+            paths: vec![path.to_owned()],
             body: Bytes::from(body.to_string()),
             per_call,
             check: |_| true,
@@ -521,20 +520,23 @@ fn row(
 }
 
 /// With the transport floor measured in the same run, the best ratio each token phase can
-/// reach: every operation costs its raw token CPU plus at least one floor request (server and
-/// load generator), on `cpus` CPUs. A batch pays the request once for all its items (its body
-/// is larger than the floor's, so this bound is generous to batches).
+/// reach, by issue 7's own model: ratio = device time / (device time + per-request time), where
+/// the device time per operation is 1/raw and the least per-request time is 1/floor (the front
+/// answering nothing, load generator included), both measured with the machine to themselves.
+/// A batch pays the request once for all its items (its body is larger than the floor's, so
+/// this bound is generous to batches).
 fn add_ceilings(rows: &mut [Row]) {
-    let floor = rows
+    let Some(floor) = rows
         .iter()
         .find(|r| r.phase == "tls-floor")
-        .and_then(|r| Some(r.daemon_cpu_us_per_op? + r.client_cpu_us_per_op?));
-    let Some(floor) = floor else { return };
-    let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        .map(|r| r.daemon_ops_per_s)
+    else {
+        return;
+    };
     for r in rows.iter_mut() {
-        if let (Some(raw_cpu), Some(raw_rate)) = (r.raw_cpu_us_per_op, r.raw_ops_per_s) {
-            let per_op = raw_cpu + floor / r.batch as f64;
-            r.ceiling_ratio = Some((cpus * 1e6 / per_op / raw_rate).min(1.0));
+        if let Some(raw) = r.raw_ops_per_s {
+            let per_request = 1.0 / (floor * r.batch as f64);
+            r.ceiling_ratio = Some((1.0 / raw) / (1.0 / raw + per_request));
         }
     }
 }

@@ -78,7 +78,8 @@ impl Load {
 pub struct Target {
     pub client: Client,
     pub method: &'static str,
-    pub path: String,
+    /// Each request goes to one of these, picked at random per request.
+    pub paths: Vec<String>,
     pub body: Bytes,
     /// Operations one successful answer stands for.
     pub per_call: usize,
@@ -87,11 +88,11 @@ pub struct Target {
 }
 
 impl Target {
-    fn request(&self) -> Bytes {
+    fn request(&self, path: &str) -> Bytes {
         let mut head = format!(
             "{} {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n",
             self.method,
-            self.path,
+            path,
             self.client.authority()
         );
         if self.method != "GET" {
@@ -114,14 +115,18 @@ pub fn drive(
     measured: std::time::Duration,
     server_pid: Option<u32>,
 ) -> Result<Sample, String> {
-    let request = target.request();
+    let requests: Arc<Vec<Bytes>> =
+        Arc::new(target.paths.iter().map(|p| target.request(p)).collect());
+    if requests.is_empty() {
+        return Err("no request path".into());
+    }
     let target = Arc::new(target);
     let start = Instant::now() + warmup;
     let end = start + measured;
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (target, request) = (target.clone(), request.clone());
+        for c in 0..clients {
+            let (target, requests) = (target.clone(), requests.clone());
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
@@ -129,9 +134,15 @@ pub fn drive(
                     return (lat, 1);
                 };
                 let mut buf = Vec::with_capacity(4096);
+                // A cheap per-client xorshift spreads requests over the paths.
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1);
                 while Instant::now() < end {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let request = &requests[(x % requests.len() as u64) as usize];
                     let t0 = Instant::now();
-                    let ok = match exchange(&mut tls, &request, &mut buf).await {
+                    let ok = match exchange(&mut tls, request, &mut buf).await {
                         Ok((status, body)) => {
                             (200..300).contains(&status) && (target.check)(&buf[body..])
                         }

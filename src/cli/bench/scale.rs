@@ -9,11 +9,13 @@
 //! enrolling a million terminals compares the same hot set at two registry sizes.
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use bytes::Bytes;
+
+use super::load::{drive, Load, Target};
 use super::BenchArgs;
 use crate::backend::pkcs11::{rawbench, rawderive, Pkcs11Settings};
 use crate::client::Client;
@@ -30,13 +32,6 @@ pub(super) struct Setup<'a> {
     pub pid: Option<u32>,
     pub run_id: &'a str,
     pub rt: &'a tokio::runtime::Runtime,
-}
-
-struct Load {
-    ops_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
 }
 
 pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
@@ -67,29 +62,21 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
     let raw_derived = rawderive::measure(s.settings, args.raw_threads, warmup, measured, &message)?;
 
     eprintln!("bench scale: tillkeyd, {} clients ...", args.clients);
-    let one = Arc::new(vec![format!("/v1/keys/{stored}:sign")]);
-    let many = Arc::new(
-        names
-            .iter()
-            .map(|n| format!("/v1/keys/{n}:sign"))
-            .collect::<Vec<_>>(),
-    );
-    let stored_load = s.rt.block_on(load(
-        s.service,
-        one,
-        args.clients,
-        warmup,
-        measured,
-        &message,
-    ))?;
-    let derived_load = s.rt.block_on(load(
-        s.service,
-        many,
-        args.clients,
-        warmup,
-        measured,
-        &message,
-    ))?;
+    let body = json!({"message": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &message)});
+    let target = |paths: Vec<String>| Target {
+        client: s.service.clone(),
+        method: "POST",
+        paths,
+        body: Bytes::from(body.to_string()),
+        per_call: 1,
+        check: |_| true,
+    };
+    let run = |paths| {
+        drive(s.rt, target(paths), args.clients, warmup, measured, s.pid)
+            .map(|sample| Load::from_samples(vec![sample]))
+    };
+    let stored_load = run(vec![format!("/v1/keys/{stored}:sign")])?;
+    let derived_load = run(names.iter().map(|n| format!("/v1/keys/{n}:sign")).collect())?;
 
     let keys = admin_metric(s.config, "tillkey_keys ");
     let derived_held = admin_metric(s.config, "tillkey_derived_keys{what=\"held\"} ");
@@ -181,72 +168,6 @@ async fn make_keys(
         }
     }
     Ok(names)
-}
-
-/// `clients` keep-alive connections signing through `paths` (a random one per request).
-async fn load(
-    service: &Client,
-    paths: Arc<Vec<String>>,
-    clients: usize,
-    warmup: Duration,
-    measured: Duration,
-    message: &[u8],
-) -> Result<Load, String> {
-    let body = Arc::new(
-        json!({"message": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, message)}),
-    );
-    let start = Instant::now() + warmup;
-    let end = start + measured;
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (service, body, paths) = (service.clone(), body.clone(), paths.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            let Ok(mut conn) = service.connect().await else {
-                return (lat, 1);
-            };
-            // A cheap per-client generator is enough to spread requests over the keys.
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1);
-            loop {
-                let t0 = Instant::now();
-                if t0 >= end {
-                    break;
-                }
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let path = &paths[(x % paths.len() as u64) as usize];
-                let ok = matches!(conn.call(hyper::Method::POST, path, Some(&body)).await, Ok((s, _)) if s.is_success());
-                if t0 >= start {
-                    if ok {
-                        lat.push(t0.elapsed().as_micros() as u32);
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, e) = t.await.map_err(|e| e.to_string())?;
-        all.extend(lat);
-        errors += e;
-    }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |&us| us as f64 / 1000.0)
-    };
-    Ok(Load {
-        ops_per_s: all.len() as f64 / measured.as_secs_f64(),
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        errors,
-    })
 }
 
 /// One value from the admin listener's `/metrics` (plain HTTP on loopback).
