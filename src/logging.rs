@@ -19,18 +19,17 @@ const FLUSH_AT: usize = 32 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(25);
 
 static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Held from taking the buffer until it is written, so batches leave in the order they filled.
+static OUTPUT: Mutex<()> = Mutex::new(());
 static FLUSHER: Once = Once::new();
 
 /// Write everything buffered now (at exit, and from the flusher).
 pub fn flush() {
+    let _in_order = OUTPUT.lock().unwrap_or_else(|p| p.into_inner());
     let lines = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|p| p.into_inner()));
-    write_out(&lines);
-}
-
-fn write_out(lines: &[u8]) {
     if !lines.is_empty() {
         // Nowhere left to report a failure to write the log.
-        let _ = std::io::stderr().lock().write_all(lines);
+        let _ = std::io::stderr().lock().write_all(&lines);
     }
 }
 
@@ -74,13 +73,13 @@ pub struct Line {
 
 impl Write for Line {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = {
+        let due = {
             let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
             pending.extend_from_slice(bytes);
-            (self.urgent || pending.len() >= FLUSH_AT).then(|| std::mem::take(&mut *pending))
+            self.urgent || pending.len() >= FLUSH_AT
         };
-        if let Some(lines) = full {
-            write_out(&lines);
+        if due {
+            flush();
         }
         Ok(bytes.len())
     }
