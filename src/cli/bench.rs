@@ -234,13 +234,14 @@ impl Bench<'_> {
     /// The raw device and the daemon doing the same operation, in `rounds` alternating windows
     /// (raw, daemon, raw, daemon, ...) that add up to the measured time each, so a change in
     /// the machine's speed during the phase (these are shared machines) weighs on both sides.
-    fn paired(
+    fn compare(
         &self,
-        phase: &str,
+        phase: String,
         key_type: KeyType,
         op: RawOp,
-        target: Target,
-    ) -> Result<(RawRate, Load), String> {
+        request: Target,
+        target_ratio: f64,
+    ) -> Result<Row, String> {
         let rounds = self.args.rounds.max(1);
         let slice = self.measured / rounds;
         let mut raw = RawRate {
@@ -250,13 +251,22 @@ impl Bench<'_> {
         };
         let mut samples = Vec::new();
         for _ in 0..rounds {
-            let r = self.raw(phase, key_type, op, slice)?;
+            let r = self.raw(&phase, key_type, op, slice)?;
             raw.ops += r.ops;
             raw.elapsed += r.elapsed;
             raw.cpu_seconds = raw.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
-            samples.push(self.drive(phase, self.pid, target.clone(), slice)?);
+            samples.push(self.drive(&phase, self.pid, request.clone(), slice)?);
         }
-        Ok((raw, Load::from_samples(samples)))
+        let load = Load::from_samples(samples);
+        let batch = request.per_call;
+        Ok(row(
+            phase,
+            Some(key_type),
+            batch,
+            Some(&raw),
+            &load,
+            Some(target_ratio),
+        ))
     }
 
     fn raw(
@@ -348,15 +358,7 @@ impl Bench<'_> {
         let body = json!({ "message": b64(&self.message) });
         let path = format!("/v1/keys/{name}:sign");
         let request = self.target(self.service.clone(), "POST", &path, &body, 1);
-        let (raw, load) = self.paired(&phase, key_type, RawOp::Sign, request)?;
-        Ok(row(
-            phase,
-            Some(key_type),
-            1,
-            Some(&raw),
-            &load,
-            Some(target),
-        ))
+        self.compare(phase, key_type, RawOp::Sign, request, target)
     }
 
     /// `:verify` of a correct HMAC tag, one per request.
@@ -371,15 +373,7 @@ impl Bench<'_> {
         let body = json!({ "message": b64(&self.message), "signature": signature });
         let path = format!("/v1/keys/{name}:verify");
         let request = self.target(self.service.clone(), "POST", &path, &body, 1);
-        let (raw, load) = self.paired(&phase, key_type, RawOp::Verify, request)?;
-        Ok(row(
-            phase,
-            Some(key_type),
-            1,
-            Some(&raw),
-            &load,
-            Some(target),
-        ))
+        self.compare(phase, key_type, RawOp::Verify, request, target)
     }
 
     /// `:sign` with `batch_size` messages per request.
@@ -394,15 +388,7 @@ impl Bench<'_> {
             check: batch_ok,
             ..self.target(self.service.clone(), "POST", &path, &body, n)
         };
-        let (raw, load) = self.paired(&phase, key_type, RawOp::Sign, request)?;
-        Ok(row(
-            phase,
-            Some(key_type),
-            n,
-            Some(&raw),
-            &load,
-            Some(target),
-        ))
+        self.compare(phase, key_type, RawOp::Sign, request, target)
     }
 
     fn target(
