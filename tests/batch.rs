@@ -185,46 +185,36 @@ async fn malformed_oversized_mixed_and_unauthorized_batches_are_refused_whole() 
         403,
         "permission_denied",
     );
-    assert_error(
-        &post(
-            &mut svc,
+    let judged_once = [
+        (
             "/v1/keys/tillkey/audit:sign",
-            json!({"batch": [{"message": m}]}),
-        )
-        .await,
-        403,
-        "permission_denied",
-    );
-    assert_error(
-        &post(
-            &mut svc,
+            json!({"message": m}),
+            403,
+            "permission_denied",
+        ),
+        (
             "/v1/keys/stores/8/none:sign",
-            json!({"batch": [{"message": m}]}),
-        )
-        .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &post(
-            &mut svc,
+            json!({"message": m}),
+            404,
+            "not_found",
+        ),
+        (
             "/v1/keys/stores/8/gcm:sign",
-            json!({"batch": [{"message": m}]}),
-        )
-        .await,
-        422,
-        "unsupported_operation",
-    );
-    assert_error(
-        &post(
-            &mut svc,
+            json!({"message": m}),
+            422,
+            "unsupported_operation",
+        ),
+        (
             "/v1/keys/stores/8/gcm:verify",
-            json!({"batch": [{"message": m, "signature": m}]}),
-        )
-        .await,
-        422,
-        "unsupported_operation",
-    );
+            json!({"message": m, "signature": m}),
+            422,
+            "unsupported_operation",
+        ),
+    ];
+    for (p, item, status, code) in judged_once {
+        let r = post(&mut svc, p, json!({ "batch": [item] })).await;
+        assert_error(&r, status, code);
+    }
     // The single form still names what it misses.
     let r = post(&mut svc, path, json!({})).await;
     assert_error(&r, 400, "invalid_argument");

@@ -13,6 +13,16 @@ use common::*;
 use serde_json::{json, Value};
 use tillkey::exchange::{hmac_kcv, unwrap_export};
 
+/// `tillkey provision init` with the SO PIN, as the ceremony runs it.
+const INIT: &[&str] = &[
+    "provision",
+    "init",
+    "--config",
+    "tillkeyd.toml",
+    "--so-pin-file",
+    "so-pin",
+];
+
 const LABEL: &str = "tillkey-ceremony";
 
 /// Run the CLI with the environment's SoftHSM; (success, stdout, stderr).
@@ -135,18 +145,7 @@ async fn a_blank_token_becomes_a_working_service() {
     // 1. The token. Without the SO PIN nothing can be initialised, and the error says why.
     let (success, _, err) = tillkey(&env, &["provision", "init", "--config", "tillkeyd.toml"]);
     assert!(!success && err.contains("--so-pin-file"), "{err}");
-    let first: Value = serde_json::from_str(&ok(
-        &env,
-        &[
-            "provision",
-            "init",
-            "--config",
-            "tillkeyd.toml",
-            "--so-pin-file",
-            "so-pin",
-        ],
-    ))
-    .unwrap();
+    let first: Value = serde_json::from_str(&ok(&env, INIT)).unwrap();
     assert_eq!(
         first["device"],
         json!({"token": LABEL, "initialised_now": true})
@@ -159,18 +158,7 @@ async fn a_blank_token_becomes_a_working_service() {
     assert_eq!(first["import_wrapping_key"]["type"], "rsa-3072");
     let objects = token_objects(&env);
     // Re-running changes nothing: same keys, no new objects.
-    let again: Value = serde_json::from_str(&ok(
-        &env,
-        &[
-            "provision",
-            "init",
-            "--config",
-            "tillkeyd.toml",
-            "--so-pin-file",
-            "so-pin",
-        ],
-    ))
-    .unwrap();
+    let again: Value = serde_json::from_str(&ok(&env, INIT)).unwrap();
     assert_eq!(again["device"]["initialised_now"], false);
     assert_eq!(again["service_keys"], first["service_keys"]);
     assert_eq!(token_objects(&env), objects);

@@ -21,9 +21,7 @@ pub async fn sign(
     format: Option<&str>,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
-    refuse_mixed(single_too)?;
-    crate::service::batch::check_size(items.len())?;
-    let format = json::signature_format(format)?;
+    let format = check(single_too, items.len(), format)?;
     let decoded = items
         .iter()
         .map(|i| json::b64("message", &i.message))
@@ -50,9 +48,7 @@ pub async fn verify(
     format: Option<&str>,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
-    refuse_mixed(single_too)?;
-    crate::service::batch::check_size(items.len())?;
-    let format = json::signature_format(format)?;
+    let format = check(single_too, items.len(), format)?;
     let decoded = items
         .into_iter()
         .map(|i| {
@@ -73,14 +69,20 @@ pub async fn verify(
     respond(json!({ "batch": out }), None)
 }
 
-fn refuse_mixed(single_too: bool) -> Result<(), ServiceError> {
+/// What both forms refuse before any work: a body mixing the two forms, an empty or oversized
+/// batch, an unknown signature format.
+fn check(
+    single_too: bool,
+    items: usize,
+    format: Option<&str>,
+) -> Result<crate::service::SignatureFormat, ServiceError> {
     if single_too {
-        Err(ServiceError::invalid(
+        return Err(ServiceError::invalid(
             "give either 'batch' or the single-call fields, not both",
-        ))
-    } else {
-        Ok(())
+        ));
     }
+    crate::service::batch::check_size(items)?;
+    json::signature_format(format)
 }
 
 /// Results as JSON, and the failure count in the audit detail (codes only, never contents).

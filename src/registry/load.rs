@@ -310,33 +310,42 @@ fn sql(e: rusqlite::types::FromSqlError) -> RegistryError {
     RegistryError::Sqlite(e.into())
 }
 
+/// Typed reads of one row's columns, borrowed in place.
+struct Cols<'r, 's>(&'r rusqlite::Row<'s>);
+
+impl Cols<'_, '_> {
+    fn int(&self, c: usize) -> Result<i64, RegistryError> {
+        self.0.get_ref(c)?.as_i64().map_err(sql)
+    }
+
+    fn opt(&self, c: usize) -> Result<Option<i64>, RegistryError> {
+        self.0.get_ref(c)?.as_i64_or_null().map_err(sql)
+    }
+
+    fn str(&self, c: usize) -> Result<&str, RegistryError> {
+        self.0.get_ref(c)?.as_str().map_err(sql)
+    }
+
+    fn text(&self, c: usize) -> Result<Option<&str>, RegistryError> {
+        self.0.get_ref(c)?.as_str_or_null().map_err(sql)
+    }
+}
+
 fn key_from_sqlite(r: &rusqlite::Row<'_>, i: &mut Interner) -> Result<KeyRecord, RegistryError> {
-    let n = r.get_ref(0)?.as_str().map_err(sql)?;
-    let int = |c: usize| {
-        r.get_ref(c)
-            .map_err(RegistryError::from)?
-            .as_i64()
-            .map_err(sql)
-    };
-    let opt = |c: usize| {
-        r.get_ref(c)
-            .map_err(RegistryError::from)?
-            .as_i64_or_null()
-            .map_err(sql)
-    };
+    let r = Cols(r);
+    let n = r.str(0)?;
     Ok(KeyRecord {
         name: KeyName::parse(n).map_err(|_| corrupt(n, "name"))?,
-        key_type: KeyType::parse(r.get_ref(1)?.as_str().map_err(sql)?)
-            .ok_or_else(|| corrupt(n, "key_type"))?,
-        created_at: int(2)?,
-        created_by: i.identity(r.get_ref(3)?.as_str().map_err(sql)?),
+        key_type: KeyType::parse(r.str(1)?).ok_or_else(|| corrupt(n, "key_type"))?,
+        created_at: r.int(2)?,
+        created_by: i.identity(r.str(3)?),
         lifecycle: Lifecycle {
-            rotation_period: opt(4)?.map(from_i64),
-            verify_grace: from_i64(int(5)?),
-            max_operations: opt(6)?.map(from_i64),
-            exportable: int(7)? != 0,
+            rotation_period: r.opt(4)?.map(from_i64),
+            verify_grace: from_i64(r.int(5)?),
+            max_operations: r.opt(6)?.map(from_i64),
+            exportable: r.int(7)? != 0,
         },
-        derive_from: match r.get_ref(8)?.as_str_or_null().map_err(sql)? {
+        derive_from: match r.text(8)? {
             Some(m) => Some(i.master(n, m)?),
             None => None,
         },
@@ -349,25 +358,8 @@ fn version_from_sqlite(
     n: &str,
     i: &mut Interner,
 ) -> Result<VersionRecord, RegistryError> {
-    let int = |c: usize| {
-        r.get_ref(c)
-            .map_err(RegistryError::from)?
-            .as_i64()
-            .map_err(sql)
-    };
-    let opt = |c: usize| {
-        r.get_ref(c)
-            .map_err(RegistryError::from)?
-            .as_i64_or_null()
-            .map_err(sql)
-    };
-    let text = |c: usize| {
-        r.get_ref(c)
-            .map_err(RegistryError::from)?
-            .as_str_or_null()
-            .map_err(sql)
-    };
-    let derivation = match (text(12)?, opt(13)?) {
+    let r = Cols(r);
+    let derivation = match (r.text(12)?, r.opt(13)?) {
         (None, None) => None,
         (Some(k), Some(m)) => Some(Derivation {
             kdf: Kdf::parse(k).ok_or_else(|| corrupt(n, "kdf"))?,
@@ -375,23 +367,23 @@ fn version_from_sqlite(
         }),
         _ => return Err(corrupt(n, "kdf and master_version")),
     };
-    let object = text(9)?.ok_or_else(|| corrupt(n, "object_ref"))?;
+    let object = r.text(9)?.ok_or_else(|| corrupt(n, "object_ref"))?;
     Ok(VersionRecord {
-        version: u32::try_from(int(1)?).map_err(|_| corrupt(n, "version"))?,
-        state: VersionState::parse(text(2)?.unwrap_or_default())
+        version: u32::try_from(r.int(1)?).map_err(|_| corrupt(n, "version"))?,
+        state: VersionState::parse(r.text(2)?.unwrap_or_default())
             .ok_or_else(|| corrupt(n, "state"))?,
-        created_at: int(3)?,
-        state_changed_at: int(4)?,
-        changed_by: i.identity(text(5)?.unwrap_or_default()),
-        reason: text(6)?.map(str::to_owned),
-        grace_until: opt(7)?,
-        operations: Arc::new(Usage::new(from_i64(int(8)?))),
+        created_at: r.int(3)?,
+        state_changed_at: r.int(4)?,
+        changed_by: i.identity(r.text(5)?.unwrap_or_default()),
+        reason: r.text(6)?.map(str::to_owned),
+        grace_until: r.opt(7)?,
+        operations: Arc::new(Usage::new(from_i64(r.int(8)?))),
         object: ObjectRef(hex_decode(object).ok_or_else(|| corrupt(n, "object_ref"))?),
-        public_key_der: match text(10)? {
+        public_key_der: match r.text(10)? {
             Some(p) => Some(hex_decode(p).ok_or_else(|| corrupt(n, "public_key"))?),
             None => None,
         },
-        kcv: text(11)?.map(str::to_owned),
+        kcv: r.text(11)?.map(str::to_owned),
         derivation,
     })
 }

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::lifecycle::{LifecycleInput, NewKeyChecked};
+use super::lifecycle::LifecycleInput;
 use super::{unix_now, Caller, Service};
 use crate::error::ServiceError;
 use crate::registry::KeyRecord;
@@ -91,48 +91,26 @@ impl Service {
         now: i64,
         seen: &mut HashSet<String>,
     ) -> Result<KeyRecord, ServiceError> {
-        let NewKeyChecked {
-            name,
-            key_type,
-            lifecycle,
-            master,
-        } = self.check_new_key(
+        let new = self.check_new_key(
             caller,
             &item.name,
             &item.key_type,
             &item.settings,
             item.derive_from.as_deref(),
         )?;
+        let name = &new.name;
         if !seen.insert(name.as_str().to_owned()) {
             return Err(ServiceError::invalid(format!(
                 "key '{name}' appears more than once in this batch"
             )));
         }
-        if self.registry.get(&name).is_some() {
+        if self.registry.get(name).is_some() {
             return Err(ServiceError::AlreadyExists(format!(
                 "key '{name}' already exists"
             )));
         }
-        let first = match &master {
-            Some(m) => self.derive_version(&name, key_type, m, 1, now, &caller.identity)?,
-            None => self.generate_version(
-                &name,
-                key_type,
-                lifecycle.exportable,
-                1,
-                now,
-                &caller.identity,
-            )?,
-        };
-        Ok(KeyRecord {
-            name,
-            key_type,
-            lifecycle,
-            created_at: now,
-            created_by: caller.identity.as_str().into(),
-            derive_from: master.map(|m| m.name.clone()),
-            versions: vec![first],
-        })
+        let first = self.first_version(&new, now, &caller.identity)?;
+        Ok(new.into_record(first, now, &caller.identity))
     }
 
     /// Remove the device object of a first version that was never recorded (nothing to do for

@@ -37,6 +37,21 @@ pub(super) struct NewKeyChecked {
     pub master: Option<Arc<KeyRecord>>,
 }
 
+impl NewKeyChecked {
+    /// The new key's record, with `first` as its only version.
+    pub fn into_record(self, first: VersionRecord, now: i64, by: &str) -> KeyRecord {
+        KeyRecord {
+            name: self.name,
+            key_type: self.key_type,
+            lifecycle: self.lifecycle,
+            created_at: now,
+            created_by: by.into(),
+            derive_from: self.master.map(|m| m.name.clone()),
+            versions: vec![first],
+        }
+    }
+}
+
 /// What a prefix action did.
 pub struct PrefixOutcome {
     pub keys: Vec<String>,
@@ -221,16 +236,12 @@ impl Service {
         settings: &LifecycleInput,
         derive_from: Option<&str>,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
-        let NewKeyChecked {
-            name,
-            key_type,
-            lifecycle,
-            master,
-        } = self.check_new_key(caller, name, key_type, settings, derive_from)?;
+        let new = self.check_new_key(caller, name, key_type, settings, derive_from)?;
+        let (name, key_type, by) = (new.name.clone(), new.key_type, &caller.identity);
         let now = unix_now();
         match self
             .registry
-            .reserve(&name, key_type, &lifecycle, now, &caller.identity)
+            .reserve(&name, key_type, &new.lifecycle, now, by)
             .await
         {
             Err(RegistryError::Exists) => {
@@ -240,40 +251,44 @@ impl Service {
             }
             other => other?,
         }
-        let made = match &master {
-            Some(m) => self.derive_version(&name, key_type, m, 1, now, &caller.identity),
-            None => self.generate_version(
-                &name,
-                key_type,
-                lifecycle.exportable,
-                1,
-                now,
-                &caller.identity,
-            ),
-        };
-        let first = match made {
+        let first = match self.first_version(&new, now, by) {
             Ok(v) => v,
             Err(e) => {
                 self.registry.release(&name).await?;
                 return Err(e);
             }
         };
-        let rec = KeyRecord {
-            name: name.clone(),
-            key_type,
-            lifecycle,
-            created_at: now,
-            created_by: caller.identity.as_str().into(),
-            derive_from: master.as_ref().map(|m| m.name.clone()),
-            versions: vec![first.clone()],
-        };
-        match self.registry.insert_first_version(rec).await {
+        match self
+            .registry
+            .insert_first_version(new.into_record(first.clone(), now, by))
+            .await
+        {
             Ok(rec) => Ok(rec),
             Err(e) => {
                 self.discard(key_type, &first);
                 self.registry.release(&name).await?;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Version 1 of a checked new key: derived from its master, or generated in the device.
+    pub(super) fn first_version(
+        &self,
+        new: &NewKeyChecked,
+        now: i64,
+        by: &str,
+    ) -> Result<VersionRecord, ServiceError> {
+        match &new.master {
+            Some(m) => self.derive_version(&new.name, new.key_type, m, 1, now, by),
+            None => self.generate_version(
+                &new.name,
+                new.key_type,
+                new.lifecycle.exportable,
+                1,
+                now,
+                by,
+            ),
         }
     }
 
