@@ -356,7 +356,9 @@ pub async fn dispatch(
             let message = json::b64("message", &json::required("message", req.message)?)?;
             let signature = json::b64("signature", &json::required("signature", req.signature)?)?;
             let format = json::signature_format(req.signature_format.as_deref())?;
-            let v = svc.verify(caller, name, &message, &signature, req.key_version, format)?;
+            let v = svc
+                .verify(caller, name, message, signature, req.key_version, format)
+                .await?;
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "valid": v.valid, "key_version": v.version }),

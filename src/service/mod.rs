@@ -6,6 +6,7 @@ mod approvals;
 pub mod batch;
 mod batch_create;
 mod derived;
+mod device;
 mod envelope;
 pub mod lifecycle;
 pub mod status;
@@ -264,8 +265,16 @@ impl Service {
     ) -> Result<Signed, ServiceError> {
         let name = self.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
-        let v = v.as_ref();
-        let raw = self.backend.sign(key_ref(&key, v), message)?;
+        let (backend, k, version, message) = (
+            self.backend.clone(),
+            key.clone(),
+            v.version,
+            message.to_vec(),
+        );
+        let raw = device::run(key.key_type, move || {
+            backend.sign(key_ref(&k, &v), &message)
+        })
+        .await??;
         let signature = match (key.key_type, format) {
             (KeyType::EcdsaP256, SignatureFormat::Der) => encoding::ecdsa_raw_to_der(&raw)
                 .ok_or_else(|| ServiceError::Internal {
@@ -273,10 +282,7 @@ impl Service {
                 })?,
             _ => raw,
         };
-        Ok(Signed {
-            signature,
-            version: v.version,
-        })
+        Ok(Signed { signature, version })
     }
 
     /// The active version, with one use counted against its `max_operations`. A version at its
@@ -329,17 +335,21 @@ impl Service {
 
     /// Verify against the named version, or else against each version that may still verify,
     /// newest first, reporting the one that matched.
-    pub fn verify(
+    pub async fn verify(
         &self,
         caller: &Caller,
         name: &str,
-        message: &[u8],
-        signature: &[u8],
+        message: Vec<u8>,
+        signature: Vec<u8>,
         version: Option<u32>,
         format: SignatureFormat,
     ) -> Result<Verified, ServiceError> {
         let key = self.verifying_key(caller, name)?;
-        verify_with(&self.backend, &key, message, signature, version, format)
+        let backend = self.backend.clone();
+        device::run(key.key_type, move || {
+            verify_with(&backend, &key, &message, &signature, version, format)
+        })
+        .await?
     }
 
     /// The key a verify names, after the policy, existence and key-type checks.
