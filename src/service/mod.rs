@@ -1,6 +1,8 @@
 //! Operations, in the order every request is judged: a well-formed name (400), a grant for this
 //! caller (403, before existence so names are not probed), a known key (404), a key type that
 //! supports the operation (422), a version in a state that allows it, then the device.
+//! Single signs and verifies reach the device through `device` (short calls on dedicated
+//! threads); batches through `batch`'s blocking slots.
 
 mod approvals;
 pub mod batch;
