@@ -21,6 +21,9 @@ pub async fn sign(
     format: Option<&str>,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
+    // A batch may queue for a slot and then spends milliseconds in the device: the audit
+    // writer must not hold its group open for it.
+    note.admission = None;
     let format = check(single_too, items.len(), format)?;
     let decoded = items
         .iter()
@@ -48,6 +51,9 @@ pub async fn verify(
     format: Option<&str>,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
+    // A batch may queue for a slot and then spends milliseconds in the device: the audit
+    // writer must not hold its group open for it.
+    note.admission = None;
     let format = check(single_too, items.len(), format)?;
     let decoded = items
         .into_iter()

@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::json::{self, ApprovalView, KeyView};
 use super::routes::Route;
 use super::AppState;
+use crate::audit::Admission;
 use crate::error::ServiceError;
 use crate::service::{Caller, Executed, ImportRequest, LifecycleInput, LIST_PAGE};
 
@@ -25,6 +26,9 @@ pub struct Note {
     pub key: Option<String>,
     /// Reasons and summaries; never message contents.
     pub detail: String,
+    /// Tells the audit writer this request's entry follows shortly (see `audit`); a handler
+    /// that will wait long before its entry drops it.
+    pub admission: Option<Admission>,
 }
 
 pub(super) fn ok<T: Serialize>(

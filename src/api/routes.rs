@@ -280,9 +280,6 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let request_id = request_id();
-    // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
-    // taken once the body is in (a client slow to send it must not hold up the group).
-    let mut admission = None;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let routed = route(&parts.method, &path);
@@ -300,7 +297,10 @@ pub async fn handle(
             };
             match body {
                 Ok(body) => {
-                    admission = Some(state.service.audit().admit());
+                    // Tells the audit writer an entry is coming, so it can put it in the group
+                    // it is forming; taken once the body is in (a client slow to send it must
+                    // not hold up the group).
+                    note.admission = Some(state.service.audit().admit());
                     let query = parts.uri.query().unwrap_or("");
                     // A bug must cost one request a 500, not the connection its answer.
                     let call = handlers::dispatch(
@@ -341,7 +341,7 @@ pub async fn handle(
     let (result, receipt) = match state
         .service
         .audit()
-        .append_admitted(record, admission)
+        .append_admitted(record, note.admission.take())
         .await
     {
         Ok(seq) => (result, Some(seq)),

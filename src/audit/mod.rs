@@ -15,7 +15,9 @@
 //! CPU per request than the request's own token operation while groups held ~6 entries. So the
 //! writer waits, at most `LINGER`, for the requests the API has admitted but not yet queued (an
 //! [`Admission`] each) before it commits: under load a group takes in every request in flight,
-//! and a lone request waits for nothing. On SQLite the writer has its own connection (rusqlite,
+//! and a lone request waits for nothing. A batch gives its admission up: it may queue for a
+//! device slot and then take milliseconds, and a group held open for it waited for nothing
+//! (measured: BENCHMARKS.md). On SQLite the writer has its own connection (rusqlite,
 //! one prepared statement, `synchronous = FULL`), without sqlx's hop to its worker thread and
 //! back; other databases are written through sqlx on the runtime.
 
