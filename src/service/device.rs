@@ -1,14 +1,14 @@
 //! Short token calls run on a few dedicated threads, not on the async workers.
 //!
 //! Under load each HMAC or ECDSA call cost the daemon 1.5-2x the CPU of the same call in the raw
-//! benchmark: between two calls a worker ran TLS, HTTP and JSON code, so every `C_SignInit`
-//! started on cold caches. Device threads (one per CPU) take queued calls back to back while the
-//! workers stay on the network side; alternating binaries on one token, this cut daemon CPU per
-//! HMAC and ECDSA sign by 10-20 % and raised throughput as much (BENCHMARKS.md).
+//! benchmark. Our reading: between two calls a worker ran TLS, HTTP and JSON code, so every
+//! `C_SignInit` started on cold caches. Device threads (one per CPU) take queued calls back to
+//! back while the workers stay on the network side; alternating builds on one token, this cut
+//! daemon CPU per HMAC and ECDSA sign by 10-20 % and raised throughput as much (BENCHMARKS.md).
 //!
-//! Long calls (Ed25519: ~250 us in SoftHSM) gain nothing from warm caches, and the extra
-//! threads pre-empting each other inside the token cost them 15-20 %; they stay on the worker
-//! that asked, as every other token call does.
+//! Long calls (Ed25519: ~250 us in SoftHSM) measured 15-20 % slower on device threads: they
+//! gain nothing from warm caches, and four busy threads on two CPUs pre-empt each other inside
+//! the token's locks. They stay on the worker that asked, as every other token call does.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -118,6 +118,10 @@ mod tests {
             let failed = run(KeyType::HmacSha256, || -> u32 { panic!("device call") }).await;
             assert!(matches!(failed, Err(ServiceError::Internal { .. })));
         }
-        assert_eq!(run(KeyType::HmacSha256, || 7).await.unwrap(), 7);
+        // Bounded, so a dead pool fails the test instead of hanging it.
+        let after = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            run(KeyType::HmacSha256, || 7).await
+        });
+        assert_eq!(after.await.expect("a device thread answers").unwrap(), 7);
     }
 }
