@@ -9,6 +9,7 @@
 //! this log, is the durable record of what was done.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 /// Held from taking the buffer until it is written, so batches leave in the order they filled.
 static OUTPUT: Mutex<()> = Mutex::new(());
 static FLUSHER: Once = Once::new();
+/// False until the flusher runs: without it every line is written at once, as before batching.
+static FLUSHING: AtomicBool = AtomicBool::new(false);
 
 /// Write everything buffered now (at exit, and from the flusher).
 pub fn flush() {
@@ -40,12 +43,13 @@ impl BatchedStderr {
     /// The writer; starts the flusher thread the first time.
     pub fn start() -> Self {
         FLUSHER.call_once(|| {
-            let _ = std::thread::Builder::new()
+            let started = std::thread::Builder::new()
                 .name("log-flush".into())
                 .spawn(|| loop {
                     std::thread::sleep(FLUSH_EVERY);
                     flush();
                 });
+            FLUSHING.store(started.is_ok(), Ordering::Release);
         });
         Self
     }
@@ -76,7 +80,7 @@ impl Write for Line {
         let due = {
             let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
             pending.extend_from_slice(bytes);
-            self.urgent || pending.len() >= FLUSH_AT
+            self.urgent || pending.len() >= FLUSH_AT || !FLUSHING.load(Ordering::Acquire)
         };
         if due {
             flush();

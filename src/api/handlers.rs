@@ -334,7 +334,7 @@ pub async fn dispatch(
             }
             let message = json::b64("message", &json::required("message", req.message)?)?;
             let format = json::signature_format(req.signature_format.as_deref())?;
-            let s = svc.sign(caller, name, &message, format).await?;
+            let s = svc.sign(caller, name, message, format).await?;
             ok(
                 StatusCode::OK,
                 &serde_json::json!({ "signature": json::encode(&s.signature), "key_version": s.version }),

@@ -262,17 +262,12 @@ impl Service {
         &self,
         caller: &Caller,
         name: &str,
-        message: &[u8],
+        message: Vec<u8>,
         format: SignatureFormat,
     ) -> Result<Signed, ServiceError> {
         let name = self.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
-        let (backend, k, version, message) = (
-            self.backend.clone(),
-            key.clone(),
-            v.version,
-            message.to_vec(),
-        );
+        let (backend, k, version) = (self.backend.clone(), key.clone(), v.version);
         let raw = device::run(key.key_type, move || {
             backend.sign(key_ref(&k, &v), &message)
         })
