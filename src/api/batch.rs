@@ -4,7 +4,7 @@
 //! one entry whose detail counts the items and the failures.
 
 use hyper::StatusCode;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::handlers::{Note, Outcome};
 use super::json;
@@ -31,13 +31,15 @@ pub async fn sign(
         .collect();
     note.detail = format!("batch of {}", items.len());
     let (version, results) = svc.sign_batch(caller, name, decoded, format).await?;
-    let out = answer(
-        &results,
-        note,
-        |s| json!({ "signature": json::encode(&s.signature), "key_version": s.version }),
-    );
+    let batch = answer(&results, note, |s| SignedOut {
+        signature: json::encode(&s.signature),
+        key_version: s.version,
+    });
     respond(
-        json!({ "batch": out, "key_version": version }),
+        &BatchOut {
+            batch,
+            key_version: Some(version),
+        },
         Some(version),
     )
 }
@@ -67,12 +69,51 @@ pub async fn verify(
         .collect::<Vec<ItemResult<VerifyItem>>>();
     note.detail = format!("batch of {}", decoded.len());
     let results = svc.verify_batch(caller, name, decoded, format).await?;
-    let out = answer(
-        &results,
-        note,
-        |v| json!({ "valid": v.valid, "key_version": v.version }),
-    );
-    respond(json!({ "batch": out }), None)
+    let batch = answer(&results, note, |v| VerifiedOut {
+        valid: v.valid,
+        key_version: v.version,
+    });
+    respond(
+        &BatchOut {
+            batch,
+            key_version: None,
+        },
+        None,
+    )
+}
+
+/// The answer, serialized straight from these types: under load, building a `serde_json::Value`
+/// per item (a map, its keys, then freeing it all) was a visible share of a batch's CPU.
+#[derive(Serialize)]
+struct BatchOut<T> {
+    batch: Vec<ItemOut<T>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_version: Option<u32>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ItemOut<T> {
+    Ok(T),
+    Err { error: ItemError },
+}
+
+#[derive(Serialize)]
+struct ItemError {
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct SignedOut {
+    signature: String,
+    key_version: u32,
+}
+
+#[derive(Serialize)]
+struct VerifiedOut {
+    valid: bool,
+    key_version: u32,
 }
 
 /// What both forms refuse before any work: a body mixing the two forms, an empty or oversized
@@ -92,20 +133,32 @@ fn check(
 }
 
 /// Results as JSON, and the failure count in the audit detail (codes only, never contents).
-fn answer<T>(results: &[ItemResult<T>], note: &mut Note, ok: impl Fn(&T) -> Value) -> Vec<Value> {
+fn answer<T, O>(
+    results: &[ItemResult<T>],
+    note: &mut Note,
+    ok: impl Fn(&T) -> O,
+) -> Vec<ItemOut<O>> {
     let failed = results.iter().filter(|r| r.is_err()).count();
     note.detail = format!("batch of {}, {failed} failed", results.len());
     results
         .iter()
         .map(|r| match r {
-            Ok(v) => ok(v),
-            Err(e) => json!({ "error": { "code": e.code(), "message": e.to_string() } }),
+            Ok(v) => ItemOut::Ok(ok(v)),
+            Err(e) => ItemOut::Err {
+                error: ItemError {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+            },
         })
         .collect()
 }
 
-fn respond(body: Value, version: Option<u32>) -> Result<Outcome, ServiceError> {
-    let body = serde_json::to_vec(&body).map_err(|e| ServiceError::Internal {
+fn respond<T: Serialize>(
+    body: &BatchOut<T>,
+    version: Option<u32>,
+) -> Result<Outcome, ServiceError> {
+    let body = serde_json::to_vec(body).map_err(|e| ServiceError::Internal {
         detail: format!("serializing response: {e}"),
     })?;
     Ok(Outcome {
