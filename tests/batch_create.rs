@@ -78,6 +78,7 @@ async fn batch_create_reports_each_item_and_audits_each_key() {
     .await;
     assert_eq!(s, 200, "{sig}");
     let mut auditor = d.conn("auditor").await;
+    let mut item_ids = Vec::new();
     for (key, outcome) in [
         ("stores/1/pos/1/mac", "ok"),
         ("stores/1/existing", "already_exists"),
@@ -94,7 +95,22 @@ async fn batch_create_reports_each_item_and_audits_each_key() {
             !creates.is_empty(),
             "no {outcome} create entry for {key}: {a}"
         );
+        item_ids.push(creates[0]["request_id"].as_str().unwrap().to_owned());
     }
+    // Every item's entry leads back to the one batch request that made it.
+    let (_, all) = get(&mut auditor, "/v1/audit?limit=1000").await;
+    let batch_ids: Vec<&str> = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["operation"] == "batch_create")
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(batch_ids.len(), 1, "{all}");
+    assert!(
+        item_ids.iter().all(|id| id == batch_ids[0]),
+        "{item_ids:?} vs {batch_ids:?}"
+    );
 
     // A caller without grants gets a per-item refusal, not a created key.
     let (s, r) = post(

@@ -34,7 +34,7 @@ pub async fn create(
         })
         .collect();
     let total = items.len();
-    let done = svc.batch_create(caller, items).await?;
+    let done = svc.batch_create(caller, items, &note.request_id).await?;
     let mut created = 0usize;
     let results: Vec<Value> = done
         .iter()

@@ -29,6 +29,9 @@ pub struct Note {
     /// Tells the audit writer this request's entry follows shortly (see `audit`); a handler
     /// that will wait long before its entry drops it.
     pub admission: Option<Admission>,
+    /// The request's own id (set before the handler runs), for handlers that write audit
+    /// entries of their own, so those entries lead back to the request.
+    pub request_id: String,
 }
 
 pub(super) fn ok<T: Serialize>(

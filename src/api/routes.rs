@@ -285,7 +285,10 @@ pub async fn handle(
     let routed = route(&parts.method, &path);
     let operation = routed.as_ref().map_or("unknown", |(r, _)| r.label());
     let path_key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
-    let mut note = handlers::Note::default();
+    let mut note = handlers::Note {
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
 
     let result = match routed {
         Err(e) => Err(e),

@@ -32,6 +32,7 @@ impl Service {
         &self,
         caller: &Caller,
         items: Vec<NewKey>,
+        request_id: &str,
     ) -> Result<Vec<BatchItem>, ServiceError> {
         if items.is_empty() || items.len() > MAX_CREATE_BATCH {
             return Err(ServiceError::invalid(format!(
@@ -79,7 +80,7 @@ impl Service {
                 }),
             })
             .collect();
-        self.audit_batch(caller, &out).await?;
+        self.audit_batch(caller, &out, request_id).await?;
         Ok(out)
     }
 
@@ -121,10 +122,15 @@ impl Service {
         }
     }
 
-    /// One audit entry per item, as if each had been its own request. The keys are recorded
-    /// already; a failed append answers 503 like any unaudited request (retrying is safe: the
-    /// items then report `already_exists`).
-    async fn audit_batch(&self, caller: &Caller, items: &[BatchItem]) -> Result<(), ServiceError> {
+    /// One audit entry per item, as if each had been its own request, under the batch request's
+    /// id. The keys are recorded already; a failed append answers 503 like any unaudited request
+    /// (retrying is safe: the items then report `already_exists`).
+    async fn audit_batch(
+        &self,
+        caller: &Caller,
+        items: &[BatchItem],
+        request_id: &str,
+    ) -> Result<(), ServiceError> {
         let appends = items.iter().map(|item| {
             self.audit.append(crate::audit::Record {
                 identity: caller.identity.clone(),
@@ -135,7 +141,7 @@ impl Service {
                     Ok(_) => "ok",
                     Err(e) => e.code(),
                 },
-                request_id: "batch".into(),
+                request_id: request_id.to_owned(),
                 detail: match &item.result {
                     Ok(k) => match &k.derive_from {
                         Some(m) => format!("batch create, derived from {m}"),
