@@ -436,6 +436,8 @@ on_each_backend! {
             post(&mut svc, "/v1/keys/stores/4/mac:sign", sign).await.0,
             200
         );
+        // The create refused during the outage was never carried out.
+        assert_eq!(get(&mut officer, "/v1/keys/stores/4/other").await.0, 404);
         drop((svc, officer));
         assert!(d.stop().success());
         let (code, out) = audit_verify(&env);

@@ -290,9 +290,15 @@ pub async fn handle(
         ..Default::default()
     };
 
-    let result = match routed {
-        Err(e) => Err(e),
-        Ok((r, name)) => {
+    let result = match (routed, state.service.audit().failure()) {
+        (Err(e), _) => Err(e),
+        // Fail closed: while the audit store refuses writes, nothing is done, so no action can
+        // take effect without its entry. This request's own entry is still attempted below;
+        // once one is written again (or the scheduler's probe is), requests are served.
+        (Ok(_), Some(why)) => Err(ServiceError::Unavailable {
+            detail: format!("audit trail: {why}"),
+        }),
+        (Ok((r, name)), None) => {
             let body = if r.has_body() {
                 read_body(&parts.headers, body, state.max_body_bytes).await
             } else {
