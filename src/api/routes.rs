@@ -290,15 +290,18 @@ pub async fn handle(
         ..Default::default()
     };
 
-    let result = match (routed, state.service.audit().failure()) {
+    let result = match (routed, state.service.audit().failing()) {
         (Err(e), _) => Err(e),
         // Fail closed: while the audit store refuses writes, nothing is done, so no action can
         // take effect without its entry. This request's own entry is still attempted below;
         // once one is written again (or the scheduler's probe is), requests are served.
-        (Ok(_), Some(why)) => Err(ServiceError::Unavailable {
-            detail: format!("audit trail: {why}"),
+        (Ok(_), true) => Err(ServiceError::Unavailable {
+            detail: format!(
+                "audit trail: {}",
+                state.service.audit().failure().unwrap_or_default()
+            ),
         }),
-        (Ok((r, name)), None) => {
+        (Ok((r, name)), false) => {
             let body = if r.has_body() {
                 read_body(&parts.headers, body, state.max_body_bytes).await
             } else {

@@ -24,7 +24,7 @@
 mod chain;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -88,7 +88,7 @@ pub struct AuditLog {
     queue: SyncSender<Pending>,
     /// Requests admitted by the API whose entry is not queued yet.
     admitted: Arc<AtomicUsize>,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Failure>,
     /// Sequence number of the last durable entry.
     head: Arc<AtomicU64>,
 }
@@ -141,7 +141,7 @@ impl AuditLog {
             }
         };
         let (tx, rx) = sync_channel(QUEUE);
-        let failure = Arc::new(Mutex::new(None));
+        let failure = Arc::new(Failure::default());
         let head = Arc::new(AtomicU64::new(next_seq - 1));
         let admitted = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
@@ -201,11 +201,27 @@ impl AuditLog {
 
     /// `Some(reason)` while the last write failed.
     pub fn failure(&self) -> Option<String> {
+        if !self.failing() {
+            return None;
+        }
         self.failure
+            .why
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// Whether the last write failed: one atomic load, asked by every request.
+    pub fn failing(&self) -> bool {
+        self.failure.failing.load(Ordering::Acquire)
+    }
+}
+
+/// The outcome of the last write, set by the writer after each group.
+#[derive(Default)]
+struct Failure {
+    failing: AtomicBool,
+    why: Mutex<Option<String>>,
 }
 
 /// A request on its way to the audit trail (see the module note); ends when dropped.
@@ -248,7 +264,7 @@ struct Writer {
     key: AuditKey,
     next_seq: u64,
     prev: String,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Failure>,
     head: Arc<AtomicU64>,
     admitted: Arc<AtomicUsize>,
 }
@@ -344,7 +360,13 @@ impl Writer {
             self.head.store(self.next_seq - 1, Ordering::SeqCst);
             first
         });
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().cloned();
+        if result.is_err() || self.failure.failing.load(Ordering::Relaxed) {
+            *self.failure.why.lock().unwrap_or_else(|p| p.into_inner()) =
+                result.as_ref().err().cloned();
+            self.failure
+                .failing
+                .store(result.is_err(), Ordering::Release);
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, entries = batch.len(), "audit append failed; refusing the requests that needed it");
         }
