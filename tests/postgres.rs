@@ -1,0 +1,248 @@
+//! The registry and the audit trail on PostgreSQL (`registry.url`), not only on SQLite: the
+//! daemon runs against a throwaway PostgreSQL cluster started for the test (initdb + pg_ctl;
+//! `softhsm-ci/test` installs the server). The same requests as on SQLite must keep their keys,
+//! versions and audit entries across a restart, and the trail must verify.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::json;
+
+/// A PostgreSQL cluster in a temporary directory; stopped when dropped.
+struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn start() -> Self {
+        let bin = server_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // PostgreSQL refuses to run as root; under root (CI) it runs as the `postgres` user.
+        if is_root() {
+            run(Command::new("chown").args(["postgres"]).arg(dir.path()));
+        }
+        let data = dir.path().join("data");
+        let port = free_port();
+        run(as_server_user(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "tillkey", "--no-sync"]));
+        run(as_server_user(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+                dir.path().display()
+            ))
+            .arg("-l")
+            .arg(dir.path().join("server.log"))
+            .args(["-w", "-t", "60", "start"]));
+        run(as_server_user(&bin.join("createdb")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "tillkey",
+            "tillkey",
+        ]));
+        Self {
+            _dir: dir,
+            data,
+            bin,
+            port,
+        }
+    }
+
+    /// One value from a query, through psql.
+    fn query(&self, sql: &str) -> String {
+        let out = as_server_user(&self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "tillkey", "-d", "tillkey", "-At", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://tillkey@127.0.0.1:{}/tillkey", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_server_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// The newest installed server's programs (Debian: /usr/lib/postgresql/N/bin).
+fn server_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server installed (softhsm-ci/test installs it)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("an initdb under /usr/lib/postgresql")
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+fn as_server_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("start a PostgreSQL program");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Point the environment's config at `url` instead of its SQLite file.
+fn use_registry(env: &Env, url: &str) {
+    let path = env.path("tillkeyd.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    let sqlite = "sqlite = \"registry.db\"";
+    assert!(config.contains(sqlite), "dev-env config changed: {config}");
+    write(&path, config.replace(sqlite, &format!("url = \"{url}\"")));
+}
+
+#[tokio::test]
+async fn keys_versions_and_the_audit_trail_live_in_postgresql() {
+    let pg = Postgres::start();
+    let env = Env::on(Backend::Pkcs11);
+    use_registry(&env, &pg.url());
+
+    let d = env.start();
+    create(&d, "stores/7/mac", "hmac-sha256").await;
+    create(&d, "stores/7/ec", "ecdsa-p256").await;
+    let mut svc = d.conn("service").await;
+    let msg = b64(b"kept in postgres");
+    let (s, sig1) = post(
+        &mut svc,
+        "/v1/keys/stores/7/ec:sign",
+        json!({ "message": msg }),
+    )
+    .await;
+    assert_eq!(s, 200, "{sig1}");
+    let mut officer = d.conn("officer").await;
+    let (s, k) = post(
+        &mut officer,
+        "/v1/keys/stores/7/ec:rotate",
+        json!({"reason": "drill"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{k}");
+    // A batch goes through the same store.
+    let (s, b) = post(
+        &mut svc,
+        "/v1/keys/stores/7/mac:sign",
+        json!({"batch": [{"message": msg}, {"message": "not base64!"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["batch"][1]["error"]["code"], "invalid_argument", "{b}");
+    drop((svc, officer));
+    assert!(d.stop().success());
+
+    // Nothing was written to SQLite: the keys and the trail are in PostgreSQL.
+    assert!(!env.path("registry.db").exists());
+    assert_eq!(
+        pg.query("SELECT count(*) FROM keys WHERE name LIKE 'stores/7/%'"),
+        "2"
+    );
+    let entries: u64 = pg
+        .query("SELECT count(*) FROM audit")
+        .parse()
+        .expect("a count");
+    assert!(entries >= 5, "{entries} audit rows");
+
+    // After a restart: both keys, the rotation, and the old version still verifies.
+    let d = env.start();
+    let mut svc = d.conn("service").await;
+    let mut officer = d.conn("officer").await;
+    let (s, k) = get(&mut officer, "/v1/keys/stores/7/ec").await;
+    assert_eq!(s, 200, "{k}");
+    assert_eq!(k["versions"].as_array().map(Vec::len), Some(2), "{k}");
+    let (_, v) = post(
+        &mut svc,
+        "/v1/keys/stores/7/ec:verify",
+        json!({"message": msg, "signature": sig1["signature"]}),
+    )
+    .await;
+    assert_eq!(
+        (v["valid"].clone(), v["key_version"].clone()),
+        (json!(true), json!(1)),
+        "{v}"
+    );
+    let (s, sig2) = post(
+        &mut svc,
+        "/v1/keys/stores/7/ec:sign",
+        json!({ "message": msg }),
+    )
+    .await;
+    assert_eq!((s, sig2["key_version"].clone()), (200, json!(2)), "{sig2}");
+
+    // The trail: every request of both runs, readable by an auditor, in order.
+    let mut auditor = d.conn("auditor").await;
+    let (s, a) = get(&mut auditor, "/v1/audit?key=stores/7/ec").await;
+    assert_eq!(s, 200, "{a}");
+    let ops: Vec<&str> = a["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["operation"].as_str())
+        .collect();
+    for op in ["create", "sign", "rotate", "get", "verify"] {
+        assert!(ops.contains(&op), "no {op} entry: {ops:?}");
+    }
+    drop((svc, officer, auditor));
+    assert!(d.stop().success());
+
+    let out = Command::new(TILLKEY)
+        .args(["audit", "verify", "--config"])
+        .arg(env.path("tillkeyd.toml"))
+        .env("SOFTHSM2_CONF", env.softhsm_conf())
+        .output()
+        .expect("tillkey audit verify");
+    assert!(
+        out.status.success(),
+        "audit verify on PostgreSQL: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
