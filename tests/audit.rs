@@ -41,23 +41,6 @@ fn sqlite(env: &Env, sql: &str) {
     );
 }
 
-fn audit_verify(env: &Env) -> (Option<i32>, String) {
-    let out = Command::new(TILLKEY)
-        .args(["audit", "verify", "--config"])
-        .arg(env.path("tillkeyd.toml"))
-        .env("SOFTHSM2_CONF", env.softhsm_conf())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 on_each_backend! {
     async fn every_request_gets_an_entry_and_a_receipt_and_auditors_can_read_them(backend: Backend) {
         let env = Env::on(backend);
@@ -266,7 +249,7 @@ on_each_backend! {
             .await;
         }
         drop(svc);
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(0), "{out}");
         assert!(out.contains("audit trail intact: 21 entries"), "{out}");
         assert!(d.stop().success());
@@ -284,31 +267,31 @@ on_each_backend! {
             &env,
             "UPDATE audit SET identity = 'spiffe://tillkey.test/svc/innocent' WHERE seq = 5",
         );
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(1), "{out}");
         assert!(out.contains("entry 5 was altered"), "{out}");
 
         restore();
         sqlite(&env, "DELETE FROM audit WHERE seq = 7");
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(1), "{out}");
         assert!(out.contains("entry 7 was removed"), "{out}");
 
         restore();
         sqlite(&env, "UPDATE audit SET seq = -1 WHERE seq = 9; UPDATE audit SET seq = 9 WHERE seq = 10; UPDATE audit SET seq = 10 WHERE seq = -1;");
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(1), "{out}");
         assert!(out.contains("entry 9 was altered or moved"), "{out}");
 
         // A forged entry with a recomputed chain but no access to the token's key is caught too.
         restore();
         sqlite(&env, "UPDATE audit SET outcome = 'permission_denied', mac = '00' || substr(mac, 3) WHERE seq = 12");
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(1), "{out}");
         assert!(out.contains("entry 12"), "{out}");
 
         restore();
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(code, Some(0), "{out}");
         let export = Command::new(TILLKEY)
             .args(["audit", "export", "--config"])
@@ -352,7 +335,7 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
         t.await.unwrap();
     }
     assert!(d.stop().success());
-    let (code, out) = audit_verify(&env);
+    let (code, out) = env.audit_verify();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("audit trail intact: 321 entries"), "{out}");
 
@@ -383,7 +366,7 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
             "UPDATE audit SET identity = 'spiffe://tillkey.test/svc/innocent' WHERE seq = {seq}"
         ),
     );
-    let (code, out) = audit_verify(&env);
+    let (code, out) = env.audit_verify();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains(&format!("entry {seq} was altered")), "{out}");
 }
@@ -440,7 +423,7 @@ on_each_backend! {
         assert_eq!(get(&mut officer, "/v1/keys/stores/4/other").await.0, 404);
         drop((svc, officer));
         assert!(d.stop().success());
-        let (code, out) = audit_verify(&env);
+        let (code, out) = env.audit_verify();
         assert_eq!(
             code,
             Some(0),

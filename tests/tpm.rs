@@ -226,17 +226,8 @@ async fn keys_survive_a_tillkeyd_restart_and_a_swtpm_restart() {
     assert!(d.stop().success());
 
     // The audit trail, MACed under a TPM key before and after, still verifies.
-    let out = Command::new(TILLKEY)
-        .args(["audit", "verify", "--config"])
-        .arg(env.path("tillkeyd.toml"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = env.audit_verify();
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("audit trail intact"), "{text}");
 }
 
@@ -354,14 +345,6 @@ async fn provision_init_prepares_a_tpm_before_the_first_start() {
         .output()
         .expect("sqlite3");
     assert_eq!(String::from_utf8_lossy(&versions.stdout).trim(), "1");
-    let verified = Command::new(TILLKEY)
-        .args(["audit", "verify", "--config"])
-        .arg(env.path("tillkeyd.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    let (code, text) = env.audit_verify();
+    assert_eq!(code, Some(0), "{text}");
 }

@@ -149,6 +149,24 @@ impl Env {
             .to_owned()
     }
 
+    /// `tillkey audit verify` on this environment's store and token: exit code, stdout+stderr.
+    pub fn audit_verify(&self) -> (Option<i32>, String) {
+        let out = Command::new(TILLKEY)
+            .args(["audit", "verify", "--config"])
+            .arg(self.path("tillkeyd.toml"))
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .output()
+            .expect("run tillkey audit verify");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(TILLKEYD);
         cmd.arg("--config")
