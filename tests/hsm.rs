@@ -180,13 +180,32 @@ async fn recovers_by_itself_when_the_token_goes_away_and_comes_back() {
             .await
         }
     };
+    let sign_batch = || {
+        let client = client.clone();
+        async move {
+            let mut c = client.connect().await.unwrap();
+            let batch: Vec<_> = ["one", "before", "three"]
+                .iter()
+                .map(|m| json!({"message": b64(m.as_bytes())}))
+                .collect();
+            post(
+                &mut c,
+                "/v1/keys/stores/1/mac:sign",
+                json!({ "batch": batch }),
+            )
+            .await
+        }
+    };
     let (s, before) = sign(b"before").await;
     assert_eq!(s, 200, "{before}");
     assert_eq!(d.admin_get("/readyz").0, 200);
 
     proxy_cmd("stop");
-    // Requests fail fast with a clear 503, and readiness goes red.
+    // Requests fail fast with a clear 503, and readiness goes red. A batch fails whole, never
+    // as a 200 whose items hide the outage.
     let started = std::time::Instant::now();
+    let r = sign_batch().await;
+    assert_error(&r, 503, "unavailable");
     let r = sign(b"during").await;
     assert_error(&r, 503, "unavailable");
     assert!(
@@ -209,6 +228,12 @@ async fn recovers_by_itself_when_the_token_goes_away_and_comes_back() {
     assert_eq!(s, 200, "{after}");
     // Same key as before the outage.
     assert_eq!(after["signature"], before["signature"]);
+    let (s, batch) = sign_batch().await;
+    assert_eq!(s, 200, "{batch}");
+    assert_eq!(
+        batch["batch"][1]["signature"], before["signature"],
+        "{batch}"
+    );
     d.wait_for(
         "the reconnect in the log",
         std::time::Duration::from_secs(10),

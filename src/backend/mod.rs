@@ -126,6 +126,12 @@ pub trait KeyBackend: Send + Sync {
     /// HMAC tag, ECDSA signature (raw `r || s`, over SHA-256 of `message`) or Ed25519 signature.
     fn sign(&self, key: KeyRef<'_>, message: &[u8]) -> BackendResult<Vec<u8>>;
 
+    /// Sign several messages under one key, one result each, in order. A backend with per-call
+    /// setup (a pooled session, a key lookup) overrides this to pay it once per batch.
+    fn sign_many(&self, key: KeyRef<'_>, messages: &[Vec<u8>]) -> Vec<BackendResult<Vec<u8>>> {
+        messages.iter().map(|m| self.sign(key, m)).collect()
+    }
+
     /// `Ok(false)` for a well-formed request whose signature does not match.
     fn verify(&self, key: KeyRef<'_>, message: &[u8], signature: &[u8]) -> BackendResult<bool>;
 

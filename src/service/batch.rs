@@ -4,8 +4,8 @@
 //! single call is; then every item gets its own result. An item's own mistake (bad base64, a
 //! signature of the wrong length) is that item's error; a fault of the service or the device
 //! (token gone, internal error) fails the whole request, so an answer never mixes results with
-//! a hidden outage. The device calls run on the blocking pool: a long batch must not hold up
-//! the async workers that carry every other connection.
+//! a hidden outage. The device calls run off the async workers (see [`off_worker`]): a long
+//! batch must not hold up the workers that carry every other connection.
 
 use std::sync::OnceLock;
 
@@ -47,7 +47,7 @@ impl Service {
         &self,
         caller: &Caller,
         name: &str,
-        items: Vec<ItemResult<Vec<u8>>>,
+        mut items: Vec<ItemResult<Vec<u8>>>,
         format: SignatureFormat,
     ) -> Result<(u32, Vec<ItemResult<Signed>>), ServiceError> {
         check_size(items.len())?;
@@ -57,24 +57,32 @@ impl Service {
             .claim_active_uses(&name, "sign", |t| t.signs(), uses)
             .await?;
         let version = v.version;
+        let key_type = key.key_type;
         let backend = self.backend.clone();
         let run = move || {
+            let messages: Vec<Vec<u8>> = items
+                .iter_mut()
+                .filter_map(|i| i.as_mut().ok().map(std::mem::take))
+                .collect();
+            let mut signed = backend.sign_many(key_ref(&key, &v), &messages).into_iter();
             items
                 .into_iter()
                 .map(|item| {
-                    let message = match item {
-                        Ok(m) => m,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    match backend.sign(key_ref(&key, &v), &message) {
-                        Ok(raw) => signature_out(key.key_type, format, raw)
+                    if let Err(e) = item {
+                        return Ok(Err(e));
+                    }
+                    match signed.next() {
+                        Some(Ok(raw)) => signature_out(key.key_type, format, raw)
                             .map(|signature| Ok(Signed { signature, version })),
-                        Err(e) => item_error(e),
+                        Some(Err(e)) => item_error(e),
+                        None => Err(ServiceError::Internal {
+                            detail: "backend returned fewer signatures than messages".into(),
+                        }),
                     }
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        let results = blocking(run).await??;
+        let results = off_worker(key_type, run).await??;
         Ok((version, results))
     }
 
@@ -88,6 +96,7 @@ impl Service {
     ) -> Result<Vec<ItemResult<Verified>>, ServiceError> {
         check_size(items.len())?;
         let key = self.verifying_key(caller, name)?;
+        let key_type = key.key_type;
         let backend = self.backend.clone();
         let run = move || {
             items
@@ -112,7 +121,7 @@ impl Service {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        blocking(run).await?
+        off_worker(key_type, run).await?
     }
 }
 
@@ -150,18 +159,19 @@ fn item_error<T>(e: BackendError) -> Result<ItemResult<T>, ServiceError> {
     }
 }
 
-/// Batches run at most one per CPU at a time. More would only queue inside the backend for a
-/// session, and every hand-over of a session between waiting threads costs a wake-up per item.
-fn slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    })
-}
-
-async fn blocking<T: Send + 'static>(
+/// Run a batch's token calls off the async workers. Short calls (HMAC, ECDSA) go to the device
+/// threads, whose shared queue hands the next batch over the moment one ends; on the blocking
+/// pool each hand-over waited for an async worker to poll the finished batch and spawn the
+/// next, and the token sat idle about a fifth of the time under load (BENCHMARKS.md). Long
+/// calls (Ed25519) stay on the blocking pool, at most one batch per CPU, so a 256-item Ed25519
+/// batch (~60 ms) never queues in front of short single calls.
+async fn off_worker<T: Send + 'static>(
+    key_type: KeyType,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
+    if super::device::short_call(key_type) {
+        return super::device::run(key_type, f).await;
+    }
     let failed = |e: String| ServiceError::Internal {
         detail: format!("batch worker failed: {e}"),
     };
@@ -169,4 +179,13 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| failed(e.to_string()))
+}
+
+/// Long batches run at most one per CPU at a time. More would only queue inside the backend for
+/// a session, and every hand-over of a session between waiting threads costs a wake-up per item.
+fn slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    })
 }

@@ -1,10 +1,14 @@
-//! Short token calls run on a few dedicated threads, not on the async workers.
+//! Short token calls, single or batched, run on a few dedicated threads, not on the async
+//! workers.
 //!
 //! Under load each HMAC or ECDSA call cost the daemon 1.5-2x the CPU of the same call in the raw
 //! benchmark. Our reading: between two calls a worker ran TLS, HTTP and JSON code, so every
 //! `C_SignInit` started on cold caches. Device threads (one per CPU) take queued calls back to
 //! back while the workers stay on the network side; alternating builds on one token, this cut
 //! daemon CPU per HMAC and ECDSA sign by 10-20 % and raised throughput as much (BENCHMARKS.md).
+//!
+//! Batches of short calls queue here too, one job each, so a single call can wait behind a
+//! batch: at most 256 HMAC items, ~8 ms on SoftHSM.
 //!
 //! Long calls (Ed25519: ~250 us in SoftHSM) measured 15-20 % slower on device threads: they
 //! gain nothing from warm caches, and four busy threads on two CPUs pre-empt each other inside
@@ -47,7 +51,8 @@ pub async fn run<T: Send + 'static>(
     })
 }
 
-fn short_call(key_type: KeyType) -> bool {
+/// Whether calls with keys of `key_type` are short enough for the device threads.
+pub fn short_call(key_type: KeyType) -> bool {
     matches!(key_type, KeyType::HmacSha256 | KeyType::EcdsaP256)
 }
 

@@ -367,6 +367,28 @@ impl KeyBackend for Pkcs11Backend {
         })
     }
 
+    /// One session and one key lookup for the whole batch. If any call fails, the batch is
+    /// signed again one call at a time, so each failure is classified (and a fatal one handled)
+    /// exactly as a single `sign` would.
+    fn sign_many(&self, key: KeyRef<'_>, messages: &[Vec<u8>]) -> Vec<BackendResult<Vec<u8>>> {
+        let Some(mech) = sign_mechanism(key.key_type) else {
+            let e = self.unsupported("sign", key.key_type);
+            return messages.iter().map(|_| Err(e.clone())).collect();
+        };
+        let class = object_class(key.key_type, false);
+        let all = self.with_session("sign", key.object, |conn, s| {
+            let h = conn.handle(s, class, &key.object.0)?;
+            messages
+                .iter()
+                .map(|m| Ok(s.sign(&mech, h.get(), &to_be_signed(key.key_type, m))?))
+                .collect::<Result<Vec<_>, OpError>>()
+        });
+        match all {
+            Ok(signatures) => signatures.into_iter().map(Ok).collect(),
+            Err(_) => messages.iter().map(|m| self.sign(key, m)).collect(),
+        }
+    }
+
     fn verify(&self, key: KeyRef<'_>, message: &[u8], signature: &[u8]) -> BackendResult<bool> {
         let mech =
             sign_mechanism(key.key_type).ok_or_else(|| self.unsupported("verify", key.key_type))?;
