@@ -32,7 +32,9 @@ pub enum ServiceError {
     /// `allow` lists the methods the path does accept (sent as the `Allow` header).
     #[error("method not allowed; this path accepts {allow}")]
     MethodNotAllowed { allow: &'static str },
-    #[error("the key backend is unavailable; retry later")]
+    /// The key backend is down, or the audit trail refuses writes (nothing is done unaudited).
+    /// The message names both without saying which: the cause is for the operator's log.
+    #[error("the key backend or the audit trail is unavailable; retry later")]
     Unavailable { detail: String },
     #[error("internal error")]
     Internal { detail: String },

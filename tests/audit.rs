@@ -390,6 +390,10 @@ on_each_backend! {
         let r = post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone()).await;
         assert_error(&r, 503, "unavailable");
         assert!(r.1.get("signature").is_none());
+        // The client learns that the trail may be the cause, not the store's own error text.
+        let message = r.1["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("audit trail"), "{message}");
+        assert!(!message.contains("refuses writes"), "{message}");
         let mut officer = d.conn("officer").await;
         let r = post(
             &mut officer,

@@ -131,7 +131,8 @@ impl Env {
         let ok = Command::new(self.path("swtpm-start"))
             .status()
             .expect("swtpm-start");
-        assert!(ok.success(), "swtpm did not start again");
+        let log = std::fs::read_to_string(self.path("swtpm.log")).unwrap_or_default();
+        assert!(ok.success(), "swtpm did not start again; its log:\n{log}");
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
