@@ -9,9 +9,9 @@
 //! this log, is the durable record of what was done.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
@@ -90,5 +90,79 @@ impl Write for Line {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Lets one line a second through and counts the rest, for an error that repeats on every
+/// request while a dependency is down. Under load a token or audit outage would otherwise write
+/// thousands of identical, unbuffered error lines a second, and journald's rate limit would then
+/// drop the lines an operator needs (the failure's first report, the reconnect). Each request's
+/// own outcome is still in its request line.
+pub struct Throttle {
+    /// Milliseconds since [`epoch`] before which lines are held back.
+    next_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Throttle {
+    const EVERY_MS: u64 = 1_000;
+
+    pub const fn new() -> Self {
+        Self {
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: write this line, noting `n` held back since the last one. `None`: hold it.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(epoch().elapsed().as_millis() as u64)
+    }
+
+    fn admit_at(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + Self::EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn one_line_a_second_and_the_count_of_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.admit_at(5), Some(0));
+        assert_eq!(t.admit_at(6), None);
+        assert_eq!(t.admit_at(1_004), None);
+        assert_eq!(t.admit_at(1_005), Some(2));
+        assert_eq!(t.admit_at(1_500), None);
+        assert_eq!(t.admit_at(9_000), Some(1));
+        assert_eq!(t.admit_at(9_001), None);
     }
 }

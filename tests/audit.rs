@@ -387,6 +387,7 @@ on_each_backend! {
 
         // The store starts refusing writes (as a full disk or broken volume would).
         sqlite(&env, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit store refuses writes'); END;");
+        let outage = std::time::Instant::now();
         let r = post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone()).await;
         assert_error(&r, 503, "unavailable");
         assert!(r.1.get("signature").is_none());
@@ -411,6 +412,23 @@ on_each_backend! {
         d.wait_for("the audit failure in the log", Duration::from_secs(10), || {
             d.logs().iter().any(|l| l.contains("audit append failed"))
         });
+
+        // Each refused request has its own request line, but the outage's error line is
+        // written at most once a second, so a flood of refusals cannot flood the journal.
+        for _ in 0..40 {
+            let r = post(&mut svc, "/v1/keys/stores/4/mac:sign", sign.clone()).await;
+            assert_error(&r, 503, "unavailable");
+        }
+        let seconds = outage.elapsed().as_secs();
+        let count = |needle: &str| d.logs().iter().filter(|l| l.contains(needle)).count();
+        d.wait_for("a request line per refusal", Duration::from_secs(10), || {
+            count("\"status\":503") >= 42
+        });
+        let errors = count("request failed inside the service");
+        assert!(
+            (1..=seconds as usize + 2).contains(&errors),
+            "{errors} error lines in {seconds} s of outage"
+        );
 
         // The store accepts writes again: the scheduler's probe is written and readiness returns.
         sqlite(&env, "DROP TRIGGER refuse_audit;");

@@ -21,6 +21,7 @@ use super::handlers;
 use super::AppState;
 use crate::audit;
 use crate::error::ServiceError;
+use crate::logging::Throttle;
 use crate::metrics::{OperationLabel, RequestLabels};
 use crate::service::Caller;
 
@@ -373,12 +374,14 @@ pub async fn handle(
                 allow = Some(a);
             }
             if let Some(detail) = e.internal_detail() {
-                tracing::error!(request_id = %request_id, detail, "request failed inside the service");
-                let kind = if matches!(e, ServiceError::Unavailable { .. }) {
-                    "unavailable"
-                } else {
-                    "failed"
-                };
+                let unavailable = matches!(e, ServiceError::Unavailable { .. });
+                // An outage fails every request the same way: report it once a second.
+                if !unavailable {
+                    tracing::error!(request_id = %request_id, detail, "request failed inside the service");
+                } else if let Some(held_back) = UNAVAILABLE_LOG.admit() {
+                    tracing::error!(request_id = %request_id, detail, held_back, "request failed inside the service");
+                }
+                let kind = if unavailable { "unavailable" } else { "failed" };
                 state
                     .metrics
                     .backend_errors
@@ -426,6 +429,9 @@ pub async fn handle(
     }
     Ok(resp)
 }
+
+/// The error line for requests refused while the token or the audit trail is down.
+static UNAVAILABLE_LOG: Throttle = Throttle::new();
 
 /// Bodies up to this many times the limit are read and discarded before the 413 is sent, so
 /// a client still writing its body receives the error instead of a reset connection. Larger
