@@ -164,12 +164,13 @@ fn item_error<T>(e: BackendError) -> Result<ItemResult<T>, ServiceError> {
 /// pool each hand-over waited for an async worker to poll the finished batch and spawn the
 /// next, and the token sat idle about a fifth of the time under load (BENCHMARKS.md). Long
 /// calls (Ed25519) stay on the blocking pool, at most one batch per CPU, so a 256-item Ed25519
-/// batch (~60 ms) never queues in front of short single calls.
+/// batch (~60 ms) never queues in front of short single calls; so do all batches if no device
+/// thread could start.
 async fn off_worker<T: Send + 'static>(
     key_type: KeyType,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
-    if super::device::short_call(key_type) {
+    if super::device::takes(key_type) {
         return super::device::run(key_type, f).await;
     }
     let failed = |e: String| ServiceError::Internal {

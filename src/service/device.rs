@@ -51,8 +51,13 @@ pub async fn run<T: Send + 'static>(
     })
 }
 
-/// Whether calls with keys of `key_type` are short enough for the device threads.
-pub fn short_call(key_type: KeyType) -> bool {
+/// Whether [`run`] sends calls with keys of `key_type` to a device thread (they are short, and
+/// the threads are running) rather than running them where they are asked.
+pub fn takes(key_type: KeyType) -> bool {
+    short_call(key_type) && queue().is_some()
+}
+
+fn short_call(key_type: KeyType) -> bool {
     matches!(key_type, KeyType::HmacSha256 | KeyType::EcdsaP256)
 }
 
