@@ -171,7 +171,7 @@ async fn off_worker<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
     if super::device::takes(key_type) {
-        return super::device::run(key_type, f).await;
+        return super::device::run_batch(f).await;
     }
     let failed = |e: String| ServiceError::Internal {
         detail: format!("batch worker failed: {e}"),

@@ -96,14 +96,16 @@ pub fn measure_op(
     rate
 }
 
-/// A connection with one session per bench thread and a fresh token key of `key_type` under
-/// `id`, made for the measurement (remove it with [`remove_bench_objects`]).
+/// A connection with one session per bench thread and a fresh token key of `key_type`, made for
+/// the measurement (remove it with [`remove_bench_objects`]). Its id is `prefix` and this
+/// process's id, so two benches on one token never sign with or destroy each other's key.
 pub(super) fn bench_key(
     settings: &Pkcs11Settings,
     threads: usize,
     key_type: KeyType,
-    id: &[u8],
+    prefix: &[u8],
 ) -> Result<(Arc<Connection>, Vec<u8>), String> {
+    let id = [prefix, format!("-{}", std::process::id()).as_bytes()].concat();
     let sessions = Pkcs11Settings {
         module: settings.module.clone(),
         token_uri: settings.token_uri.clone(),
@@ -116,7 +118,7 @@ pub(super) fn bench_key(
     let session = conn
         .take_session(Duration::from_secs(1))
         .ok_or("no session")?;
-    let made = match &templates::for_type(key_type, id, "tillkey:rawbench", false) {
+    let made = match &templates::for_type(key_type, &id, "tillkey:rawbench", false) {
         Template::Secret { mechanism, attrs } => session.generate_key(mechanism, attrs).map(|_| ()),
         Template::Pair {
             mechanism,
@@ -128,7 +130,7 @@ pub(super) fn bench_key(
     };
     conn.give_session(session);
     made.map_err(|e| format!("generating the bench key: {e}"))?;
-    Ok((conn, id.to_vec()))
+    Ok((conn, id))
 }
 
 /// Destroy what [`bench_key`] made.
