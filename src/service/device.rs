@@ -10,7 +10,7 @@
 //! Batches of short calls queue here too, one job each, behind every waiting single call: a
 //! single call waits at most for the batches already running (256 HMAC items, ~8 ms on
 //! SoftHSM). With one first-come queue, 8 clients sending batches held 32 clients' single
-//! signs to 2.2k/s at a p99 of 22 ms (BENCHMARKS.md).
+//! signs to 2.6-2.8k/s at a p99 of 17-22 ms (BENCHMARKS.md).
 //!
 //! Long calls (Ed25519: ~250 us in SoftHSM) measured 15-20 % slower on device threads: they
 //! gain nothing from warm caches, and four busy threads on two CPUs pre-empt each other inside
