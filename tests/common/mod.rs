@@ -119,7 +119,13 @@ impl Env {
         let pid = pid.trim().to_owned();
         let _ = Command::new("kill").args(["-KILL", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
+        // An exited swtpm can stay a zombie until init reaps it (~1.6 s seen here); its sockets
+        // and state lock are released by then, so it counts as dead.
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.split(' ').nth(2) != Some("Z"))
+        };
+        while running() {
             assert!(Instant::now() < deadline, "swtpm {pid} did not die");
             std::thread::sleep(Duration::from_millis(20));
         }
