@@ -28,6 +28,11 @@ use crate::service::{ensure_service_key, Service};
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";
 
+/// Name of the async workers (and of the blocking pool's threads), so `tillkey bench` and
+/// `perf` can tell them from the device threads, the audit writer and a load generator's own
+/// tokio threads.
+pub const WORKER_THREAD: &str = "tillkeyd-worker";
+
 /// sysexits.h EX_USAGE / EX_CONFIG-style: the operator must fix the configuration.
 const EXIT_CONFIG: u8 = 64;
 /// The token, registry or a listener could not be brought up.
@@ -49,6 +54,7 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
+        .thread_name(WORKER_THREAD)
         .enable_all()
         .build()
     {

@@ -37,6 +37,9 @@ use crate::backend::{KeyRef, ObjectRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 
+/// Name of the writer's thread.
+pub const WRITER_THREAD: &str = "audit-writer";
+
 /// Most entries one transaction takes.
 const BATCH: usize = 512;
 /// Requests waiting for the writer before new ones are refused.
@@ -154,7 +157,7 @@ impl AuditLog {
             admitted: admitted.clone(),
         };
         std::thread::Builder::new()
-            .name("audit-writer".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || writer.run(rx, store))
             .map_err(|e| format!("starting the audit writer: {e}"))?;
         Ok(Self {

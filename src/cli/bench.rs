@@ -11,6 +11,7 @@
 mod floor;
 mod load;
 mod scale;
+mod threads;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,6 +79,9 @@ pub struct BenchArgs {
     /// tillkeyd's pid, for its CPU time per operation (default: DIR/tillkeyd.pid).
     #[arg(long)]
     daemon_pid: Option<u32>,
+    /// tillkeyd's API port, if it was started with another `--listen` than its config's.
+    #[arg(long)]
+    port: Option<u16>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -109,6 +113,8 @@ pub struct Row {
     p99_ms: f64,
     errors: u64,
     daemon_cpu_us_per_op: Option<f64>,
+    /// The same, by kind of daemon thread (see `bench/threads.rs`).
+    daemon_cpu_us_by_thread: Option<threads::ByThread>,
     /// The load generator's own CPU per operation (it shares the machine).
     client_cpu_us_per_op: Option<f64>,
 }
@@ -132,7 +138,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let config = Config::load(&dir.join("tillkeyd.toml"), &Overrides::default())
         .map_err(|e| e.to_string())?;
     let tpm = matches!(config.backend, BackendConfig::Tpm(_));
-    let url = format!("https://localhost:{}", config.listen.port());
+    let url = format!(
+        "https://localhost:{}",
+        args.port.unwrap_or(config.listen.port())
+    );
     let client = |who: &str| {
         Client::new(
             &url,
@@ -165,6 +174,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             .build()
             .map_err(|e| e.to_string())?,
     };
+    // Refused before anything runs, not after the phases before it have taken their time.
+    if let Some(other) = args.phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
+        return Err(format!(
+            "unknown phase '{other}'; phases: {}",
+            PHASES.join(", ")
+        ));
+    }
     if args.batch_size == 0 || args.batch_size > crate::service::batch::MAX_BATCH {
         return Err(format!(
             "--batch-size must be 1..={}",
@@ -207,12 +223,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "ecdsa-sign" => bench.sign(KeyType::EcdsaP256, target(0.75))?,
             "ed25519-sign" => bench.sign(KeyType::Ed25519, 0.85)?,
             "hmac-batch" => bench.hmac_batch(target(0.9))?,
-            other => {
-                return Err(format!(
-                    "unknown phase '{other}'; phases: {}",
-                    PHASES.join(", ")
-                ))
-            }
+            other => return Err(format!("phase '{other}' has no measurement")),
         };
         rows.push(row);
     }
@@ -501,6 +512,7 @@ fn row(
         p99_ms: load.p99_ms,
         errors: load.errors,
         daemon_cpu_us_per_op: load.server_cpu_us_per_op,
+        daemon_cpu_us_by_thread: load.server_threads_us_per_op,
         client_cpu_us_per_op: load.client_cpu_us_per_op,
     }
 }
@@ -568,6 +580,23 @@ fn print_table(rows: &[Row], args: &BenchArgs) {
             opt(r.raw_cpu_us_per_op, 1),
             opt(r.daemon_cpu_us_per_op, 1),
             opt(r.client_cpu_us_per_op, 1)
+        );
+    }
+    let split: Vec<_> = rows
+        .iter()
+        .filter_map(|r| Some((r, r.daemon_cpu_us_by_thread?)))
+        .collect();
+    if split.is_empty() {
+        return;
+    }
+    println!();
+    println!("Daemon CPU us/op by thread (the floor server's in tls-floor):");
+    println!("| phase | async workers | device threads | audit writer | other |");
+    println!("|---|---:|---:|---:|---:|");
+    for (r, t) in split {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.phase, t.workers, t.device, t.audit, t.other
         );
     }
 }

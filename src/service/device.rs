@@ -24,6 +24,9 @@ use tokio::sync::oneshot;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 
+/// Device threads are named this plus their index.
+pub const THREAD_PREFIX: &str = "device-";
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Single calls are taken before batches, so one waits at most for the batches already running.
@@ -119,7 +122,7 @@ fn queue() -> Option<&'static Queue> {
                 .filter(|i| {
                     let q = q.clone();
                     std::thread::Builder::new()
-                        .name(format!("device-{i}"))
+                        .name(format!("{THREAD_PREFIX}{i}"))
                         .spawn(move || serve(&q))
                         .map_err(|e| tracing::warn!(error = %e, "cannot start a device thread"))
                         .is_ok()

@@ -16,6 +16,7 @@ pub mod status;
 pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
 pub use derived::context as derivation_context;
+pub use device::THREAD_PREFIX as DEVICE_THREAD_PREFIX;
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;

@@ -40,6 +40,7 @@ pub fn serve(args: FloorArgs) -> Result<(), String> {
     let limit = config.max_body_bytes;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
+        .thread_name(crate::daemon::WORKER_THREAD)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;

@@ -13,6 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::threads::ByThread;
 use crate::backend::timing::cpu_seconds;
 use crate::client::Client;
 
@@ -27,6 +28,7 @@ pub struct Sample {
     ops: f64,
     seconds: f64,
     server_cpu_s: Option<f64>,
+    server_threads: Option<ByThread>,
     client_cpu_s: Option<f64>,
 }
 
@@ -38,6 +40,8 @@ pub struct Load {
     pub errors: u64,
     /// CPU of the measured server process per operation, when its pid is known.
     pub server_cpu_us_per_op: Option<f64>,
+    /// The same, by kind of thread.
+    pub server_threads_us_per_op: Option<ByThread>,
     /// CPU of this process (the load generator) per operation.
     pub client_cpu_us_per_op: Option<f64>,
 }
@@ -55,6 +59,11 @@ impl Load {
         };
         let server_cpu_us_per_op = cpu(|s| s.server_cpu_s);
         let client_cpu_us_per_op = cpu(|s| s.client_cpu_s);
+        let server_threads_us_per_op = samples
+            .iter()
+            .map(|s| s.server_threads)
+            .try_fold(ByThread::default(), |sum, t| Some(sum.plus(t?)))
+            .map(|t| t.per_op(ops));
         let errors = samples.iter().map(|s| s.errors).sum();
         let mut all: Vec<u32> = samples.into_iter().flat_map(|s| s.latencies_us).collect();
         all.sort_unstable();
@@ -68,6 +77,7 @@ impl Load {
             p99_ms: pct(0.99),
             errors,
             server_cpu_us_per_op,
+            server_threads_us_per_op,
             client_cpu_us_per_op,
         }
     }
@@ -170,11 +180,13 @@ pub fn drive(
         let cpu0 = (
             server_pid.and_then(|p| cpu_seconds(&p.to_string())),
             cpu_seconds("self"),
+            server_pid.and_then(ByThread::read),
         );
         tokio::time::sleep_until(end.into()).await;
         let cpu1 = (
             server_pid.and_then(|p| cpu_seconds(&p.to_string())),
             cpu_seconds("self"),
+            server_pid.and_then(ByThread::read),
         );
         let mut all = Vec::new();
         let mut errors = 0;
@@ -190,6 +202,7 @@ pub fn drive(
             errors,
             seconds: measured.as_secs_f64(),
             server_cpu_s: spent(cpu0.0, cpu1.0),
+            server_threads: cpu0.2.zip(cpu1.2).map(|(a, b)| b.since(a)),
             client_cpu_s: spent(cpu0.1, cpu1.1),
         })
     })

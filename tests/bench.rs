@@ -1,0 +1,137 @@
+//! `tillkey bench`, issue 7's measuring tool, run end to end against the real daemon on a real
+//! SoftHSM token. What it reports is checked for shape and consistency, never for speed.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn bench(env: &Env, daemon: &Daemon, args: &[&str]) -> Output {
+    Command::new(TILLKEY)
+        .arg("bench")
+        .arg("--dev-dir")
+        .arg(env.dir.path())
+        .args(["--port", &daemon.api.port().to_string()])
+        .args(["--daemon-pid", &daemon.pid().to_string()])
+        .args(args)
+        .env("SOFTHSM2_CONF", env.softhsm_conf())
+        .output()
+        .expect("run tillkey bench")
+}
+
+#[test]
+fn bench_measures_raw_token_and_daemon_side_by_side_and_writes_json() {
+    let env = Env::new();
+    let daemon = env.start();
+    let json = env.path("bench.json");
+    let out = bench(
+        &env,
+        &daemon,
+        &[
+            "--phases",
+            "tls-floor,null,hmac-sign,hmac-batch",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--clients",
+            "4",
+            "--batch-size",
+            "8",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for phase in ["tls-floor", "null", "hmac-sign", "hmac-batch"] {
+        let lines = stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {phase} |")))
+            .count();
+        assert_eq!(lines, 2, "{phase}: one row in each table\n{stdout}");
+    }
+
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    let row = |phase: &str| {
+        rows.iter()
+            .find(|r| r["phase"] == phase)
+            .unwrap_or_else(|| panic!("no {phase} row in {doc}"))
+    };
+    let num = |r: &Value, k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
+    for r in rows {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(num(r, "daemon_ops_per_s") > 0.0, "{r}");
+        assert!(num(r, "p99_ms") >= num(r, "p50_ms"), "{r}");
+    }
+    for phase in ["hmac-sign", "hmac-batch"] {
+        let r = row(phase);
+        let (raw, daemon) = (num(r, "raw_ops_per_s"), num(r, "daemon_ops_per_s"));
+        assert!(raw > 0.0, "{r}");
+        assert!((num(r, "ratio") - daemon / raw).abs() < 1e-9, "{r}");
+        // tls-floor ran in the same run, so every token phase has its ceiling.
+        let ceiling = num(r, "ceiling_ratio");
+        assert!(ceiling > 0.0 && ceiling < 1.0, "{r}");
+    }
+    assert_eq!(row("hmac-batch")["batch"], 8);
+    assert_eq!(row("null")["raw_ops_per_s"], Value::Null);
+
+    // The daemon's CPU is split by thread, and the split adds up to the process's figure (up
+    // to clock-tick rounding: the total and the threads are separate reads).
+    let split = &row("null")["daemon_cpu_us_by_thread"];
+    let part = |k: &str| {
+        split[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {split}"))
+    };
+    assert!(
+        part("workers") > 0.0,
+        "TLS and HTTP ran on the workers: {split}"
+    );
+    assert_eq!(part("device"), 0.0, "null makes no token call: {split}");
+    let sum = part("workers") + part("device") + part("audit") + part("other");
+    let total = num(row("null"), "daemon_cpu_us_per_op");
+    assert!(
+        (sum - total).abs() <= 0.05 * total,
+        "{split} against {total}"
+    );
+
+    // Every request the bench made went through the audit trail, which still verifies.
+    let stopped = daemon.stop();
+    assert!(stopped.success(), "{stopped:?}");
+    let (code, report) = env.audit_verify();
+    assert_eq!(code, Some(0), "{report}");
+}
+
+#[test]
+fn bench_refuses_an_unknown_phase_and_a_bad_batch_size() {
+    let env = Env::new();
+    let daemon = env.start();
+    for (args, says) in [
+        (
+            &["--phases", "null,warp-speed"][..],
+            "unknown phase 'warp-speed'",
+        ),
+        (
+            &["--phases", "hmac-batch", "--batch-size", "0"][..],
+            "--batch-size must be",
+        ),
+    ] {
+        let out = bench(&env, &daemon, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
