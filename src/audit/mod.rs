@@ -11,28 +11,29 @@
 //! fails with 503 and readiness says why; nothing is answered without its entry.
 //!
 //! The writer is a thread of its own. Each group commit costs the same fixed work whatever its
-//! size (a MAC in the token, BEGIN/COMMIT, a WAL append and an fsync), which under load was more
-//! CPU per request than the request's own token operation while groups held ~6 entries. So the
-//! writer waits, at most `LINGER`, for the requests the API has admitted but not yet queued (an
-//! [`Admission`] each) before it commits: under load a group takes in every request in flight,
-//! and a lone request waits for nothing. A batch gives its admission up: it may queue for a
-//! device slot and then take milliseconds, and a group held open for it waited for nothing
-//! (measured: BENCHMARKS.md). On SQLite the writer has its own connection (rusqlite,
+//! size (a MAC in the token, BEGIN/COMMIT, a WAL append and an fsync), so under load the writer
+//! holds a group open, briefly, for the requests already on their way to it (`group` says how
+//! long and why), and a lone request waits for nothing. A batch gives its admission up: it may
+//! queue for a device slot and then take milliseconds, and a group held open for it waited for
+//! nothing (measured: BENCHMARKS.md). On SQLite the writer has its own connection (rusqlite,
 //! one prepared statement, `synchronous = FULL`), without sqlx's hop to its worker thread and
 //! back; other databases are written through sqlx on the runtime.
 
 mod chain;
+mod group;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{AnyPool, Row};
 use tokio::sync::oneshot;
 
 pub use self::chain::{verify_chain, ChainFault, ChainReport, Entry};
+pub use self::group::Admission;
+use self::group::{Admitted, Linger};
 use crate::backend::{KeyRef, ObjectRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
@@ -44,10 +45,6 @@ pub const WRITER_THREAD: &str = "audit-writer";
 const BATCH: usize = 512;
 /// Requests waiting for the writer before new ones are refused.
 const QUEUE: usize = 8192;
-/// Longest a group commit waits for admitted requests to reach the queue.
-const LINGER: Duration = Duration::from_micros(500);
-/// How often it looks meanwhile.
-const NAP: Duration = Duration::from_micros(50);
 
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY,
@@ -89,8 +86,7 @@ struct Pending {
 
 pub struct AuditLog {
     queue: SyncSender<Pending>,
-    /// Requests admitted by the API whose entry is not queued yet.
-    admitted: Arc<AtomicUsize>,
+    admitted: Arc<Admitted>,
     failure: Arc<Failure>,
     /// Sequence number of the last durable entry.
     head: Arc<AtomicU64>,
@@ -146,7 +142,7 @@ impl AuditLog {
         let (tx, rx) = sync_channel(QUEUE);
         let failure = Arc::new(Failure::default());
         let head = Arc::new(AtomicU64::new(next_seq - 1));
-        let admitted = Arc::new(AtomicUsize::new(0));
+        let admitted = Arc::new(Admitted::default());
         let writer = Writer {
             backend,
             key,
@@ -156,10 +152,11 @@ impl AuditLog {
             head: head.clone(),
             admitted: admitted.clone(),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
             .spawn(move || writer.run(rx, store))
             .map_err(|e| format!("starting the audit writer: {e}"))?;
+        admitted.woken_by_last(thread.thread().clone());
         Ok(Self {
             queue: tx,
             admitted,
@@ -170,8 +167,7 @@ impl AuditLog {
 
     /// Announce a request whose entry will follow; pass it to [`AuditLog::append_admitted`].
     pub fn admit(&self) -> Admission {
-        self.admitted.fetch_add(1, Ordering::AcqRel);
-        Admission(self.admitted.clone())
+        Admission::new(&self.admitted)
     }
 
     /// Append and wait until the entry is durable; the answer is the receipt (sequence number).
@@ -227,15 +223,6 @@ struct Failure {
     why: Mutex<Option<String>>,
 }
 
-/// A request on its way to the audit trail (see the module note); ends when dropped.
-pub struct Admission(Arc<AtomicUsize>);
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Where entries go.
 enum Store {
     Sqlite(rusqlite::Connection),
@@ -269,46 +256,19 @@ struct Writer {
     prev: String,
     failure: Arc<Failure>,
     head: Arc<AtomicU64>,
-    admitted: Arc<AtomicUsize>,
+    admitted: Arc<Admitted>,
 }
 
 impl Writer {
     /// Until every sender is gone: gather a group, write it, answer it.
     fn run(mut self, rx: Receiver<Pending>, mut store: Store) {
         let mut batch = Vec::with_capacity(BATCH);
-        while self.gather(&rx, &mut batch) {
+        while group::gather(&rx, &self.admitted, &Linger::DEFAULT, &mut batch) {
             let stored = self
                 .entries(&batch)
                 .and_then(|(entries, last)| store.insert(&entries).map(|()| (entries, last)));
             self.finish(&mut batch, stored);
         }
-    }
-
-    /// Wait for one entry, then take what is queued and what admitted requests are about to
-    /// queue, for at most `LINGER`. False once the queue is closed and empty.
-    fn gather(&self, rx: &Receiver<Pending>, batch: &mut Vec<Pending>) -> bool {
-        match rx.recv() {
-            Ok(p) => batch.push(p),
-            Err(_) => return false,
-        }
-        let deadline = Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(p) => {
-                    batch.push(p);
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {}
-            }
-            if self.admitted.load(Ordering::Acquire) == 0 || Instant::now() >= deadline {
-                break;
-            }
-            // Nap rather than block on the queue: a blocked receiver costs every sender a
-            // wake-up (a futex call and a context switch per entry); a nap costs one per look.
-            std::thread::sleep(NAP);
-        }
-        true
     }
 
     /// The batch's entries chained on from the last durable one, the last sealed by one MAC in
