@@ -104,6 +104,7 @@ enum RawBackend {
         pin_credential: Option<String>,
         sessions: Option<usize>,
         derived_cache: Option<usize>,
+        calls_on_workers: Option<bool>,
     },
     #[serde(rename = "tpm")]
     Tpm {
@@ -267,6 +268,7 @@ impl Config {
                 pin_credential,
                 sessions,
                 derived_cache,
+                calls_on_workers,
             } => {
                 let module = file("backend.module", &module)?;
                 let selector =
@@ -298,6 +300,7 @@ impl Config {
                     pin,
                     sessions,
                     derived_cache,
+                    calls_on_workers,
                 })
             }
             RawBackend::Tpm {
@@ -497,6 +500,16 @@ mod tests {
         let text = include_str!("../provisioning/tillkeyd.example.toml");
         let raw: RawConfig = toml::from_str(text).expect("example config parses");
         assert_eq!(raw.server.listen, "127.0.0.1:8443");
+        // Its commented PKCS#11 option, uncommented, is one the schema knows.
+        let with = text.replacen("# calls_on_workers = false", "calls_on_workers = false", 1);
+        let raw: RawConfig = toml::from_str(&with).expect("uncommented option parses");
+        assert!(matches!(
+            raw.backend,
+            RawBackend::Pkcs11 {
+                calls_on_workers: Some(false),
+                ..
+            }
+        ));
         assert!(matches!(raw.backend, RawBackend::Pkcs11 { .. }));
     }
 

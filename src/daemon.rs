@@ -16,7 +16,7 @@ use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::tpm::TpmBackend;
-use crate::backend::SharedBackend;
+use crate::backend::{KeyBackend, SharedBackend};
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
 use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -116,6 +116,7 @@ async fn run(config: Config) -> Result<(), Startup> {
             tracing::info!(
                 token = opened.token_label().unwrap_or_default(),
                 sessions = opened.session_count(),
+                calls_off_workers = opened.waits_on_device(),
                 "pkcs11 token ready"
             );
             opened

@@ -1,6 +1,7 @@
 //! The key backend called directly on a real SoftHSM token, for what the daemon cannot show from
 //! outside: a batch's one-session fast path gives exactly what single calls give, and when it
-//! fails, every item still gets its own classified answer.
+//! fails, every item still gets its own classified answer; and SoftHSM's slot is read as the
+//! software token it is, so single calls stay on the async workers.
 
 mod common;
 
@@ -20,6 +21,10 @@ fn sign_many_agrees_with_single_signs_and_answers_each_item_when_it_fails() {
         panic!("the test environment is a PKCS#11 one");
     };
     let backend = Pkcs11Backend::open(settings).unwrap();
+    assert!(
+        !backend.waits_on_device(),
+        "SoftHSM's slot has no CKF_HW_SLOT: its calls are computed in this process"
+    );
     let messages = vec![b"first".to_vec(), Vec::new(), vec![7u8; 4096]];
 
     for key_type in [KeyType::HmacSha256, KeyType::EcdsaP256] {

@@ -111,6 +111,14 @@ pub trait KeyBackend: Send + Sync {
     /// Short name used in messages and metrics ("pkcs11", "tpm").
     fn kind(&self) -> &'static str;
 
+    /// Whether a call waits for a device outside this process (a TPM, a hardware slot) rather
+    /// than computing in it (a software token). The service keeps waiting calls off the async
+    /// workers, where they would stall every connection on that worker; a computing call costs
+    /// less where it is asked (BENCHMARKS.md, 2026-12-04). When unsure, a backend says true.
+    fn waits_on_device(&self) -> bool {
+        true
+    }
+
     fn supports(&self, key_type: KeyType) -> bool;
 
     /// Generate a new key inside the device. `label` is a human-readable name for standard tools

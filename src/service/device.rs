@@ -1,16 +1,21 @@
-//! Short token calls, single or batched, run on a few dedicated threads, not on the async
-//! workers.
+//! Short token calls run on a few dedicated threads, not on the async workers, when the
+//! device makes them wait; batches of short calls always do.
 //!
-//! Under load each HMAC or ECDSA call cost the daemon 1.5-2x the CPU of the same call in the raw
-//! benchmark. Our reading: between two calls a worker ran TLS, HTTP and JSON code, so every
-//! `C_SignInit` started on cold caches. Device threads (one per CPU) take queued calls back to
-//! back while the workers stay on the network side; alternating builds on one token, this cut
-//! daemon CPU per HMAC and ECDSA sign by 10-20 % and raised throughput as much (BENCHMARKS.md).
+//! A call that waits for a device outside this process (a TPM command, a hardware or network
+//! HSM) would stall every connection on the worker that makes it: with single TPM calls on the
+//! workers, p99 rose by about a third at the same throughput (BENCHMARKS.md, 2026-12-04). A
+//! software token (SoftHSM) only computes, and there a call costs less on the worker that
+//! asked: single HMAC and ECDSA signs on SoftHSM went faster there in 9 of 10 alternating pairs
+//! each, mostly with a lower p99 (2026-12-04, late). Until then every backend used these threads
+//! (measured 10-20 % cheaper on 2026-11-23, read as warm caches; not seen again since).
+//! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which.
 //!
-//! Batches of short calls queue here too, one job each, behind every waiting single call: a
-//! single call waits at most for the batches already running (256 HMAC items, ~8 ms on
-//! SoftHSM). With one first-come queue, 8 clients sending batches held 32 clients' single
-//! signs to 2.6-2.8k/s at a p99 of 17-22 ms (BENCHMARKS.md).
+//! Batches of short calls queue here on every backend, one job each: the queue hands the next
+//! batch over the moment one ends, where the blocking pool left the token idle a fifth of the
+//! time. They wait behind every waiting single call, so a single call waits at most for the
+//! batches already running (256 HMAC items, ~8 ms on SoftHSM); with one first-come queue, 8
+//! clients sending batches held 32 clients' single signs to 2.6-2.8k/s at a p99 of 17-22 ms
+//! (BENCHMARKS.md).
 //!
 //! Long calls (Ed25519: ~250 us in SoftHSM) measured 15-20 % slower on device threads: they
 //! gain nothing from warm caches, and four busy threads on two CPUs pre-empt each other inside
@@ -41,13 +46,14 @@ struct Queue {
     ready: Condvar,
 }
 
-/// Run `f`, the token call(s) of one request with a key of `key_type`: on a device thread if
-/// the call is short, else right here.
+/// Run `f`, the token call of one request with a key of `key_type`: on a device thread if the
+/// call is short and the backend `waits_on_device`, else right here.
 pub async fn run<T: Send + 'static>(
+    waits_on_device: bool,
     key_type: KeyType,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
-    match queue().filter(|_| short_call(key_type)) {
+    match queue().filter(|_| waits_on_device && short_call(key_type)) {
         Some(q) => submit(q, false, f).await,
         None => Ok(f()),
     }
@@ -161,12 +167,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn short_calls_go_to_device_threads_and_long_ones_stay() {
-        let short = run(KeyType::EcdsaP256, thread_name).await.unwrap();
+    async fn short_calls_that_wait_go_to_device_threads_and_the_rest_stay() {
+        let short = run(true, KeyType::EcdsaP256, thread_name).await.unwrap();
         assert!(short.starts_with("device-"), "ran on {short}");
         let here = thread_name();
-        let long = run(KeyType::Ed25519, thread_name).await.unwrap();
+        let computed = run(false, KeyType::EcdsaP256, thread_name).await.unwrap();
+        assert_eq!(computed, here);
+        let long = run(true, KeyType::Ed25519, thread_name).await.unwrap();
         assert_eq!(long, here);
+        let batch = run_batch(thread_name).await.unwrap();
+        assert!(batch.starts_with("device-"), "batch ran on {batch}");
     }
 
     #[tokio::test]
@@ -219,12 +229,15 @@ mod tests {
     async fn a_panicking_call_is_an_error_and_the_threads_live_on() {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get());
         for _ in 0..n {
-            let failed = run(KeyType::HmacSha256, || -> u32 { panic!("device call") }).await;
+            let failed = run(true, KeyType::HmacSha256, || -> u32 {
+                panic!("device call")
+            })
+            .await;
             assert!(matches!(failed, Err(ServiceError::Internal { .. })));
         }
         // Bounded, so a dead pool fails the test instead of hanging it.
         let after = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            run(KeyType::HmacSha256, || 7).await
+            run(true, KeyType::HmacSha256, || 7).await
         });
         assert_eq!(after.await.expect("a device thread answers").unwrap(), 7);
     }

@@ -1,8 +1,8 @@
 //! Operations, in the order every request is judged: a well-formed name (400), a grant for this
 //! caller (403, before existence so names are not probed), a known key (404), a key type that
 //! supports the operation (422), a version in a state that allows it, then the device.
-//! Single signs and verifies reach the device through `device` (short calls on dedicated
-//! threads); batches through `batch`'s blocking slots.
+//! Single signs and verifies reach the device through `device` (short calls to a device that
+//! makes them wait run on dedicated threads); batches through `batch`.
 
 mod approvals;
 pub mod batch;
@@ -269,7 +269,7 @@ impl Service {
         let name = self.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
         let (backend, k, version) = (self.backend.clone(), key.clone(), v.version);
-        let raw = device::run(key.key_type, move || {
+        let raw = device::run(self.backend.waits_on_device(), key.key_type, move || {
             backend.sign(key_ref(&k, &v), &message)
         })
         .await??;
@@ -344,7 +344,7 @@ impl Service {
     ) -> Result<Verified, ServiceError> {
         let key = self.verifying_key(caller, name)?;
         let backend = self.backend.clone();
-        device::run(key.key_type, move || {
+        device::run(self.backend.waits_on_device(), key.key_type, move || {
             verify_with(&backend, &key, &message, &signature, version, format)
         })
         .await?

@@ -36,6 +36,9 @@ impl From<Error> for OpError {
 
 pub(super) struct Connection {
     pub token_label: String,
+    /// The slot says it is hardware (`CKF_HW_SLOT`), not a software token; unknown counts as
+    /// hardware.
+    pub hardware: bool,
     ctx: Pkcs11,
     anchor: Mutex<Option<Session>>,
     pool: SessionPool,
@@ -69,6 +72,9 @@ impl Connection {
 
     fn attach(ctx: Pkcs11, settings: &Pkcs11Settings) -> Result<Self, String> {
         let (slot, token_label) = find_token(&ctx, settings)?;
+        let hardware = ctx
+            .get_slot_info(slot)
+            .map_or(true, |info| info.hardware_slot());
         let anchor = ctx
             .open_rw_session(slot)
             .map_err(|e| format!("opening the anchor session on token '{token_label}': {e}"))?;
@@ -90,6 +96,7 @@ impl Connection {
         }
         Ok(Self {
             token_label,
+            hardware,
             ctx,
             anchor: Mutex::new(Some(anchor)),
             pool: SessionPool::new(sessions),

@@ -56,6 +56,15 @@ pub struct Pkcs11Settings {
     pub sessions: usize,
     /// Most derived keys held in the token at once (see `derive`).
     pub derived_cache: usize,
+    /// Whether single short calls run on the async worker that asked (see
+    /// [`KeyBackend::waits_on_device`]); None: only if the slot is a software token.
+    pub calls_on_workers: Option<bool>,
+}
+
+/// Whether single calls wait on the device (and so stay off the async workers): as configured,
+/// else unless the slot says it is a software token, computed in this process.
+fn calls_wait(calls_on_workers: Option<bool>, hardware_slot: bool) -> bool {
+    !calls_on_workers.unwrap_or(!hardware_slot)
 }
 
 /// Default bound of the derived-key cache: the hot terminals of a large estate, a few MB of
@@ -69,6 +78,9 @@ pub struct Pkcs11Backend {
     /// the same moment. Every other call takes the shared side, which costs nothing while no
     /// key is being created; creations are rare next to signing.
     token_writes: RwLock<()>,
+    /// See [`KeyBackend::waits_on_device`]: from the configuration, else from the slot's kind
+    /// at start (a reconnect finds the same token).
+    waits_on_device: bool,
     live: RwLock<Option<Arc<Connection>>>,
     health: Mutex<Health>,
     wake: (Mutex<bool>, Condvar),
@@ -79,9 +91,11 @@ impl Pkcs11Backend {
     /// PIN or URI is seen at once) and start the supervisor.
     pub fn open(settings: Pkcs11Settings) -> Result<Arc<Self>, String> {
         let conn = Connection::open(&settings)?;
+        let waits_on_device = calls_wait(settings.calls_on_workers, conn.hardware);
         let backend = Arc::new(Self {
             settings,
             token_writes: RwLock::new(()),
+            waits_on_device,
             live: RwLock::new(Some(Arc::new(conn))),
             health: Mutex::new(Health::Ready),
             wake: (Mutex::new(false), Condvar::new()),
@@ -299,6 +313,10 @@ fn hex(bytes: &[u8]) -> String {
 impl KeyBackend for Pkcs11Backend {
     fn kind(&self) -> &'static str {
         "pkcs11"
+    }
+
+    fn waits_on_device(&self) -> bool {
+        self.waits_on_device
     }
 
     fn supports(&self, _key_type: KeyType) -> bool {
@@ -527,5 +545,20 @@ impl KeyBackend for Pkcs11Backend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::calls_wait;
+
+    #[test]
+    fn the_configuration_overrides_what_the_slot_says() {
+        // Unset: a software slot's calls are computed here, a hardware slot's wait.
+        assert!(!calls_wait(None, false));
+        assert!(calls_wait(None, true));
+        // A network HSM that does not flag its slot as hardware.
+        assert!(calls_wait(Some(false), false));
+        assert!(!calls_wait(Some(true), true));
     }
 }

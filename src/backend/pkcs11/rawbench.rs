@@ -113,6 +113,7 @@ pub(super) fn bench_key(
         pin: settings.pin.clone(),
         sessions: threads,
         derived_cache: DEFAULT_DERIVED_CACHE,
+        calls_on_workers: None,
     };
     let conn = Arc::new(Connection::open(&sessions)?);
     let session = conn

@@ -306,6 +306,11 @@ impl KeyBackend for TpmBackend {
         "tpm"
     }
 
+    /// Every command is a round trip to the TPM (another process for swtpm, a chip on a bus).
+    fn waits_on_device(&self) -> bool {
+        true
+    }
+
     fn supports(&self, key_type: KeyType) -> bool {
         holds(key_type)
     }
