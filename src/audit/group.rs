@@ -124,6 +124,25 @@ mod tests {
     /// Long enough that a test passing well inside it was not saved by the clock.
     const NEVER: Duration = Duration::from_secs(60);
 
+    /// Waits for admitted requests as long as they take.
+    const PATIENT: Linger = Linger {
+        short: NEVER,
+        long: NEVER,
+        small: 16,
+    };
+
+    /// One group, and how long forming it took.
+    fn timed_gather<T>(
+        rx: &Receiver<T>,
+        admitted: &Admitted,
+        linger: &Linger,
+    ) -> (Vec<T>, Duration) {
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        assert!(gather(rx, admitted, linger, &mut batch));
+        (batch, started.elapsed())
+    }
+
     fn admitted_here() -> Arc<Admitted> {
         let a = Arc::new(Admitted::default());
         a.woken_by_last(std::thread::current());
@@ -135,16 +154,9 @@ mod tests {
         let (tx, rx) = sync_channel(8);
         let admitted = admitted_here();
         tx.send(1).unwrap();
-        let linger = Linger {
-            short: NEVER,
-            long: NEVER,
-            small: 16,
-        };
-        let started = Instant::now();
-        let mut batch = Vec::new();
-        assert!(gather(&rx, &admitted, &linger, &mut batch));
+        let (batch, took) = timed_gather(&rx, &admitted, &PATIENT);
         assert_eq!(batch, [1]);
-        assert!(started.elapsed() < NEVER / 2);
+        assert!(took < NEVER / 2);
     }
 
     #[test]
@@ -163,20 +175,10 @@ mod tests {
                 }
             })
         };
-        let linger = Linger {
-            short: NEVER,
-            long: NEVER,
-            small: 16,
-        };
-        let started = Instant::now();
-        let mut batch = Vec::new();
-        assert!(gather(&rx, &admitted, &linger, &mut batch));
+        let (batch, took) = timed_gather(&rx, &admitted, &PATIENT);
         sender.join().unwrap();
         assert_eq!(batch, [0, 1, 2]);
-        assert!(
-            started.elapsed() < NEVER / 2,
-            "woken by the clock, not the last request"
-        );
+        assert!(took < NEVER / 2, "woken by the clock, not the last request");
     }
 
     #[test]
@@ -195,10 +197,7 @@ mod tests {
         ] {
             let (tx, rx) = sync_channel(8);
             (0..queued).for_each(|i| tx.send(i).unwrap());
-            let started = Instant::now();
-            let mut batch = Vec::new();
-            assert!(gather(&rx, &admitted, &linger, &mut batch));
-            let waited = started.elapsed();
+            let (batch, waited) = timed_gather(&rx, &admitted, &linger);
             assert_eq!(batch.len(), queued);
             assert!(waited >= at_least && waited < under, "{queued}: {waited:?}");
         }
