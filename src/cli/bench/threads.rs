@@ -16,9 +16,10 @@ use crate::service::DEVICE_THREAD_PREFIX as THREAD_PREFIX;
 /// CPU seconds (or, after [`ByThread::per_op`], microseconds per operation) of one process.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ByThread {
-    /// The async workers and the blocking pool (network side, and long token calls).
+    /// The async workers and the blocking pool: the network side, and the token calls that
+    /// run where they are asked (all single calls on a software token, Ed25519 everywhere).
     pub workers: f64,
-    /// The device threads (short token calls and their batches).
+    /// The device threads: batches, and single short calls to a device that makes them wait.
     pub device: f64,
     /// The audit writer.
     pub audit: f64,
