@@ -9,8 +9,8 @@
 //! each, mostly with a lower p99 (2026-12-04, late). Until then every backend used these threads
 //! (measured 10-20 % cheaper on 2026-11-23, read as warm caches; not seen again since). The
 //! price: such a call also waits on the worker for what the token makes it wait for, a free
-//! session or a key being created (the token's writes run alone: ~10 ms on SoftHSM), and the
-//! worker's other connections wait with it. Key creation is an officer's act, rare next to
+//! session or a key being created (the token's writes run alone; a whole create request took
+//! ~13 ms on SoftHSM here), and the worker's other connections wait with it. Key creation is an officer's act, rare next to
 //! signing; `backend.calls_on_workers = false` moves the calls back.
 //! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which.
 //!
