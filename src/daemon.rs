@@ -23,7 +23,7 @@ use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
 use crate::service::status::STATUS_KEY;
-use crate::service::{ensure_service_key, Service};
+use crate::service::{ensure_service_key, start_device_threads, Service};
 
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";
@@ -113,10 +113,12 @@ async fn run(config: Config) -> Result<(), Startup> {
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
+            let waits = opened.waits_on_device();
             tracing::info!(
                 token = opened.token_label().unwrap_or_default(),
                 sessions = opened.session_count(),
-                calls_off_workers = opened.waits_on_device(),
+                calls_off_workers = waits,
+                device_threads = start_device_threads(waits, opened.session_count()),
                 "pkcs11 token ready"
             );
             opened
@@ -129,6 +131,7 @@ async fn run(config: Config) -> Result<(), Startup> {
             tracing::info!(
                 tcti = opened.tcti(),
                 contexts = opened.context_count(),
+                device_threads = start_device_threads(true, opened.context_count()),
                 "tpm ready"
             );
             tpm = Some(opened.clone());

@@ -117,30 +117,56 @@ fn short_call(key_type: KeyType) -> bool {
     matches!(key_type, KeyType::HmacSha256 | KeyType::EcdsaP256)
 }
 
-/// The shared queue; its threads start with the first short call. `None` if no thread could
-/// start: calls then run where they are asked, as before.
+/// The queue and how many threads serve it; `None` if no thread could start.
+static POOL: OnceLock<Option<(Arc<Queue>, usize)>> = OnceLock::new();
+
+/// Start the device threads, `threads` of them (at least one), unless they are running already;
+/// the count they run with is the answer. The daemon calls this at start with what its backend
+/// can use: a device that makes calls wait wants one thread for every call it can have in
+/// flight (its sessions), not one per CPU (see [`threads_for`]).
+pub fn start(threads: usize) -> usize {
+    POOL.get_or_init(|| spawn(threads.max(1)))
+        .as_ref()
+        .map_or(0, |(_, n)| *n)
+}
+
+/// How many device threads a backend wants: one per CPU for calls that compute (batches on a
+/// software token), one per call the device can have in flight when calls wait on it: with one
+/// per CPU, a network HSM answering in 1 ms would be held to ~2,000 calls a second on two CPUs
+/// however many sessions it has.
+pub fn threads_for(waits_on_device: bool, parallel_calls: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if waits_on_device {
+        parallel_calls.max(1)
+    } else {
+        cpus
+    }
+}
+
+/// The shared queue; without [`start`], its threads (one per CPU) start with the first call.
+/// `None` if no thread could start: calls then run where they are asked, as before.
 fn queue() -> Option<&'static Queue> {
-    static QUEUE: OnceLock<Option<Arc<Queue>>> = OnceLock::new();
-    QUEUE
-        .get_or_init(|| {
-            let q = Arc::new(Queue {
-                jobs: Mutex::new(Jobs::default()),
-                ready: Condvar::new(),
-            });
-            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let started = (0..n)
-                .filter(|i| {
-                    let q = q.clone();
-                    std::thread::Builder::new()
-                        .name(format!("{THREAD_PREFIX}{i}"))
-                        .spawn(move || serve(&q))
-                        .map_err(|e| tracing::warn!(error = %e, "cannot start a device thread"))
-                        .is_ok()
-                })
-                .count();
-            (started > 0).then_some(q)
+    POOL.get_or_init(|| spawn(threads_for(false, 0)))
+        .as_ref()
+        .map(|(q, _)| &**q)
+}
+
+fn spawn(n: usize) -> Option<(Arc<Queue>, usize)> {
+    let q = Arc::new(Queue {
+        jobs: Mutex::new(Jobs::default()),
+        ready: Condvar::new(),
+    });
+    let started = (0..n)
+        .filter(|i| {
+            let q = q.clone();
+            std::thread::Builder::new()
+                .name(format!("{THREAD_PREFIX}{i}"))
+                .spawn(move || serve(&q))
+                .map_err(|e| tracing::warn!(error = %e, "cannot start a device thread"))
+                .is_ok()
         })
-        .as_deref()
+        .count();
+    (started > 0).then_some((q, started))
 }
 
 fn serve(q: &Queue) {
@@ -168,6 +194,14 @@ mod tests {
 
     fn thread_name() -> String {
         std::thread::current().name().unwrap_or("").to_owned()
+    }
+
+    #[test]
+    fn a_device_that_makes_calls_wait_gets_a_thread_per_call_in_flight() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(threads_for(true, 6), 6);
+        assert_eq!(threads_for(true, 0), 1);
+        assert_eq!(threads_for(false, 6), cpus);
     }
 
     #[tokio::test]

@@ -17,6 +17,12 @@ pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
 pub use derived::context as derivation_context;
 pub use device::THREAD_PREFIX as DEVICE_THREAD_PREFIX;
+
+/// Start the threads that short token calls and batches run on, as many as a backend that can
+/// have `parallel_calls` calls in flight can use (see `device`); the answer is how many run.
+pub fn start_device_threads(waits_on_device: bool, parallel_calls: usize) -> usize {
+    device::start(device::threads_for(waits_on_device, parallel_calls))
+}
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
