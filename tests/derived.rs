@@ -274,12 +274,7 @@ async fn derived_keys_add_no_token_objects_and_refuse_what_they_must() {
 #[tokio::test]
 async fn the_derived_key_cache_stays_within_its_bound() {
     let env = Env::new();
-    let conf = env.path("tillkeyd.toml");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    write(
-        &conf,
-        text.replace("[backend]\n", "[backend]\nderived_cache = 4\n"),
-    );
+    env.configure("backend", "derived_cache = 4");
     let d = env.start();
     create(&d, MASTER, "aes256-derive").await;
     let mut sigs = Vec::new();

@@ -46,15 +46,7 @@ async fn signs(d: &Daemon) {
 #[tokio::test]
 async fn a_token_whose_calls_wait_gets_a_device_thread_per_session() {
     let env = Env::new();
-    let conf = env.path("tillkeyd.toml");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    write(
-        &conf,
-        text.replace(
-            "[backend]\n",
-            "[backend]\ncalls_on_workers = false\nsessions = 5\n",
-        ),
-    );
+    env.configure("backend", "calls_on_workers = false\nsessions = 5");
     let d = env.start();
     let ready = token_ready(&d);
     assert_eq!(ready["calls_off_workers"], true, "{ready}");

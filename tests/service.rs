@@ -138,11 +138,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
 #[tokio::test]
 async fn a_client_that_never_finishes_does_not_hold_shutdown_past_the_drain_timeout() {
     let env = Env::new();
-    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
-    write(
-        &env.path("tillkeyd.toml"),
-        config.replace("[server]\n", "[server]\ndrain_timeout = \"1s\"\n"),
-    );
+    env.configure("server", "drain_timeout = \"1s\"");
     let d = env.start();
     let mut tls = d.client("service").connect_tls().await.unwrap();
     tls.write_all(b"POST /v1/keys/stores/1/mac:sign HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n{").await.unwrap();

@@ -145,6 +145,18 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// Put `lines` at the top of the dev config's `[section]`.
+    pub fn configure(&self, section: &str, lines: &str) {
+        let path = self.path("tillkeyd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let header = format!("[{section}]\n");
+        assert!(text.contains(&header), "no {header} in the dev config");
+        write(
+            &path,
+            text.replacen(&header, &format!("{header}{lines}\n"), 1),
+        );
+    }
+
     pub fn softhsm_conf(&self) -> PathBuf {
         self.path("softhsm2.conf")
     }
