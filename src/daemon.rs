@@ -113,12 +113,14 @@ async fn run(config: Config) -> Result<(), Startup> {
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
+            // Started outside the log line: a disabled level would not evaluate its fields.
             let waits = opened.waits_on_device();
+            let threads = start_device_threads(waits, opened.session_count());
             tracing::info!(
                 token = opened.token_label().unwrap_or_default(),
                 sessions = opened.session_count(),
                 calls_off_workers = waits,
-                device_threads = start_device_threads(waits, opened.session_count()),
+                device_threads = threads,
                 "pkcs11 token ready"
             );
             opened
@@ -128,10 +130,11 @@ async fn run(config: Config) -> Result<(), Startup> {
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
+            let threads = start_device_threads(true, opened.context_count());
             tracing::info!(
                 tcti = opened.tcti(),
                 contexts = opened.context_count(),
-                device_threads = start_device_threads(true, opened.context_count()),
+                device_threads = threads,
                 "tpm ready"
             );
             tpm = Some(opened.clone());
