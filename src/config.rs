@@ -500,6 +500,7 @@ mod tests {
         let text = include_str!("../provisioning/tillkeyd.example.toml");
         let raw: RawConfig = toml::from_str(text).expect("example config parses");
         assert_eq!(raw.server.listen, "127.0.0.1:8443");
+        assert!(matches!(raw.backend, RawBackend::Pkcs11 { .. }));
         // Its commented PKCS#11 option, uncommented, is one the schema knows.
         let with = text.replacen("# calls_on_workers = false", "calls_on_workers = false", 1);
         let raw: RawConfig = toml::from_str(&with).expect("uncommented option parses");
@@ -510,7 +511,6 @@ mod tests {
                 ..
             }
         ));
-        assert!(matches!(raw.backend, RawBackend::Pkcs11 { .. }));
     }
 
     #[test]
