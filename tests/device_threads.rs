@@ -1,8 +1,10 @@
-//! Where the daemon runs token calls. SoftHSM's slot is a software token: its single calls run
-//! on the async workers, and one device thread per CPU serves batches. A token whose calls wait
-//! on the device (here SoftHSM declared so with `backend.calls_on_workers = false`, as for a
-//! network HSM that does not flag its slot as hardware) gets one device thread per session, so
-//! a slow device is not held to as many calls in flight as the machine has CPUs.
+//! How many device threads the daemon starts. SoftHSM's slot is a software token: its single
+//! calls run on the async workers, and one device thread per CPU serves batches. A token whose
+//! calls wait on the device (here SoftHSM declared so with `backend.calls_on_workers = false`,
+//! as for a network HSM that does not flag its slot as hardware) gets one device thread per
+//! session, so a slow device is not held to as many calls in flight as the machine has CPUs.
+//! Either way every signing type still signs. (Which thread a call runs on is checked in
+//! `device`'s unit tests.)
 
 mod common;
 
@@ -29,7 +31,7 @@ fn token_ready(d: &Daemon) -> Value {
 }
 
 async fn signs(d: &Daemon) {
-    for t in ["hmac-sha256", "ecdsa-p256"] {
+    for t in ["hmac-sha256", "ecdsa-p256", "ed25519"] {
         let name = format!("stores/1/pos/1/{t}");
         create(d, &name, t).await;
         let mut svc = d.conn("service").await;

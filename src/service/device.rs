@@ -1,29 +1,29 @@
-//! Short token calls run on a few dedicated threads, not on the async workers, when the
-//! device makes them wait; batches of short calls always do.
+//! Token calls to a device that makes them wait run on a few dedicated threads, not on the
+//! async workers; so do batches of short calls on every backend.
 //!
 //! A call that waits for a device outside this process (a TPM command, a hardware or network
 //! HSM) would stall every connection on the worker that makes it: with single TPM calls on the
-//! workers, p99 rose by about a third at the same throughput (BENCHMARKS.md, 2026-12-04). A
-//! software token (SoftHSM) only computes, and there a call costs less on the worker that
-//! asked: single HMAC and ECDSA signs on SoftHSM went faster there in 9 of 10 alternating pairs
-//! each, mostly with a lower p99 (2026-12-04, late). Until then every backend used these threads
-//! (measured 10-20 % cheaper on 2026-11-23, read as warm caches; not seen again since). The
-//! price: such a call also waits on the worker for what the token makes it wait for, a free
-//! session or a key being created (the token's writes run alone; a whole create request took
-//! ~13 ms on SoftHSM here), and the worker's other connections wait with it. Key creation is an officer's act, rare next to
-//! signing; `backend.calls_on_workers = false` moves the calls back.
-//! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which.
+//! workers, p99 rose by about a third at the same throughput (BENCHMARKS.md, 2026-12-04).
+//! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which
+//! devices do. A software token (SoftHSM) only computes, and there a call costs less on the
+//! worker that asked: single HMAC and ECDSA signs went faster there in 9 of 10 alternating
+//! pairs each, mostly with a lower p99 (2026-12-04, late), and Ed25519 calls measured 15-20 %
+//! slower on these threads (four busy threads on two CPUs pre-empt each other inside the
+//! token's locks). Until then every backend's short calls used these threads (measured 10-20 %
+//! cheaper on 2026-11-23, read as warm caches; not seen again since).
 //!
-//! Batches of short calls queue here on every backend, one job each: the queue hands the next
-//! batch over the moment one ends, where the blocking pool left the token idle a fifth of the
-//! time. They wait behind every waiting single call, so a single call waits at most for the
-//! batches already running (256 HMAC items, ~8 ms on SoftHSM); with one first-come queue, 8
-//! clients sending batches held 32 clients' single signs to 2.6-2.8k/s at a p99 of 17-22 ms
-//! (BENCHMARKS.md).
+//! The price on a software token: a call also waits on the worker for what the token makes it
+//! wait for, a free session or a key being created (the token's writes run alone; a whole
+//! create request took ~13 ms on SoftHSM here), and the worker's other connections wait with
+//! it. Key creation is an officer's act, rare next to signing; `backend.calls_on_workers =
+//! false` moves the calls here.
 //!
-//! Long calls (Ed25519: ~250 us in SoftHSM) measured 15-20 % slower on device threads: they
-//! gain nothing from warm caches, and four busy threads on two CPUs pre-empt each other inside
-//! the token's locks. They stay on the worker that asked, as every other token call does.
+//! Batches of short calls (HMAC, ECDSA) queue here on every backend, one job each: the queue
+//! hands the next batch over the moment one ends, where the blocking pool left the token idle a
+//! fifth of the time. They wait behind every waiting single call, so a single call waits at
+//! most for the batches already running (256 HMAC items, ~8 ms on SoftHSM); with one
+//! first-come queue, 8 clients sending batches held 32 clients' single signs to 2.6-2.8k/s at a
+//! p99 of 17-22 ms (BENCHMARKS.md).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -50,14 +50,13 @@ struct Queue {
     ready: Condvar,
 }
 
-/// Run `f`, the token call of one request with a key of `key_type`: on a device thread if the
-/// call is short and the backend `waits_on_device`, else right here.
+/// Run `f`, the token call of one request: on a device thread if the backend
+/// `waits_on_device`, else right here.
 pub async fn run<T: Send + 'static>(
     waits_on_device: bool,
-    key_type: KeyType,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
-    match queue().filter(|_| waits_on_device && short_call(key_type)) {
+    match queue().filter(|_| waits_on_device) {
         Some(q) => submit(q, false, f).await,
         None => Ok(f()),
     }
@@ -107,8 +106,8 @@ fn enqueue<T: Send + 'static>(
     rx
 }
 
-/// Whether [`run`] sends calls with keys of `key_type` to a device thread (they are short, and
-/// the threads are running) rather than running them where they are asked.
+/// Whether [`run_batch`] takes a batch of calls with keys of `key_type` (they are short, and
+/// the threads are running); other batches go to the blocking pool.
 pub fn takes(key_type: KeyType) -> bool {
     short_call(key_type) && queue().is_some()
 }
@@ -135,11 +134,10 @@ pub fn start(threads: usize) -> usize {
 /// per CPU, a network HSM answering in 1 ms would be held to ~2,000 calls a second on two CPUs
 /// however many sessions it has.
 pub fn threads_for(waits_on_device: bool, parallel_calls: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     if waits_on_device {
         parallel_calls.max(1)
     } else {
-        cpus
+        std::thread::available_parallelism().map_or(2, |n| n.get())
     }
 }
 
@@ -205,14 +203,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn short_calls_that_wait_go_to_device_threads_and_the_rest_stay() {
-        let short = run(true, KeyType::EcdsaP256, thread_name).await.unwrap();
-        assert!(short.starts_with("device-"), "ran on {short}");
+    async fn calls_that_wait_go_to_device_threads_and_computed_ones_stay() {
+        let waits = run(true, thread_name).await.unwrap();
+        assert!(waits.starts_with("device-"), "ran on {waits}");
         let here = thread_name();
-        let computed = run(false, KeyType::EcdsaP256, thread_name).await.unwrap();
+        let computed = run(false, thread_name).await.unwrap();
         assert_eq!(computed, here);
-        let long = run(true, KeyType::Ed25519, thread_name).await.unwrap();
-        assert_eq!(long, here);
+        assert!(takes(KeyType::EcdsaP256) && takes(KeyType::HmacSha256));
+        assert!(
+            !takes(KeyType::Ed25519),
+            "long batches stay on the blocking pool"
+        );
         let batch = run_batch(thread_name).await.unwrap();
         assert!(batch.starts_with("device-"), "batch ran on {batch}");
     }
@@ -267,15 +268,12 @@ mod tests {
     async fn a_panicking_call_is_an_error_and_the_threads_live_on() {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get());
         for _ in 0..n {
-            let failed = run(true, KeyType::HmacSha256, || -> u32 {
-                panic!("device call")
-            })
-            .await;
+            let failed = run(true, || -> u32 { panic!("device call") }).await;
             assert!(matches!(failed, Err(ServiceError::Internal { .. })));
         }
         // Bounded, so a dead pool fails the test instead of hanging it.
         let after = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            run(true, KeyType::HmacSha256, || 7).await
+            run(true, || 7).await
         });
         assert_eq!(after.await.expect("a device thread answers").unwrap(), 7);
     }

@@ -17,12 +17,6 @@ pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
 pub use derived::context as derivation_context;
 pub use device::THREAD_PREFIX as DEVICE_THREAD_PREFIX;
-
-/// Start the threads that short token calls and batches run on, as many as a backend that can
-/// have `parallel_calls` calls in flight can use (see `device`); the answer is how many run.
-pub fn start_device_threads(waits_on_device: bool, parallel_calls: usize) -> usize {
-    device::start(device::threads_for(waits_on_device, parallel_calls))
-}
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -37,6 +31,13 @@ use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType};
 use crate::policy::{Operation, PolicyHandle};
 use crate::registry::{KeyRecord, Registry, VersionRecord};
+
+/// Start the threads that waiting token calls and short batches run on, as many as a backend
+/// that can have `parallel_calls` calls in flight can use (see `device`); the answer is how
+/// many run.
+pub fn start_device_threads(waits_on_device: bool, parallel_calls: usize) -> usize {
+    device::start(device::threads_for(waits_on_device, parallel_calls))
+}
 
 /// Most keys one listing page returns.
 pub const LIST_PAGE: usize = 1000;
@@ -275,7 +276,7 @@ impl Service {
         let name = self.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
         let (backend, k, version) = (self.backend.clone(), key.clone(), v.version);
-        let raw = device::run(self.backend.waits_on_device(), key.key_type, move || {
+        let raw = device::run(self.backend.waits_on_device(), move || {
             backend.sign(key_ref(&k, &v), &message)
         })
         .await??;
@@ -350,7 +351,7 @@ impl Service {
     ) -> Result<Verified, ServiceError> {
         let key = self.verifying_key(caller, name)?;
         let backend = self.backend.clone();
-        device::run(self.backend.waits_on_device(), key.key_type, move || {
+        device::run(self.backend.waits_on_device(), move || {
             verify_with(&backend, &key, &message, &signature, version, format)
         })
         .await?
