@@ -164,6 +164,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     let active = audit_key
         .active()
         .ok_or_else(|| Startup::Unavailable(format!("{AUDIT_KEY} has no active version")))?;
+    let metrics = Metrics::new();
     let audit = AuditLog::start(
         registry.pool().clone(),
         registry.sqlite_file(),
@@ -172,6 +173,7 @@ async fn run(config: Config) -> Result<(), Startup> {
             object: active.object.clone(),
             version: active.version,
         },
+        metrics.audit.clone(),
     )
     .await
     .map_err(Startup::Unavailable)?;
@@ -180,7 +182,7 @@ async fn run(config: Config) -> Result<(), Startup> {
         service: Service::new(backend, registry, PolicyHandle::new(policy), audit)
             .with_approval_ttl(config.approval_ttl)
             .with_token_settings(config.tokens),
-        metrics: Metrics::new(),
+        metrics,
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),
     });

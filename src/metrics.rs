@@ -1,10 +1,12 @@
 //! Prometheus metrics for `/metrics` on the admin listener.
 
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,8 +36,71 @@ pub struct DerivedLabel {
     pub what: &'static str,
 }
 
+/// What the audit writer reports for each group commit. Every request waits for its group, so
+/// these say how much of a request's latency is the trail's, and what the disk's flush costs.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    /// Entries per committed group: the count is the number of commits, the sum the entries.
+    group_entries: Histogram,
+    /// How long a group stayed open after its first entry, for requests already on their way.
+    group_wait: Histogram,
+    /// From a closed group to its entries durable (or refused): the seal in the token, the
+    /// insert, the commit.
+    write: Histogram,
+    /// Groups the store refused; each of their requests was answered 503.
+    failed_groups: Counter,
+}
+
+impl AuditMetrics {
+    fn new() -> Self {
+        Self {
+            group_entries: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            group_wait: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            write: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            failed_groups: Counter::default(),
+        }
+    }
+
+    /// One group: its size, how long it was held open, how long its write took and whether
+    /// the store took it.
+    pub fn group(&self, entries: usize, open: Duration, write: Duration, stored: bool) {
+        self.group_wait.observe(open.as_secs_f64());
+        self.write.observe(write.as_secs_f64());
+        if stored {
+            self.group_entries.observe(entries as f64);
+        } else {
+            self.failed_groups.inc();
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "audit_group_entries",
+            "Entries per committed audit group (count: commits, sum: entries)",
+            self.group_entries.clone(),
+        );
+        registry.register(
+            "audit_group_wait_seconds",
+            "How long an audit group stayed open for requests on their way",
+            self.group_wait.clone(),
+        );
+        registry.register(
+            "audit_write_seconds",
+            "Audit group write until durable: seal in the token, insert, commit",
+            self.write.clone(),
+        );
+        registry.register(
+            "audit_failed_groups",
+            "Audit groups the store refused (their requests were answered 503)",
+            self.failed_groups.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Handed to the audit writer at start.
+    pub audit: AuditMetrics,
     /// Derived-key cache: `held` (keys in the device now), `capacity`, `derivations` (since
     /// start). Read from the backend at scrape time.
     pub derived_keys: Family<DerivedLabel, Gauge>,
@@ -60,9 +125,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         // 50 us .. ~1.6 s: HSM operations live at the low end, stalls at the high end.
         let latency = Family::<OperationLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.00005, 2.0, 16,
-            ))
+            Histogram::new(exponential_buckets(0.00005, 2.0, 16))
         });
         let backend_errors = Family::<BackendErrorLabel, Counter>::default();
         let backend_ready = Gauge::default();
@@ -106,8 +169,11 @@ impl Metrics {
             "Policy reloads by outcome",
             policy_reloads.clone(),
         );
+        let audit = AuditMetrics::new();
+        audit.register(&mut registry);
         Self {
             registry,
+            audit,
             derived_keys,
             requests,
             latency,

@@ -334,10 +334,19 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
     for t in tasks {
         t.await.unwrap();
     }
+    // Every request was answered after its group was counted.
+    let figure = |series: &str| d.metric(series).unwrap_or_else(|| panic!("no {series}"));
+    let commits = figure("tillkey_audit_group_entries_count");
+    let counted_entries = figure("tillkey_audit_group_entries_sum");
+    assert_eq!(figure("tillkey_audit_group_wait_seconds_count"), commits);
+    assert_eq!(figure("tillkey_audit_write_seconds_count"), commits);
+    assert!(figure("tillkey_audit_write_seconds_sum") > 0.0);
+    assert_eq!(figure("tillkey_audit_failed_groups_total"), 0.0);
     assert!(d.stop().success());
     let (code, out) = env.audit_verify();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("audit trail intact: 321 entries"), "{out}");
+    assert_eq!(counted_entries, 321.0);
 
     let query = |sql: &str| {
         let out = Command::new("sqlite3")
@@ -354,6 +363,8 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
         sealed < 321,
         "320 concurrent requests were never grouped: {sealed} seals"
     );
+    // One seal per transaction: the metrics counted the same commits.
+    assert_eq!(commits, sealed as f64);
     // The last entry of every transaction is sealed, so the trail's last entry is.
     assert_ne!(query("SELECT mac FROM audit ORDER BY seq DESC LIMIT 1"), "");
     // An unsealed entry followed (in its batch) by another entry.
@@ -412,6 +423,10 @@ on_each_backend! {
         d.wait_for("the audit failure in the log", Duration::from_secs(10), || {
             d.logs().iter().any(|l| l.contains("audit append failed"))
         });
+        let refused = d
+            .metric("tillkey_audit_failed_groups_total")
+            .expect("refused groups are counted");
+        assert!(refused >= 2.0, "{refused}");
 
         // Each refused request has its own request line, but the outage's error line is
         // written at most once a second, so a flood of refusals cannot flood the journal.

@@ -74,18 +74,15 @@ impl Drop for Admission {
 }
 
 /// Wait for one entry, then take what is queued and what admitted requests are about to queue,
-/// as `linger` allows. False once the queue is closed and empty. Called on the writer thread:
-/// it parks that thread.
+/// as `linger` allows. Answers how long the group stayed open after its first entry, or None
+/// once the queue is closed and empty. Called on the writer thread: it parks that thread.
 pub fn gather<T>(
     rx: &Receiver<T>,
     admitted: &Admitted,
     linger: &Linger,
     batch: &mut Vec<T>,
-) -> bool {
-    match rx.recv() {
-        Ok(p) => batch.push(p),
-        Err(_) => return false,
-    }
+) -> Option<Duration> {
+    batch.push(rx.recv().ok()?);
     let started = Instant::now();
     while batch.len() < BATCH {
         match rx.try_recv() {
@@ -112,7 +109,7 @@ pub fn gather<T>(
         // look again.
         std::thread::park_timeout(limit - waited);
     }
-    true
+    Some(started.elapsed())
 }
 
 #[cfg(test)]
@@ -131,7 +128,8 @@ mod tests {
         small: 16,
     };
 
-    /// One group, and how long forming it took.
+    /// One group, and how long it stayed open by its own account, which cannot be longer than
+    /// the call took.
     fn timed_gather<T>(
         rx: &Receiver<T>,
         admitted: &Admitted,
@@ -139,8 +137,9 @@ mod tests {
     ) -> (Vec<T>, Duration) {
         let started = Instant::now();
         let mut batch = Vec::new();
-        assert!(gather(rx, admitted, linger, &mut batch));
-        (batch, started.elapsed())
+        let open = gather(rx, admitted, linger, &mut batch).expect("a group");
+        assert!(open <= started.elapsed());
+        (batch, open)
     }
 
     fn admitted_here() -> Arc<Admitted> {
@@ -154,9 +153,9 @@ mod tests {
         let (tx, rx) = sync_channel(8);
         let admitted = admitted_here();
         tx.send(1).unwrap();
-        let (batch, took) = timed_gather(&rx, &admitted, &PATIENT);
+        let (batch, open) = timed_gather(&rx, &admitted, &PATIENT);
         assert_eq!(batch, [1]);
-        assert!(took < NEVER / 2);
+        assert!(open < NEVER / 2);
     }
 
     #[test]
@@ -175,10 +174,12 @@ mod tests {
                 }
             })
         };
-        let (batch, took) = timed_gather(&rx, &admitted, &PATIENT);
+        let (batch, open) = timed_gather(&rx, &admitted, &PATIENT);
         sender.join().unwrap();
         assert_eq!(batch, [0, 1, 2]);
-        assert!(took < NEVER / 2, "woken by the clock, not the last request");
+        assert!(open < NEVER / 2, "woken by the clock, not the last request");
+        // The two late entries came 20 ms apart, the first 20 ms after the sender started.
+        assert!(open >= Duration::from_millis(30), "{open:?}");
     }
 
     #[test]
@@ -208,6 +209,6 @@ mod tests {
         let (tx, rx) = sync_channel::<u32>(1);
         drop(tx);
         let admitted = admitted_here();
-        assert!(!gather(&rx, &admitted, &Linger::DEFAULT, &mut Vec::new()));
+        assert!(gather(&rx, &admitted, &Linger::DEFAULT, &mut Vec::new()).is_none());
     }
 }

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::{AnyPool, Row};
 use tokio::sync::oneshot;
@@ -37,6 +37,7 @@ use self::group::{Admitted, Linger};
 use crate::backend::{KeyRef, ObjectRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
+use crate::metrics::AuditMetrics;
 
 /// Name of the writer's thread.
 pub const WRITER_THREAD: &str = "audit-writer";
@@ -94,12 +95,13 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Start the writer, continuing the chain found in the store. `sqlite_file` is the
-    /// store's file when it is SQLite (see the module note).
+    /// store's file when it is SQLite (see the module note); `metrics` get every group.
     pub async fn start(
         pool: AnyPool,
         sqlite_file: Option<&Path>,
         backend: SharedBackend,
         key: AuditKey,
+        metrics: AuditMetrics,
     ) -> Result<Self, String> {
         // On SQLite `seq` is the rowid itself: one b-tree per insert instead of the table and a
         // separate primary-key index (existing stores keep the table they have).
@@ -151,6 +153,7 @@ impl AuditLog {
             failure: failure.clone(),
             head: head.clone(),
             admitted: admitted.clone(),
+            metrics,
         };
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
@@ -257,16 +260,20 @@ struct Writer {
     failure: Arc<Failure>,
     head: Arc<AtomicU64>,
     admitted: Arc<Admitted>,
+    metrics: AuditMetrics,
 }
 
 impl Writer {
     /// Until every sender is gone: gather a group, write it, answer it.
     fn run(mut self, rx: Receiver<Pending>, mut store: Store) {
         let mut batch = Vec::with_capacity(BATCH);
-        while group::gather(&rx, &self.admitted, &Linger::DEFAULT, &mut batch) {
+        while let Some(open) = group::gather(&rx, &self.admitted, &Linger::DEFAULT, &mut batch) {
+            let closed = Instant::now();
             let stored = self
                 .entries(&batch)
                 .and_then(|(entries, last)| store.insert(&entries).map(|()| (entries, last)));
+            self.metrics
+                .group(batch.len(), open, closed.elapsed(), stored.is_ok());
             self.finish(&mut batch, stored);
         }
     }

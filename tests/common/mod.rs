@@ -322,6 +322,15 @@ impl Daemon {
         }
     }
 
+    /// One series of `/metrics` (its name and labels exactly as exposed), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (status, text) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().expect("a number"))
+    }
+
     /// GET on the admin listener: (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin).expect("admin connect");
