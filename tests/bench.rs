@@ -14,6 +14,7 @@ fn bench(env: &Env, daemon: &Daemon, args: &[&str]) -> Output {
         .arg("--dev-dir")
         .arg(env.dir.path())
         .args(["--port", &daemon.api.port().to_string()])
+        .args(["--admin-port", &daemon.admin.port().to_string()])
         .args(["--daemon-pid", &daemon.pid().to_string()])
         .args(args)
         .env("SOFTHSM2_CONF", env.softhsm_conf())
@@ -52,12 +53,18 @@ fn bench_measures_raw_token_and_daemon_side_by_side_and_writes_json() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for phase in ["tls-floor", "null", "hmac-sign", "hmac-batch"] {
+    // The floor server has no audit trail, so no row in the table of audit commits.
+    for (phase, tables) in [
+        ("tls-floor", 2),
+        ("null", 3),
+        ("hmac-sign", 3),
+        ("hmac-batch", 3),
+    ] {
         let lines = stdout
             .lines()
             .filter(|l| l.starts_with(&format!("| {phase} |")))
             .count();
-        assert_eq!(lines, 2, "{phase}: one row in each table\n{stdout}");
+        assert_eq!(lines, tables, "{phase}: one row in each table\n{stdout}");
     }
 
     let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -107,6 +114,30 @@ fn bench_measures_raw_token_and_daemon_side_by_side_and_writes_json() {
         (sum - total).abs() <= 0.05 * total,
         "{split} against {total}"
     );
+
+    // The audit commits, read from the daemon's metrics: one entry per request, so over a
+    // window the entries per second match the request rate (up to the requests in flight at
+    // the window's edges).
+    assert_eq!(row("tls-floor")["audit_commits"], Value::Null);
+    for phase in ["null", "hmac-sign"] {
+        let r = row(phase);
+        let commits = &r["audit_commits"];
+        let figure = |k: &str| {
+            commits[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{k} missing in {r}"))
+        };
+        assert!(figure("per_s") > 0.0, "{r}");
+        assert!(figure("entries_per_commit") >= 1.0, "{r}");
+        assert!(figure("write_ms") > 0.0, "{r}");
+        assert!(figure("open_ms") >= 0.0, "{r}");
+        let entries_per_s = figure("per_s") * figure("entries_per_commit");
+        let requests_per_s = num(r, "daemon_ops_per_s");
+        assert!(
+            (entries_per_s - requests_per_s).abs() <= 0.1 * requests_per_s + 20.0,
+            "{entries_per_s} entries/s for {requests_per_s} requests/s: {r}"
+        );
+    }
 
     // Every request the bench made went through the audit trail, which still verifies.
     let stopped = daemon.stop();

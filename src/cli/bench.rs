@@ -11,8 +11,11 @@
 mod floor;
 mod load;
 mod scale;
+mod scrape;
+mod table;
 mod threads;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,7 +30,7 @@ use crate::config::{BackendConfig, Config, Overrides};
 use crate::keys::KeyType;
 
 pub use self::floor::{serve as serve_floor, FloorArgs};
-use self::load::{drive, Load, Sample, Target};
+use self::load::{drive, Load, Sample, Server, Target};
 
 /// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
 /// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
@@ -82,6 +85,10 @@ pub struct BenchArgs {
     /// tillkeyd's API port, if it was started with another `--listen` than its config's.
     #[arg(long)]
     port: Option<u16>,
+    /// tillkeyd's admin port (for its audit figures), if it was started with another
+    /// `--admin-listen` than its config's.
+    #[arg(long)]
+    admin_port: Option<u16>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -115,6 +122,8 @@ pub struct Row {
     daemon_cpu_us_per_op: Option<f64>,
     /// The same, by kind of daemon thread (see `bench/threads.rs`).
     daemon_cpu_us_by_thread: Option<threads::ByThread>,
+    /// The daemon's audit group commits in its windows (see `bench/scrape.rs`).
+    audit_commits: Option<scrape::Commits>,
     /// The load generator's own CPU per operation (it shares the machine).
     client_cpu_us_per_op: Option<f64>,
 }
@@ -126,6 +135,8 @@ struct Bench<'a> {
     officer: Client,
     service: Client,
     pid: Option<u32>,
+    /// The daemon's admin listener, for its audit figures.
+    admin: SocketAddr,
     message: Vec<u8>,
     warmup: Duration,
     measured: Duration,
@@ -165,6 +176,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 .parse()
                 .ok()
         }),
+        admin: SocketAddr::new(
+            config.admin_listen.ip(),
+            args.admin_port.unwrap_or(config.admin_listen.port()),
+        ),
         message: vec![0x5a_u8; args.message_size],
         warmup: Duration::from_secs(args.warmup),
         measured: Duration::from_secs(args.seconds),
@@ -228,7 +243,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         rows.push(row);
     }
     add_ceilings(&mut rows);
-    print_table(&rows, &args);
+    table::print(&rows, &args);
     if let Some(path) = &args.json {
         let doc = json!({
             "clients": args.clients, "raw_threads": args.raw_threads, "seconds": args.seconds,
@@ -266,7 +281,7 @@ impl Bench<'_> {
             raw.ops += r.ops;
             raw.elapsed += r.elapsed;
             raw.cpu_seconds = raw.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
-            samples.push(self.drive(&phase, self.pid, request.clone(), slice)?);
+            samples.push(self.drive(&phase, self.daemon(), request.clone(), slice)?);
         }
         let load = Load::from_samples(samples);
         let batch = request.per_call;
@@ -333,9 +348,13 @@ impl Bench<'_> {
         .map_err(|e| e.to_string())?;
         let body = json!({ "message": b64(&self.message) });
         let target = self.target(client, "POST", "/v1/keys/floor:sign", &body, 1);
+        let floor_server = Server {
+            pid: Some(server.pid()),
+            admin: None,
+        };
         let load = Load::from_samples(vec![self.drive(
             phase,
-            Some(server.pid()),
+            floor_server,
             target,
             self.measured,
         )?]);
@@ -358,7 +377,12 @@ impl Bench<'_> {
             body: Bytes::new(),
             ..target
         };
-        let load = Load::from_samples(vec![self.drive(phase, self.pid, target, self.measured)?]);
+        let load = Load::from_samples(vec![self.drive(
+            phase,
+            self.daemon(),
+            target,
+            self.measured,
+        )?]);
         Ok(row(phase.into(), None, 1, None, &load, None))
     }
 
@@ -420,10 +444,17 @@ impl Bench<'_> {
         }
     }
 
+    fn daemon(&self) -> Server {
+        Server {
+            pid: self.pid,
+            admin: Some(self.admin),
+        }
+    }
+
     fn drive(
         &self,
         phase: &str,
-        server_pid: Option<u32>,
+        server: Server,
         target: Target,
         measured: Duration,
     ) -> Result<Sample, String> {
@@ -434,7 +465,7 @@ impl Bench<'_> {
             self.args.clients,
             self.warmup,
             measured,
-            server_pid,
+            server,
         )
     }
 
@@ -513,6 +544,7 @@ fn row(
         errors: load.errors,
         daemon_cpu_us_per_op: load.server_cpu_us_per_op,
         daemon_cpu_us_by_thread: load.server_threads_us_per_op,
+        audit_commits: load.commits,
         client_cpu_us_per_op: load.client_cpu_us_per_op,
     }
 }
@@ -549,54 +581,4 @@ fn short(key_type: KeyType) -> &'static str {
 
 fn b64(data: &[u8]) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data)
-}
-
-fn print_table(rows: &[Row], args: &BenchArgs) {
-    let opt =
-        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
-    println!(
-        "{} clients over mTLS vs {} raw backend threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
-        args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
-    );
-    println!(
-        "| phase | raw ops/s | daemon ops/s | ratio (target) | ceiling | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op | client CPU us/op |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for r in rows {
-        let ratio = match (r.ratio, r.target_ratio) {
-            (Some(ratio), Some(t)) => format!("{ratio:.2} (>= {t:.2})"),
-            _ => "-".into(),
-        };
-        println!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
-            r.phase,
-            opt(r.raw_ops_per_s, 0),
-            r.daemon_ops_per_s,
-            ratio,
-            opt(r.ceiling_ratio, 2),
-            r.p50_ms,
-            r.p99_ms,
-            r.errors,
-            opt(r.raw_cpu_us_per_op, 1),
-            opt(r.daemon_cpu_us_per_op, 1),
-            opt(r.client_cpu_us_per_op, 1)
-        );
-    }
-    let split: Vec<_> = rows
-        .iter()
-        .filter_map(|r| Some((r, r.daemon_cpu_us_by_thread?)))
-        .collect();
-    if split.is_empty() {
-        return;
-    }
-    println!();
-    println!("Daemon CPU us/op by thread (the floor server's in tls-floor):");
-    println!("| phase | async workers | device threads | audit writer | other |");
-    println!("|---|---:|---:|---:|---:|");
-    for (r, t) in split {
-        println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            r.phase, t.workers, t.device, t.audit, t.other
-        );
-    }
 }

@@ -7,12 +7,14 @@
 //! daemon it measures, so whatever it spends is taken from the daemon's figure; its own CPU per
 //! operation is reported beside the daemon's.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::scrape::{CommitTotals, Commits};
 use super::threads::ByThread;
 use crate::backend::timing::cpu_seconds;
 use crate::client::Client;
@@ -29,7 +31,16 @@ pub struct Sample {
     seconds: f64,
     server_cpu_s: Option<f64>,
     server_threads: Option<ByThread>,
+    commits: Option<CommitTotals>,
     client_cpu_s: Option<f64>,
+}
+
+/// The server a window measures: its process, for CPU time, and for a daemon its admin
+/// listener, for the audit group commits.
+#[derive(Clone, Copy)]
+pub struct Server {
+    pub pid: Option<u32>,
+    pub admin: Option<SocketAddr>,
 }
 
 /// One or more windows of the same phase, summed.
@@ -42,6 +53,8 @@ pub struct Load {
     pub server_cpu_us_per_op: Option<f64>,
     /// The same, by kind of thread.
     pub server_threads_us_per_op: Option<ByThread>,
+    /// The daemon's audit group commits.
+    pub commits: Option<Commits>,
     /// CPU of this process (the load generator) per operation.
     pub client_cpu_us_per_op: Option<f64>,
 }
@@ -64,6 +77,11 @@ impl Load {
             .map(|s| s.server_threads)
             .try_fold(ByThread::default(), |sum, t| Some(sum.plus(t?)))
             .map(|t| t.per_op(ops));
+        let commits = samples
+            .iter()
+            .map(|s| s.commits)
+            .try_fold(CommitTotals::default(), |sum, c| Some(sum.plus(c?)))
+            .and_then(|c| c.over(seconds));
         let errors = samples.iter().map(|s| s.errors).sum();
         let mut all: Vec<u32> = samples.into_iter().flat_map(|s| s.latencies_us).collect();
         all.sort_unstable();
@@ -78,6 +96,7 @@ impl Load {
             errors,
             server_cpu_us_per_op,
             server_threads_us_per_op,
+            commits,
             client_cpu_us_per_op,
         }
     }
@@ -115,15 +134,15 @@ impl Target {
     }
 }
 
-/// Run `clients` connections against `target` for the warm-up and measured window; the server
-/// process `server_pid` (if known) and this process are clocked over the measured window.
+/// Run `clients` connections against `target` for the warm-up and measured window; `server`
+/// (as far as known) and this process are clocked over the measured window.
 pub fn drive(
     rt: &tokio::runtime::Runtime,
     target: Target,
     clients: usize,
     warmup: std::time::Duration,
     measured: std::time::Duration,
-    server_pid: Option<u32>,
+    server: Server,
 ) -> Result<Sample, String> {
     let requests: Arc<Vec<Bytes>> =
         Arc::new(target.paths.iter().map(|p| target.request(p)).collect());
@@ -177,17 +196,17 @@ pub fn drive(
             }));
         }
         tokio::time::sleep_until(start.into()).await;
-        let cpu0 = (
-            server_pid.and_then(|p| cpu_seconds(&p.to_string())),
-            cpu_seconds("self"),
-            server_pid.and_then(ByThread::read),
-        );
+        let snapshot = || {
+            (
+                server.pid.and_then(|p| cpu_seconds(&p.to_string())),
+                cpu_seconds("self"),
+                server.pid.and_then(ByThread::read),
+                server.admin.and_then(CommitTotals::read),
+            )
+        };
+        let cpu0 = snapshot();
         tokio::time::sleep_until(end.into()).await;
-        let cpu1 = (
-            server_pid.and_then(|p| cpu_seconds(&p.to_string())),
-            cpu_seconds("self"),
-            server_pid.and_then(ByThread::read),
-        );
+        let cpu1 = snapshot();
         let mut all = Vec::new();
         let mut errors = 0;
         for t in tasks {
@@ -203,6 +222,7 @@ pub fn drive(
             seconds: measured.as_secs_f64(),
             server_cpu_s: spent(cpu0.0, cpu1.0),
             server_threads: cpu0.2.zip(cpu1.2).map(|(a, b)| b.since(a)),
+            commits: cpu0.3.zip(cpu1.3).map(|(a, b)| b.since(a)),
             client_cpu_s: spent(cpu0.1, cpu1.1),
         })
     })

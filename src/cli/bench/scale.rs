@@ -8,14 +8,14 @@
 //! daemon's resident memory and the registry's size on disk, so running it before and after
 //! enrolling a million terminals compares the same hot set at two registry sizes.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use bytes::Bytes;
 
-use super::load::{drive, Load, Target};
+use super::load::{drive, Load, Server, Target};
+use super::scrape;
 use super::BenchArgs;
 use crate::backend::pkcs11::{rawbench, rawderive, Pkcs11Settings};
 use crate::client::Client;
@@ -72,14 +72,19 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
         check: |_| true,
     };
     let run = |paths| {
-        drive(s.rt, target(paths), args.clients, warmup, measured, s.pid)
+        let daemon = Server {
+            pid: s.pid,
+            admin: None,
+        };
+        drive(s.rt, target(paths), args.clients, warmup, measured, daemon)
             .map(|sample| Load::from_samples(vec![sample]))
     };
     let stored_load = run(vec![format!("/v1/keys/{stored}:sign")])?;
     let derived_load = run(names.iter().map(|n| format!("/v1/keys/{n}:sign")).collect())?;
 
-    let keys = admin_metric(s.config, "tillkey_keys ");
-    let derived_held = admin_metric(s.config, "tillkey_derived_keys{what=\"held\"} ");
+    let metrics = scrape::metrics(s.config.admin_listen).unwrap_or_default();
+    let keys = scrape::series(&metrics, "tillkey_keys");
+    let derived_held = scrape::series(&metrics, "tillkey_derived_keys{what=\"held\"}");
     let rss_kib = s.pid.and_then(rss_kib);
     let db = registry_bytes(&s.config.registry_url);
     println!(
@@ -171,21 +176,6 @@ async fn make_keys(
 }
 
 /// One value from the admin listener's `/metrics` (plain HTTP on loopback).
-fn admin_metric(config: &Config, prefix: &str) -> Option<f64> {
-    let mut s = std::net::TcpStream::connect(config.admin_listen).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status

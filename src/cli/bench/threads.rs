@@ -16,10 +16,10 @@ use crate::service::DEVICE_THREAD_PREFIX as THREAD_PREFIX;
 /// CPU seconds (or, after [`ByThread::per_op`], microseconds per operation) of one process.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ByThread {
-    /// The async workers and the blocking pool: the network side, and the token calls that
-    /// run where they are asked (all single calls on a software token, Ed25519 everywhere).
+    /// The async workers and the blocking pool: the network side, and the single token calls
+    /// on a software token, which run where they are asked.
     pub workers: f64,
-    /// The device threads: batches, and single short calls to a device that makes them wait.
+    /// The device threads: batches, and every single call to a device that makes calls wait.
     pub device: f64,
     /// The audit writer.
     pub audit: f64,
