@@ -7,14 +7,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Every request allocates and frees a few dozen small buffers (TLS records, headers, JSON, the
-/// log line, the audit entry) on two worker threads. In `perf`, glibc's malloc took ~13 % of the
-/// workers' samples (a fifth of it consolidating free lists), mimalloc ~3.5 % (BENCHMARKS.md,
-/// 2026-12-05). Only the daemon's Rust allocations move: the token's library and
-/// the TPM stack keep the C library's allocator and its checks.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Hardware-backed key service for retail payments.
 #[derive(Parser)]
 #[command(version)]
