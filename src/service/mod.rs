@@ -11,6 +11,7 @@ mod derived;
 mod device;
 mod envelope;
 pub mod lifecycle;
+mod scheduler;
 pub mod status;
 
 pub use approvals::{Executed, ExportResult, ImportRequest};

@@ -1,0 +1,87 @@
+//! The scheduler's pass: the changes nobody asks for. A key rotates when its period has
+//! elapsed, a verify-only version retires when its grace ends, usage counts reach the database,
+//! and a failed audit store is probed until it takes writes again. The daemon runs a pass on a
+//! timer; each change takes the same lock and leaves the same audit entry as an officer's.
+//! (Rotation on usage happens where the usage is counted, in `lifecycle`.)
+
+use super::lifecycle::{SCHEDULER, SERVICE};
+use super::{unix_now, Service};
+use crate::error::ServiceError;
+use crate::keys::VersionState;
+
+impl Service {
+    /// One pass of the scheduler: rotate keys whose period has elapsed, retire verify-only
+    /// versions whose grace has ended, persist usage counts. Failures are logged and retried on
+    /// the next pass.
+    pub async fn tick(&self) {
+        let now = unix_now();
+        for name in self.registry.due(now) {
+            let _guard = self.changes.lock().await;
+            let Some(current) = self.registry.get(&name) else {
+                continue;
+            };
+            let key = current.clone();
+            let result = async {
+                let mut key = current;
+                if let (Some(p), Some(a)) = (key.lifecycle.rotation_period, key.active()) {
+                    if a.created_at + p as i64 <= now {
+                        key = self
+                            .rotate_locked(&key, SCHEDULER, Some("rotation_period elapsed"))
+                            .await?;
+                        tracing::info!(key = %key.name, "rotated: rotation_period elapsed");
+                        let v = key.active().map(|v| v.version);
+                        self.audit_own("rotate", &key.name, v, "rotation_period elapsed")
+                            .await;
+                    }
+                }
+                let mut new = (*key).clone();
+                let mut retired = Vec::new();
+                for v in &mut new.versions {
+                    if v.state == VersionState::VerifyOnly
+                        && v.grace_until.is_some_and(|g| g <= now)
+                    {
+                        *v = v.moved(
+                            VersionState::Retired,
+                            now,
+                            SCHEDULER,
+                            Some("verify_grace ended"),
+                        );
+                        retired.push(v.version);
+                    }
+                }
+                if !retired.is_empty() {
+                    self.registry.commit(&key, new).await?;
+                    tracing::info!(key = %key.name, ?retired, "retired versions whose grace ended");
+                    for v in retired {
+                        self.audit_own("retire", &key.name, Some(v), "verify_grace ended")
+                            .await;
+                    }
+                }
+                Ok::<(), ServiceError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(key = %key.name, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change failed; will retry");
+            }
+        }
+        // A failed audit store keeps readiness red until a write succeeds again; the probe is
+        // itself an audited entry, so recovery is proven by a durable write, not assumed.
+        if self.audit.failure().is_some() {
+            let probe = crate::audit::Record {
+                identity: SERVICE.into(),
+                operation: "audit_probe",
+                key: String::new(),
+                version: None,
+                outcome: "ok",
+                request_id: "scheduler".into(),
+                detail: "retrying the audit store after a failed write".into(),
+            };
+            if self.audit.append(probe).await.is_ok() {
+                tracing::info!("audit store accepts writes again");
+            }
+        }
+        if let Err(e) = self.registry.flush_usage().await {
+            tracing::warn!(error = %e, "could not persist usage counts; will retry");
+        }
+    }
+}
