@@ -130,7 +130,7 @@ async fn run(config: Config) -> Result<(), Startup> {
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
-            let threads = start_device_threads(true, opened.context_count());
+            let threads = start_device_threads(opened.waits_on_device(), opened.context_count());
             tracing::info!(
                 tcti = opened.tcti(),
                 contexts = opened.context_count(),
