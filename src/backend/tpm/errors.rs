@@ -3,7 +3,12 @@
 //! The TSS stack reports where an error arose in the top bits of its 32-bit response code (the
 //! "layer": 0 for the TPM itself, 10 for the TCTI transport, 7 for ESAPI...). A transport error
 //! means the TPM is gone (swtpm restarted, the device vanished): the contexts are rebuilt. A few
-//! TPM codes mean the same (not initialised, failure mode, handles the TPM no longer knows).
+//! TPM codes mean the same (not initialised, failure mode, handles the TPM no longer knows), and
+//! so do the ESAPI and SAPI codes for a context that can no longer be used: after any command
+//! fails on its way to the TPM, ESAPI answers every later call on that context with
+//! `BAD_SEQUENCE`, even once the TPM is back. That failure is not always seen where it happens
+//! (a best-effort flush ignores it), so the refusal itself has to count as fatal, or a context
+//! would stay in the pool refusing every call for good (tests/tpm.rs forces this).
 
 use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind as K};
 use tss_esapi::Error;
@@ -21,7 +26,20 @@ pub enum Severity {
 }
 
 const LAYER_TPM: u32 = 0;
+const LAYER_ESAPI: u32 = 7;
+const LAYER_SAPI: u32 = 8;
 const LAYER_TCTI: u32 = 10;
+
+/// Base codes (TSS2_BASE_RC_*) that, from ESAPI or SAPI, mean this context is finished: it was
+/// used out of sequence (a command failed half-way: ESAPI's state is `INTERNALERROR` for good),
+/// has no connection, or got an answer it could not read (the stream is out of step).
+const CONTEXT_FINISHED: [u32; 5] = [
+    7,  // BAD_SEQUENCE
+    8,  // NO_CONNECTION
+    10, // IO_ERROR
+    17, // MALFORMED_RESPONSE
+    19, // INSUFFICIENT_RESPONSE
+];
 
 /// The raw TSS2 response code. `Tss2ResponseCode` hides it, but its format structs print it.
 fn raw(rc: &Tss2ResponseCode) -> Option<u32> {
@@ -38,13 +56,21 @@ pub fn severity(e: &Error) -> Severity {
     let Error::Tss2Error(rc) = e else {
         return Severity::Failed;
     };
-    let layer = raw(rc).map_or(LAYER_TCTI, |r| r >> 16);
+    let code = raw(rc);
+    let layer = code.map_or(LAYER_TCTI, |r| r >> 16);
     if layer == LAYER_TCTI {
         return Severity::Fatal;
     }
+    if layer == LAYER_ESAPI || layer == LAYER_SAPI {
+        let base = code.map_or(0, |r| r & 0xffff);
+        return if CONTEXT_FINISHED.contains(&base) {
+            Severity::Fatal
+        } else {
+            // Anything else from these layers is a bad parameter on a healthy context.
+            Severity::Failed
+        };
+    }
     if layer != LAYER_TPM {
-        // ESAPI/SYS/MU errors on a healthy link are bugs or bad parameters, except the
-        // ESAPI I/O-ish ones, which also surface as TCTI codes first.
         return Severity::Failed;
     }
     match rc.kind() {
@@ -112,6 +138,18 @@ mod tests {
         // TPM_RC_OBJECT_MEMORY, TPM_RC_RETRY.
         assert_eq!(severity(&rc(0x902)), Severity::Busy);
         assert_eq!(severity(&rc(0x922)), Severity::Busy);
+        // TSS2_ESYS_RC_BAD_SEQUENCE: the context refuses every call after a failed one.
+        assert_eq!(severity(&rc(0x0007_0007)), Severity::Fatal);
+        assert!(matches!(
+            translate(&rc(0x0007_0007), "sign", "x"),
+            BackendError::Unavailable(_)
+        ));
+        // TSS2_ESYS_RC_IO_ERROR and TSS2_SYS_RC_MALFORMED_RESPONSE: the link, not the request.
+        assert_eq!(severity(&rc(0x0007_000a)), Severity::Fatal);
+        assert_eq!(severity(&rc(0x0008_0011)), Severity::Fatal);
+        // TSS2_ESYS_RC_BAD_VALUE and TSS2_ESYS_RC_BAD_REFERENCE: a bad parameter, context fine.
+        assert_eq!(severity(&rc(0x0007_000b)), Severity::Failed);
+        assert_eq!(severity(&rc(0x0007_0005)), Severity::Failed);
         // TPM_RC_VALUE on parameter 1: this request's fault, the TPM is fine.
         assert_eq!(severity(&rc(0x1c4)), Severity::Failed);
         assert!(matches!(

@@ -292,7 +292,8 @@ impl Worker {
         Ok(out)
     }
 
-    /// Flush the loaded key, if any (best effort: a dead link is noticed by the next call).
+    /// Flush the loaded key, if any. Best effort: if the flush fails on its way to the TPM,
+    /// ESAPI refuses the next call on this context, and `errors` counts that refusal as fatal.
     pub fn unload(&mut self) {
         if let Some((_, h)) = self.loaded.take() {
             let _ = self.ctx.flush_context(h.into());
