@@ -91,7 +91,31 @@ fn bench_measures_raw_token_and_daemon_side_by_side_and_writes_json() {
         // tls-floor ran in the same run, so every token phase has its ceiling.
         let ceiling = num(r, "ceiling_ratio");
         assert!(ceiling > 0.0 && ceiling < 1.0, "{r}");
+        // So did null, which does all the floor does and more (policy, the durable audit
+        // entry), so its ceiling is the lower one.
+        let audited = num(r, "audited_ceiling_ratio");
+        assert!(audited > 0.0 && audited < ceiling, "{r}");
+        // SoftHSM computes in the caller's process, so the CPU bound applies. It counts the
+        // raw call's CPU and the null request's, daemon and load generator, on every CPU.
+        let null = row("null");
+        let us_per_op = num(r, "raw_cpu_us_per_op")
+            + (num(null, "daemon_cpu_us_per_op") + num(null, "client_cpu_us_per_op"))
+                / num(r, "batch");
+        let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+        let bound = num(r, "cpu_bound_ratio");
+        assert!(
+            (bound - cpus * 1e6 / us_per_op / raw).abs() < 1e-9 * bound,
+            "{r}"
+        );
+        // Little's law over the 4 clients, each request carrying `batch` messages.
+        let messages = 4.0 * num(r, "batch");
+        let least_mean_ms = num(r, "mean_ms_at_raw_rate");
+        assert!(
+            (least_mean_ms - 1e3 * messages / raw).abs() < 1e-9 * least_mean_ms,
+            "{r}"
+        );
     }
+    assert_eq!(row("null")["mean_ms_at_raw_rate"], Value::Null);
     assert_eq!(row("hmac-batch")["batch"], 8);
     assert_eq!(row("null")["raw_ops_per_s"], Value::Null);
 

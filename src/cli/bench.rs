@@ -8,6 +8,7 @@
 //! device operation (`raw_threads` threads, one session each), then the daemon under `clients`
 //! concurrent keep-alive connections. New phases add a function and a name in [`PHASES`].
 
+mod ceilings;
 mod floor;
 mod load;
 mod scale;
@@ -113,8 +114,21 @@ pub struct Row {
     /// The ratio issue 7 asks for.
     target_ratio: Option<f64>,
     /// The most this phase's ratio can be on this machine through this TLS front (see
-    /// `add_ceilings`). Set when `tls-floor` ran in the same run.
+    /// `bench/ceilings.rs`). Set when `tls-floor` ran in the same run.
     ceiling_ratio: Option<f64>,
+    /// The same with the audited `null` request in place of the bare front: the most a daemon
+    /// can reach whose request costs the raw call plus what every request must do anyway.
+    /// Set when `null` ran in the same run.
+    audited_ceiling_ratio: Option<f64>,
+    /// The most every CPU of the machine allows, if each request cost the raw call's CPU plus
+    /// the audited `null` request's (daemon and load generator). Set for a token that computes
+    /// in its caller's process, as SoftHSM does, when `null` ran in the same run.
+    cpu_bound_ratio: Option<f64>,
+    /// The mean latency the clients would see if the daemon matched the raw rate exactly
+    /// (Little's law: clients x messages per request / raw rate); no daemon's mean is lower.
+    /// Above 5 ms, a p99 of 5 ms would need the slowest hundredth of requests to carry the
+    /// whole excess (at a 5.4 ms mean, ~45 ms each), which a fair queue does not do.
+    mean_ms_at_raw_rate: Option<f64>,
     /// Per request (a whole batch in the batch phases).
     p50_ms: f64,
     p99_ms: f64,
@@ -242,7 +256,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         };
         rows.push(row);
     }
-    add_ceilings(&mut rows);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ceilings::add_ceilings(&mut rows, args.clients, cpus, !tpm);
     table::print(&rows, &args);
     if let Some(path) = &args.json {
         let doc = json!({
@@ -539,6 +554,9 @@ fn row(
         ratio: raw.map(|r| load.ops_per_s / r.per_second()),
         target_ratio,
         ceiling_ratio: None,
+        audited_ceiling_ratio: None,
+        cpu_bound_ratio: None,
+        mean_ms_at_raw_rate: None,
         p50_ms: load.p50_ms,
         p99_ms: load.p99_ms,
         errors: load.errors,
@@ -546,28 +564,6 @@ fn row(
         daemon_cpu_us_by_thread: load.server_threads_us_per_op,
         audit_commits: load.commits,
         client_cpu_us_per_op: load.client_cpu_us_per_op,
-    }
-}
-
-/// With the transport floor measured in the same run, the best ratio each token phase can
-/// reach, by issue 7's own model: ratio = device time / (device time + per-request time), where
-/// the device time per operation is 1/raw and the least per-request time is 1/floor (the front
-/// answering nothing, load generator included), both measured with the machine to themselves.
-/// A batch pays the request once for all its items (its body is larger than the floor's, so
-/// this bound is generous to batches).
-fn add_ceilings(rows: &mut [Row]) {
-    let Some(floor) = rows
-        .iter()
-        .find(|r| r.phase == "tls-floor")
-        .map(|r| r.daemon_ops_per_s)
-    else {
-        return;
-    };
-    for r in rows.iter_mut() {
-        if let Some(raw) = r.raw_ops_per_s {
-            let per_request = 1.0 / (floor * r.batch as f64);
-            r.ceiling_ratio = Some((1.0 / raw) / (1.0 / raw + per_request));
-        }
     }
 }
 

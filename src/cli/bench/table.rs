@@ -11,23 +11,30 @@ pub fn print(rows: &[Row], args: &BenchArgs) {
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
     );
     println!(
-        "| phase | raw ops/s | daemon ops/s | ratio (target) | ceiling | p50 ms | p99 ms | errors | raw CPU us/op | daemon CPU us/op | client CPU us/op |"
+        "| phase | raw ops/s | daemon ops/s | ratio (target) | ceiling: front / audited / CPU | p50 ms | p99 ms | mean ms at raw rate | errors | raw CPU us/op | daemon CPU us/op | client CPU us/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let ratio = match (r.ratio, r.target_ratio) {
             (Some(ratio), Some(t)) => format!("{ratio:.2} (>= {t:.2})"),
             _ => "-".into(),
         };
+        let ceilings = match (r.ceiling_ratio, r.audited_ceiling_ratio, r.cpu_bound_ratio) {
+            (None, None, None) => "-".into(),
+            (front, audited, cpu) => {
+                format!("{} / {} / {}", opt(front, 2), opt(audited, 2), opt(cpu, 2))
+            }
+        };
         println!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             r.phase,
             opt(r.raw_ops_per_s, 0),
             r.daemon_ops_per_s,
             ratio,
-            opt(r.ceiling_ratio, 2),
+            ceilings,
             r.p50_ms,
             r.p99_ms,
+            opt(r.mean_ms_at_raw_rate, 2),
             r.errors,
             opt(r.raw_cpu_us_per_op, 1),
             opt(r.daemon_cpu_us_per_op, 1),
