@@ -18,7 +18,9 @@ use super::Row;
 /// request paying the raw call's CPU and the audited `null` request's CPU, daemon and load
 /// generator. It needs the token's work on this machine's CPUs in the calling process, which
 /// holds for SoftHSM (`in_process`), not for a TPM. A target above it is out of reach here
-/// whatever the daemon does, unless a request could cost less than the no-op `null` one.
+/// whatever the daemon does, unless a signing request could cost less CPU than the no-op
+/// `null` request plus the raw call (`perf` found the daemon's token call within 2 % of the
+/// raw one; BENCHMARKS.md, 2026-12-04).
 pub fn add_ceilings(rows: &mut [Row], clients: usize, cpus: usize, in_process: bool) {
     let find = |phase: &str| rows.iter().find(|r| r.phase == phase);
     let floor = find("tls-floor").map(|r| r.daemon_ops_per_s);
