@@ -174,6 +174,51 @@ fn bench_measures_raw_token_and_daemon_side_by_side_and_writes_json() {
 }
 
 #[test]
+fn the_scale_phase_signs_with_derived_and_stored_keys_and_reads_the_daemons_figures() {
+    let env = Env::new();
+    let daemon = env.start();
+    let json = env.path("scale.json");
+    let out = bench(
+        &env,
+        &daemon,
+        &[
+            "--scale-hot",
+            "4",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0",
+            "--clients",
+            "4",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for side in ["daemon_stored", "daemon_derived"] {
+        assert_eq!(doc[side]["errors"], 0, "{doc}");
+        assert!(doc[side]["ops_per_s"].as_f64().unwrap() > 0.0, "{doc}");
+    }
+    // Read from the daemon's admin listener on the port given with --admin-port (the test
+    // daemon's, not its config file's): the master, the stored key and the four derived keys
+    // are registered, and the four derived keys are held in the token.
+    let keys = doc["registered_keys"]
+        .as_f64()
+        .expect("registered keys read");
+    assert_eq!(Some(keys), daemon.metric("tillkey_keys"), "{doc}");
+    assert!(keys >= 6.0, "{doc}");
+    assert_eq!(doc["derived_keys_held"], 4.0, "{doc}");
+    assert!(doc["rss_kib"].as_u64().unwrap() > 0, "{doc}");
+    assert!(doc["registry_bytes"].as_u64().unwrap() > 0, "{doc}");
+}
+
+#[test]
 fn bench_refuses_an_unknown_phase_and_a_bad_batch_size() {
     let env = Env::new();
     let daemon = env.start();

@@ -230,6 +230,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             officer: &bench.officer,
             service: &bench.service,
             pid: bench.pid,
+            admin: bench.admin,
             run_id: &bench.run_id,
             rt: &bench.rt,
         };

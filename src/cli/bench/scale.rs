@@ -8,6 +8,7 @@
 //! daemon's resident memory and the registry's size on disk, so running it before and after
 //! enrolling a million terminals compares the same hot set at two registry sizes.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -30,6 +31,8 @@ pub(super) struct Setup<'a> {
     pub officer: &'a Client,
     pub service: &'a Client,
     pub pid: Option<u32>,
+    /// The daemon's admin listener (`--admin-port` applied), for its key counts.
+    pub admin: SocketAddr,
     pub run_id: &'a str,
     pub rt: &'a tokio::runtime::Runtime,
 }
@@ -82,7 +85,7 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
     let stored_load = run(vec![format!("/v1/keys/{stored}:sign")])?;
     let derived_load = run(names.iter().map(|n| format!("/v1/keys/{n}:sign")).collect())?;
 
-    let metrics = scrape::metrics(s.config.admin_listen).unwrap_or_default();
+    let metrics = scrape::metrics(s.admin).unwrap_or_default();
     let keys = scrape::series(&metrics, "tillkey_keys");
     let derived_held = scrape::series(&metrics, "tillkey_derived_keys{what=\"held\"}");
     let rss_kib = s.pid.and_then(rss_kib);
@@ -120,7 +123,8 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
     if let Some(path) = &args.json {
         let doc = json!({
             "clients": args.clients, "raw_threads": args.raw_threads, "seconds": args.seconds,
-            "hot_keys": hot, "registered_keys": keys, "rss_kib": rss_kib, "registry_bytes": db,
+            "hot_keys": hot, "registered_keys": keys, "derived_keys_held": derived_held,
+            "rss_kib": rss_kib, "registry_bytes": db,
             "raw_stored_hmac_per_s": raw_stored.per_second(),
             "raw_derive_hmac_destroy_per_s": raw_derived.per_second(),
             "daemon_stored": {"ops_per_s": stored_load.ops_per_s, "p50_ms": stored_load.p50_ms, "p99_ms": stored_load.p99_ms, "errors": stored_load.errors},
@@ -175,7 +179,7 @@ async fn make_keys(
     Ok(names)
 }
 
-/// One value from the admin listener's `/metrics` (plain HTTP on loopback).
+/// The resident memory of process `pid` in KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
