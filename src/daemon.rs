@@ -16,14 +16,14 @@ use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::tpm::TpmBackend;
-use crate::backend::{KeyBackend, SharedBackend};
+use crate::backend::SharedBackend;
 use crate::config::{BackendConfig, Config, LogFormat, Overrides};
 use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
 use crate::service::status::STATUS_KEY;
-use crate::service::{ensure_service_key, start_device_threads, Service};
+use crate::service::{ensure_service_key, Device, Service};
 
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";
@@ -31,7 +31,7 @@ pub const AUDIT_KEY: &str = "tillkey/audit";
 /// Name of the async workers (and of the blocking pool's threads), so `tillkey bench` and
 /// `perf` can tell them from the device threads, the audit writer and a load generator's own
 /// tokio threads.
-pub const WORKER_THREAD: &str = "tillkeyd-worker";
+pub const WORKER_THREAD: &str = crate::backend::ASYNC_WORKER_THREAD;
 
 /// sysexits.h EX_USAGE / EX_CONFIG-style: the operator must fix the configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -107,45 +107,54 @@ async fn run(config: Config) -> Result<(), Startup> {
 
     // Kept to unload the TPM's objects at exit (see `TpmBackend::close`).
     let mut tpm: Option<Arc<TpmBackend>> = None;
-    let backend: SharedBackend = match config.backend {
+    // What the start log says of the device, once its gate runs.
+    let ready: Box<dyn Fn(&Device)>;
+    let (backend, parallel_calls): (SharedBackend, usize) = match config.backend {
         BackendConfig::Pkcs11(settings) => {
             let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
-            // Started outside the log line: a disabled level would not evaluate its fields.
-            let waits = opened.waits_on_device();
-            let threads = start_device_threads(waits, opened.session_count());
-            tracing::info!(
-                token = opened.token_label().unwrap_or_default(),
-                sessions = opened.session_count(),
-                calls_off_workers = waits,
-                device_threads = threads,
-                "pkcs11 token ready"
+            let (token, sessions) = (
+                opened.token_label().unwrap_or_default(),
+                opened.session_count(),
             );
-            opened
+            ready = Box::new(move |device: &Device| {
+                tracing::info!(
+                    token,
+                    sessions,
+                    calls_off_workers = device.waits_on_device(),
+                    device_threads = device.threads(),
+                    "pkcs11 token ready"
+                )
+            });
+            (opened, sessions)
         }
         BackendConfig::Tpm(settings) => {
             let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings, true))
                 .await
                 .map_err(|e| Startup::Unavailable(e.to_string()))?
                 .map_err(Startup::Unavailable)?;
-            let threads = start_device_threads(opened.waits_on_device(), opened.context_count());
-            tracing::info!(
-                tcti = opened.tcti(),
-                contexts = opened.context_count(),
-                device_threads = threads,
-                "tpm ready"
-            );
             tpm = Some(opened.clone());
-            opened
+            let (tcti, contexts) = (opened.tcti().to_owned(), opened.context_count());
+            ready = Box::new(move |device: &Device| {
+                tracing::info!(
+                    tcti,
+                    contexts,
+                    device_threads = device.threads(),
+                    "tpm ready"
+                )
+            });
+            (opened, contexts)
         }
     };
+    let device = Arc::new(Device::start(backend, parallel_calls));
+    ready(&device);
     let registry = Registry::open(&config.registry_url)
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     tracing::info!(keys = registry.len(), "registry loaded");
-    let audit_key = ensure_service_key(&registry, &backend, AUDIT_KEY, KeyType::HmacSha256)
+    let audit_key = ensure_service_key(&registry, &device, AUDIT_KEY, KeyType::HmacSha256)
         .await
         .map_err(|e| {
             Startup::Unavailable(format!(
@@ -153,7 +162,7 @@ async fn run(config: Config) -> Result<(), Startup> {
                 e.internal_detail().unwrap_or("")
             ))
         })?;
-    ensure_service_key(&registry, &backend, STATUS_KEY, KeyType::EcdsaP256)
+    ensure_service_key(&registry, &device, STATUS_KEY, KeyType::EcdsaP256)
         .await
         .map_err(|e| {
             Startup::Unavailable(format!(
@@ -168,7 +177,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     let audit = AuditLog::start(
         registry.pool().clone(),
         registry.sqlite_file(),
-        backend.clone(),
+        device.clone(),
         AuditKey {
             object: active.object.clone(),
             version: active.version,
@@ -179,7 +188,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     .map_err(Startup::Unavailable)?;
 
     let state = Arc::new(AppState {
-        service: Service::new(backend, registry, PolicyHandle::new(policy), audit)
+        service: Service::new(device, registry, PolicyHandle::new(policy), audit)
             .with_approval_ttl(config.approval_ttl)
             .with_token_settings(config.tokens),
         metrics,

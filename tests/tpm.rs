@@ -384,3 +384,136 @@ async fn provision_init_prepares_a_tpm_before_the_first_start() {
     let (code, text) = env.audit_verify();
     assert_eq!(code, Some(0), "{text}");
 }
+
+/// Every TPM command waits for the TPM, so none may run on an async worker: the service reaches
+/// the backend only through its device gate, which keeps such calls on its own threads. In test
+/// builds the backend refuses a call made on an async worker (and logs it), so any token flow
+/// that bypassed the gate would fail here: POS request and paid tokens (HMAC seal and verify),
+/// one-time customer tokens and gift codes (keyed indexes), challenges (verify), key creation,
+/// rotation (generate, check value), the signed status list and plain sign and verify.
+#[tokio::test]
+async fn no_tpm_command_runs_on_an_async_worker() {
+    let env = Env::on(Backend::Tpm);
+    let d = env.start();
+    for k in [
+        "stores/1212/pos/0001/qr-request",
+        "stores/1212/pos/0001/qr-paid",
+        "stores/1212/customers/otp",
+        "stores/1212/giftcodes/pepper",
+        "stores/1212/cards/card-7",
+    ] {
+        create(&d, k, "hmac-sha256").await;
+    }
+    let mut svc = d.conn("service").await;
+    let mut officer = d.conn("officer").await;
+    let ok = |r: &(u16, serde_json::Value), what: &str| {
+        assert!(r.0 < 300, "{what}: {} {}", r.0, r.1);
+    };
+
+    let req = post(
+        &mut svc,
+        "/v1/tokens/pos-request:issue",
+        json!({"store_id": "1212", "pos_id": "0001", "purchase_id": "P-1", "amount": 1250,
+               "currency": "EUR", "description": "2 coffees"}),
+    )
+    .await;
+    ok(&req, "pos-request:issue");
+    let token = req.1["token"].as_str().unwrap().to_owned();
+    let checked = post(
+        &mut svc,
+        "/v1/tokens/pos-request:verify",
+        json!({"token": token}),
+    )
+    .await;
+    assert_eq!(checked.1["valid"], true, "{}", checked.1);
+    let paid = post(
+        &mut svc,
+        "/v1/tokens/pos-paid:issue",
+        json!({"request_token": token, "payment_ref": "PSP-1"}),
+    )
+    .await;
+    ok(&paid, "pos-paid:issue");
+    let paid_token = paid.1["token"].as_str().unwrap().to_owned();
+    let checked = post(
+        &mut svc,
+        "/v1/tokens/pos-paid:verify",
+        json!({"token": paid_token}),
+    )
+    .await;
+    assert_eq!(checked.1["valid"], true, "{}", checked.1);
+
+    let otp = post(
+        &mut svc,
+        "/v1/tokens/customer-otp:issue",
+        json!({"key": "stores/1212/customers/otp", "subject": "customer-1"}),
+    )
+    .await;
+    ok(&otp, "customer-otp:issue");
+    let redeemed = post(
+        &mut svc,
+        "/v1/tokens/customer-otp:redeem",
+        json!({"key": "stores/1212/customers/otp", "token": otp.1["token"]}),
+    )
+    .await;
+    assert_eq!(redeemed.1["redeemed"], true, "{}", redeemed.1);
+
+    let key = "stores/1212/giftcodes/pepper";
+    let g = post(
+        &mut svc,
+        "/v1/giftcodes:issue",
+        json!({"key": key, "pin": true}),
+    )
+    .await;
+    ok(&g, "giftcodes:issue");
+    let check = json!({"key": key, "code": g.1["code"], "pin": g.1["pin"]});
+    let checked = post(&mut svc, "/v1/giftcodes:check", check).await;
+    assert_eq!(checked.1["valid"], true, "{}", checked.1);
+
+    let c = post(
+        &mut svc,
+        "/v1/challenges",
+        json!({"key": "stores/1212/cards/card-7", "subject": "card-7"}),
+    )
+    .await;
+    ok(&c, "challenges");
+    // The card's key never left the TPM, so no answer can match; the check still runs there.
+    let answer = post(
+        &mut svc,
+        &format!("/v1/challenges/{}:verify", c.1["id"].as_str().unwrap()),
+        json!({"response": b64(&[0u8; 32])}),
+    )
+    .await;
+    assert_eq!(
+        answer.1["reason"], "the response does not match",
+        "{}",
+        answer.1
+    );
+
+    let name = "stores/1212/pos/0001/qr-paid";
+    let signed = post(
+        &mut svc,
+        &format!("/v1/keys/{name}:sign"),
+        json!({"message": b64(b"m")}),
+    )
+    .await;
+    ok(&signed, "sign");
+    let verified = post(
+        &mut svc,
+        &format!("/v1/keys/{name}:verify"),
+        json!({"message": b64(b"m"), "signature": signed.1["signature"]}),
+    )
+    .await;
+    assert_eq!(verified.1["valid"], true, "{}", verified.1);
+    ok(
+        &post(&mut officer, &format!("/v1/keys/{name}:rotate"), json!({})).await,
+        "rotate",
+    );
+    ok(&get(&mut svc, "/v1/status-list").await, "status-list");
+
+    let on_worker: Vec<String> = d
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("async worker"))
+        .collect();
+    assert!(on_worker.is_empty(), "{on_worker:#?}");
+}

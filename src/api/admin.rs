@@ -47,7 +47,7 @@ async fn answer(
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => {
             // Ready only while both the token answers and the audit trail accepts writes.
-            let backend = match state.service.backend().health() {
+            let backend = match state.service.device().health() {
                 Health::Ready => None,
                 Health::NotReady(reason) => Some(reason),
             };
@@ -76,9 +76,9 @@ async fn answer(
         "/metrics" => {
             let m = &state.metrics;
             m.backend_ready
-                .set(i64::from(state.service.backend().health() == Health::Ready));
+                .set(i64::from(state.service.device().health() == Health::Ready));
             m.keys.set(state.service.key_count() as i64);
-            if let Some(c) = state.service.backend().derived_cache() {
+            if let Some(c) = state.service.device().derived_cache() {
                 for (what, n) in [
                     ("held", c.held as i64),
                     ("capacity", c.capacity as i64),

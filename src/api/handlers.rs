@@ -229,7 +229,7 @@ pub async fn dispatch(
         Route::StatusList => {
             let q = list_query(query)?;
             note.key = Some(q.prefix.clone());
-            let s = svc.status_list(caller, &q.prefix)?;
+            let s = svc.status_list(caller, &q.prefix).await?;
             note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
             ok(
                 StatusCode::OK,
@@ -246,7 +246,7 @@ pub async fn dispatch(
             )
         }
         Route::WrappingKey => {
-            let pem = svc.import_wrapping_key()?;
+            let pem = svc.import_wrapping_key().await?;
             ok(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -387,7 +387,7 @@ pub async fn dispatch(
             let req: json::Decrypt = json::parse(body)?;
             let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
             let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            let (pt, version) = svc.decrypt(caller, name, &ciphertext, &aad)?;
+            let (pt, version) = svc.decrypt(caller, name, &ciphertext, &aad).await?;
             let pt = zeroize::Zeroizing::new(pt);
             ok(
                 StatusCode::OK,

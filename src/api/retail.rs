@@ -132,7 +132,7 @@ pub async fn dispatch(
         }
         Route::PosRequestVerify => {
             let req: json::TokenVerify = json::parse(body)?;
-            let c = svc.check_token(caller, &req.token, "pos-request")?;
+            let c = svc.check_token(caller, &req.token, "pos-request").await?;
             checked(&c, note)
         }
         Route::PosPaidVerify => {

@@ -34,10 +34,11 @@ use tokio::sync::oneshot;
 pub use self::chain::{verify_chain, ChainFault, ChainReport, Entry};
 pub use self::group::Admission;
 use self::group::{Admitted, Linger};
-use crate::backend::{KeyRef, ObjectRef, SharedBackend};
+use crate::backend::{KeyRef, ObjectRef};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::metrics::AuditMetrics;
+use crate::service::Device;
 
 /// Name of the writer's thread.
 pub const WRITER_THREAD: &str = "audit-writer";
@@ -99,7 +100,7 @@ impl AuditLog {
     pub async fn start(
         pool: AnyPool,
         sqlite_file: Option<&Path>,
-        backend: SharedBackend,
+        device: Arc<Device>,
         key: AuditKey,
         metrics: AuditMetrics,
     ) -> Result<Self, String> {
@@ -146,7 +147,7 @@ impl AuditLog {
         let head = Arc::new(AtomicU64::new(next_seq - 1));
         let admitted = Arc::new(Admitted::default());
         let writer = Writer {
-            backend,
+            device,
             key,
             next_seq,
             prev,
@@ -253,7 +254,8 @@ impl Store {
 }
 
 struct Writer {
-    backend: SharedBackend,
+    /// Called from the writer's own thread, which may wait on the device.
+    device: Arc<Device>,
     key: AuditKey,
     next_seq: u64,
     prev: String,
@@ -302,15 +304,13 @@ impl Writer {
                 mac: String::new(),
             };
             if i + 1 == batch.len() {
+                let key = KeyRef {
+                    key_type: KeyType::HmacSha256,
+                    object: &self.key.object,
+                };
                 let mac = self
-                    .backend
-                    .sign(
-                        KeyRef {
-                            key_type: KeyType::HmacSha256,
-                            object: &self.key.object,
-                        },
-                        &e.seal_input(),
-                    )
+                    .device
+                    .call_blocking(|b| b.sign(key, &e.seal_input()))
                     .map_err(|e| format!("MAC in the token: {e}"))?;
                 e.mac = chain::hex(&mac);
             }

@@ -100,6 +100,28 @@ pub enum BackendError {
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
+/// The name the daemon gives its async workers. A call that waits on a device must never run on
+/// one of them (it would stall every connection of that worker): the service's device gate keeps
+/// such calls on its own threads, and a backend whose calls wait refuses, in test builds, a call
+/// made on a thread of this name, so a call that bypasses the gate fails its test.
+pub const ASYNC_WORKER_THREAD: &str = "tillkeyd-worker";
+
+/// In test (debug) builds, an error if the calling thread is an async worker; see
+/// [`ASYNC_WORKER_THREAD`]. Release builds do not check.
+pub fn refuse_async_worker(backend: &str, what: &str) -> BackendResult<()> {
+    if cfg!(debug_assertions) && std::thread::current().name() == Some(ASYNC_WORKER_THREAD) {
+        tracing::error!(
+            backend,
+            operation = what,
+            "a device call reached the backend on an async worker"
+        );
+        return Err(BackendError::Failed(format!(
+            "{backend} {what} was called on an async worker, not through the device gate"
+        )));
+    }
+    Ok(())
+}
+
 /// Length of the AES-GCM nonce the service generates for each encryption.
 pub const GCM_NONCE_LEN: usize = 12;
 

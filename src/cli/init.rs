@@ -53,12 +53,14 @@ async fn service_keys(
     let registry = Registry::open(registry_url)
         .await
         .map_err(|e| format!("registry: {e}"))?;
+    // One gate in front of the device, as in the daemon; this thread may wait on it.
+    let device = crate::service::Device::start(backend.clone(), 1);
     let mut keys = Vec::new();
     for (name, key_type) in [
         (AUDIT_KEY, KeyType::HmacSha256),
         (STATUS_KEY, KeyType::EcdsaP256),
     ] {
-        let key = ensure_service_key(&registry, backend, name, key_type)
+        let key = ensure_service_key(&registry, &device, name, key_type)
             .await
             .map_err(|e| format!("{name}: {e} {}", e.internal_detail().unwrap_or("")))?;
         let v = key

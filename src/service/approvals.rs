@@ -112,7 +112,7 @@ impl Service {
         }
         // A backend that cannot import (a TPM) says so now, not after a second officer has
         // spent an approval on it. The wrapping key exists once made, so this costs a lookup.
-        self.backend.import_wrapping_key()?;
+        self.device.call(|b| b.import_wrapping_key()).await?;
         // RFC 5649 output is the material rounded up to 8 bytes plus 8: the blob's length says
         // how long the material is, so a 16-byte key cannot slip in as an AES-256 key.
         let allowed = if key_type == crate::keys::KeyType::HmacSha256 {
@@ -148,11 +148,9 @@ impl Service {
     }
 
     /// The public key importers wrap for (PEM), made in the token on first use.
-    pub fn import_wrapping_key(&self) -> Result<String, ServiceError> {
-        Ok(crate::encoding::pem(
-            "PUBLIC KEY",
-            &self.backend.import_wrapping_key()?,
-        ))
+    pub async fn import_wrapping_key(&self) -> Result<String, ServiceError> {
+        let der = self.device.call(|b| b.import_wrapping_key()).await?;
+        Ok(crate::encoding::pem("PUBLIC KEY", &der))
     }
 
     /// Step one of destroying a revoked or retired version: record it for a second officer.
@@ -254,7 +252,7 @@ impl Service {
         }
         let result = match a.action.as_str() {
             "destroy" => self.execute_destroy(&a, caller).await.map(Executed::Key),
-            "export" => self.execute_export(&a).map(Executed::Export),
+            "export" => self.execute_export(&a).await.map(Executed::Export),
             "import" => self.execute_import(&a, caller).await.map(Executed::Key),
             other => Err(ServiceError::Internal {
                 detail: format!("approval action {other} has no executor"),
@@ -334,7 +332,7 @@ impl Service {
         }
     }
 
-    fn execute_export(&self, a: &ApprovalRecord) -> Result<ExportResult, ServiceError> {
+    async fn execute_export(&self, a: &ApprovalRecord) -> Result<ExportResult, ServiceError> {
         let p: ExportParams =
             serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
                 detail: format!("approval params: {e}"),
@@ -346,16 +344,23 @@ impl Service {
             .ok_or_else(|| ServiceError::invalid("export needs a version"))?;
         let v = exportable(&key, version)?;
         let t = transport_version(&tkey)?;
-        let wrapped = self.backend.wrap(
-            KeyRef {
-                key_type: key.key_type,
-                object: &v.object,
-            },
-            KeyRef {
-                key_type: tkey.key_type,
-                object: &t.object,
-            },
-        )?;
+        let (key_type, object) = (key.key_type, v.object.clone());
+        let (transport_type, transport) = (tkey.key_type, t.object.clone());
+        let wrapped = self
+            .device
+            .call(move |b| {
+                b.wrap(
+                    KeyRef {
+                        key_type,
+                        object: &object,
+                    },
+                    KeyRef {
+                        key_type: transport_type,
+                        object: &transport,
+                    },
+                )
+            })
+            .await?;
         Ok(ExportResult {
             key: key.name.to_string(),
             version,
@@ -422,10 +427,15 @@ impl Service {
             .ok_or_else(|| ServiceError::invalid("destroy needs a version"))?;
         let v = destroyable(&key, version)?;
         self.no_dependents(&key, version)?;
-        self.backend.destroy(KeyRef {
-            key_type: key.key_type,
-            object: &v.object,
-        })?;
+        let (key_type, object) = (key.key_type, v.object.clone());
+        self.device
+            .call(move |b| {
+                b.destroy(KeyRef {
+                    key_type,
+                    object: &object,
+                })
+            })
+            .await?;
         let reason = format!(
             "requested by {}, approved by {}",
             a.requested_by, approver.identity

@@ -4,13 +4,11 @@
 //! single call is; then every item gets its own result. An item's own mistake (bad base64, a
 //! signature of the wrong length) is that item's error; a fault of the service or the device
 //! (token gone, internal error) fails the whole request, so an answer never mixes results with
-//! a hidden outage. The device calls run off the async workers (see [`off_worker`]): a long
-//! batch must not hold up the workers that carry every other connection.
-
-use std::sync::OnceLock;
+//! a hidden outage. The device calls run off the async workers ([`super::Device::batch`]): a
+//! long batch must not hold up the workers that carry every other connection.
 
 use super::{key_ref, verify_with, Caller, Service, SignatureFormat, Signed, Verified};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, KeyBackend};
 use crate::encoding;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
@@ -58,8 +56,7 @@ impl Service {
             .await?;
         let version = v.version;
         let key_type = key.key_type;
-        let backend = self.backend.clone();
-        let run = move || {
+        let run = move |backend: &dyn KeyBackend| {
             let messages: Vec<Vec<u8>> = items
                 .iter_mut()
                 .filter_map(|i| i.as_mut().ok().map(std::mem::take))
@@ -82,7 +79,7 @@ impl Service {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        let results = off_worker(key_type, run).await??;
+        let results = self.device.batch(key_type, run).await?;
         Ok((version, results))
     }
 
@@ -97,8 +94,7 @@ impl Service {
         check_size(items.len())?;
         let key = self.verifying_key(caller, name)?;
         let key_type = key.key_type;
-        let backend = self.backend.clone();
-        let run = move || {
+        let run = move |backend: &dyn KeyBackend| {
             items
                 .into_iter()
                 .map(|item| {
@@ -107,7 +103,7 @@ impl Service {
                         Err(e) => return Ok(Err(e)),
                     };
                     match verify_with(
-                        &backend,
+                        backend,
                         &key,
                         &item.message,
                         &item.signature,
@@ -121,7 +117,7 @@ impl Service {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        off_worker(key_type, run).await?
+        self.device.batch(key_type, run).await
     }
 }
 
@@ -157,36 +153,4 @@ fn item_error<T>(e: BackendError) -> Result<ItemResult<T>, ServiceError> {
     } else {
         Err(e)
     }
-}
-
-/// Run a batch's token calls off the async workers. Short calls (HMAC, ECDSA) go to the device
-/// threads, whose shared queue hands the next batch over the moment one ends; on the blocking
-/// pool each hand-over waited for an async worker to poll the finished batch and spawn the
-/// next, and the token sat idle about a fifth of the time under load (BENCHMARKS.md). Long
-/// calls (Ed25519) stay on the blocking pool, at most one batch per CPU, so a 256-item Ed25519
-/// batch (~60 ms) never queues in front of short single calls; so do all batches if no device
-/// thread could start.
-async fn off_worker<T: Send + 'static>(
-    key_type: KeyType,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    if super::device::takes(key_type) {
-        return super::device::run_batch(f).await;
-    }
-    let failed = |e: String| ServiceError::Internal {
-        detail: format!("batch worker failed: {e}"),
-    };
-    let _slot = slots().acquire().await.map_err(|e| failed(e.to_string()))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| failed(e.to_string()))
-}
-
-/// Long batches run at most one per CPU at a time. More would only queue inside the backend for
-/// a session, and every hand-over of a session between waiting threads costs a wake-up per item.
-fn slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    })
 }

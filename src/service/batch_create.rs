@@ -46,7 +46,7 @@ impl Service {
         let mut seen = HashSet::new();
         let mut made: Vec<(usize, KeyRecord)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            match self.make_one(caller, item, now, &mut seen) {
+            match self.make_one(caller, item, now, &mut seen).await {
                 Ok(rec) => made.push((i, rec)),
                 Err(e) => results[i] = Some(Err(e)),
             }
@@ -55,15 +55,17 @@ impl Service {
         match self.registry.insert_new_keys(recs.clone()).await {
             Ok(stored) => {
                 for ((slot, r), rec) in slots.into_iter().zip(stored).zip(&recs) {
+                    if r.is_none() {
+                        self.discard_first(rec).await;
+                    }
                     results[slot] = Some(r.ok_or_else(|| {
-                        self.discard_first(rec);
                         ServiceError::AlreadyExists(format!("key '{}' already exists", rec.name))
                     }));
                 }
             }
             Err(e) => {
                 for rec in &recs {
-                    self.discard_first(rec);
+                    self.discard_first(rec).await;
                 }
                 return Err(e.into());
             }
@@ -85,7 +87,7 @@ impl Service {
     }
 
     /// Check one item and make its first version in the device (not yet recorded).
-    fn make_one(
+    async fn make_one(
         &self,
         caller: &Caller,
         item: &NewKey,
@@ -110,15 +112,15 @@ impl Service {
                 "key '{name}' already exists"
             )));
         }
-        let first = self.first_version(&new, now, &caller.identity)?;
+        let first = self.first_version(&new, now, &caller.identity).await?;
         Ok(new.into_record(first, now, &caller.identity))
     }
 
     /// Remove the device object of a first version that was never recorded (nothing to do for
     /// derived keys beyond dropping them from the backend's cache).
-    fn discard_first(&self, rec: &KeyRecord) {
+    async fn discard_first(&self, rec: &KeyRecord) {
         for v in &rec.versions {
-            self.discard(rec.key_type, v);
+            self.discard(rec.key_type, v).await;
         }
     }
 

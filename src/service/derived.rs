@@ -18,11 +18,10 @@ use std::sync::Arc;
 use ring::digest;
 
 use super::{Caller, Service};
-use crate::backend::KeyRef;
 use crate::error::ServiceError;
-use crate::keys::{KeyName, KeyType};
+use crate::keys::KeyName;
 use crate::policy::Operation;
-use crate::registry::{Derivation, KeyRecord, VersionRecord};
+use crate::registry::KeyRecord;
 
 /// Domain label of the context; a new derivation scheme gets a new label.
 const LABEL: &[u8] = b"tillkey derived key v1";
@@ -67,44 +66,6 @@ impl Service {
             )));
         }
         Ok(key)
-    }
-
-    /// Version `version` of `name`, derived from the master's active version and checked by
-    /// computing its key check value.
-    pub(super) fn derive_version(
-        &self,
-        name: &KeyName,
-        key_type: KeyType,
-        master: &KeyRecord,
-        version: u32,
-        now: i64,
-        by: &str,
-    ) -> Result<VersionRecord, ServiceError> {
-        let mv = master.active().ok_or_else(|| {
-            ServiceError::FailedPrecondition(format!(
-                "master '{}' has no active version to derive from",
-                master.name
-            ))
-        })?;
-        let made = self.backend.derive(
-            KeyRef {
-                key_type: master.key_type,
-                object: &mv.object,
-            },
-            key_type,
-            &context(name, version),
-        )?;
-        let mut v = VersionRecord::new(version, now, by, made.object, None);
-        v.derivation = Some(Derivation {
-            master_version: mv.version,
-            kdf: made.kdf,
-        });
-        let kcv = self.backend.check_value(KeyRef {
-            key_type,
-            object: &v.object,
-        })?;
-        v.kcv = Some(crate::registry::hex_encode(&kcv));
-        Ok(v)
     }
 
     /// Keys with a usable version derived from version `version` of master `master`:

@@ -1,35 +1,19 @@
-//! Token calls to a device that makes them wait run on a few dedicated threads, not on the
-//! async workers; so do batches of short calls on every backend.
+//! The device gate: the only way the service reaches the key backend, and the one place that
+//! decides where a blocking token call runs.
 //!
-//! A call that waits for a device outside this process (a TPM command, a hardware or network
-//! HSM) would stall every connection on the worker that makes it: with single TPM calls on the
-//! workers, p99 rose by about a third at the same throughput (BENCHMARKS.md, 2026-12-04).
-//! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which
-//! devices do. A software token (SoftHSM) only computes, and there a call costs less on the
-//! worker that asked: single HMAC and ECDSA signs went faster there in 9 of 10 alternating
-//! pairs each, mostly with a lower p99 (2026-12-04, late), and Ed25519 calls measured 15-20 %
-//! slower on these threads (four busy threads on two CPUs pre-empt each other inside the
-//! token's locks). Until then every backend's short calls used these threads (measured 10-20 %
-//! cheaper on 2026-11-23, read as warm caches; not seen again since).
-//!
-//! The price on a software token: a call also waits on the worker for what the token makes it
-//! wait for, a free session or a key being created (the token's writes run alone; a whole
-//! create request took ~13 ms on SoftHSM here), and the worker's other connections wait with
-//! it. Key creation is an officer's act, rare next to signing; `backend.calls_on_workers =
-//! false` moves the calls here.
-//!
-//! Batches of short calls (HMAC, ECDSA) queue here on every backend, one job each: the queue
-//! hands the next batch over the moment one ends, where the blocking pool left the token idle a
-//! fifth of the time. They wait behind every waiting single call, so a single call waits at
-//! most for the batches already running (256 HMAC items, ~8 ms on SoftHSM); with one
-//! first-come queue, 8 clients sending batches held 32 clients' single signs to 2.6-2.8k/s at a
-//! p99 of 17-22 ms (BENCHMARKS.md).
+//! A call to a device that makes it wait (a TPM, a hardware or network HSM) runs on the gate's
+//! own threads, never on an async worker, where it would stall every connection of that worker.
+//! A software token only computes: its single calls run where they are asked, which measured
+//! cheaper. Batches of short calls run on the gate's threads on every backend, behind waiting
+//! single calls; longer batches on the blocking pool. The figures behind these choices are in
+//! BENCHMARKS.md.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
+use crate::backend::{DerivedCacheStats, Health, KeyBackend, KeyRef, ObjectRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 
@@ -43,46 +27,220 @@ type Job = Box<dyn FnOnce() + Send>;
 struct Jobs {
     single: VecDeque<Job>,
     batch: VecDeque<Job>,
+    /// Set when the gate is dropped: the threads finish what is queued and end.
+    closing: bool,
 }
 
+#[derive(Default)]
 struct Queue {
     jobs: Mutex<Jobs>,
     ready: Condvar,
 }
 
-/// Run `f`, the token call of one request: on a device thread if the backend
-/// `waits_on_device`, else right here.
-pub async fn run<T: Send + 'static>(
-    waits_on_device: bool,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    match queue().filter(|_| waits_on_device) {
-        Some(q) => submit(q, false, f).await,
-        None => Ok(f()),
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Run `f`, a batch of short calls (see [`takes`]), on a device thread once no single call is
-/// waiting.
-pub async fn run_batch<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    match queue() {
-        Some(q) => submit(q, true, f).await,
-        None => Ok(f()),
-    }
+/// The backend behind its threads. Dropping the gate ends its threads once their queue is empty.
+pub struct Device {
+    backend: SharedBackend,
+    /// `None` if no thread could start: calls then run where they are asked.
+    queue: Option<Arc<Queue>>,
+    threads: usize,
+    /// Whether single calls go to the threads (the backend waits on a device).
+    single_calls_queue: bool,
+    /// Long batches run at most one per CPU at a time: more would only queue inside the backend
+    /// for a session, and every hand-over of a session costs a wake-up per item.
+    long_batches: tokio::sync::Semaphore,
 }
 
-async fn submit<T: Send + 'static>(
-    q: &Queue,
-    batch: bool,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    enqueue(q, batch, f)
-        .await
-        .map_err(|_| ServiceError::Internal {
-            detail: "a device thread dropped a call".into(),
+impl Device {
+    /// Open the gate in front of `backend`, which can have `parallel_calls` calls in flight (its
+    /// sessions or contexts). A device that makes calls wait gets one thread per call it can
+    /// have in flight: with one per CPU, a network HSM answering in 1 ms would be held to about
+    /// 2,000 calls a second on two CPUs however many sessions it has. A computing token gets
+    /// one per CPU, for batches.
+    pub fn start(backend: SharedBackend, parallel_calls: usize) -> Self {
+        let waits = backend.waits_on_device();
+        let wanted = threads_for(waits, parallel_calls);
+        let queue = Arc::new(Queue::default());
+        let threads = (0..wanted)
+            .filter(|i| {
+                let q = queue.clone();
+                std::thread::Builder::new()
+                    .name(format!("{THREAD_PREFIX}{i}"))
+                    .spawn(move || serve(&q))
+                    .map_err(|e| tracing::warn!(error = %e, "cannot start a device thread"))
+                    .is_ok()
+            })
+            .count();
+        Self {
+            backend,
+            queue: (threads > 0).then_some(queue),
+            threads,
+            single_calls_queue: waits,
+            long_batches: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+        }
+    }
+
+    /// How many device threads run.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run `f`, the token call (or calls) of one request, on a device thread if the backend
+    /// waits on its device, else right here.
+    pub async fn call<T, E>(
+        &self,
+        f: impl FnOnce(&dyn KeyBackend) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        E: Into<ServiceError> + Send + 'static,
+    {
+        match self.queue.as_ref().filter(|_| self.single_calls_queue) {
+            Some(q) => self.submit(q, false, f).await,
+            None => f(&*self.backend).map_err(Into::into),
+        }
+    }
+
+    /// Run `f`, a batch of calls with keys of `key_type`, off the async workers. Short calls
+    /// (HMAC, ECDSA) queue on the device threads behind single calls, and the queue hands the
+    /// next batch over the moment one ends (the blocking pool left the token idle a fifth of the
+    /// time). Long calls (Ed25519) go to the blocking pool, one batch per CPU at a time, so a
+    /// 256-item batch never queues in front of short single calls; so do all batches if no
+    /// device thread could start.
+    pub async fn batch<T, E>(
+        &self,
+        key_type: KeyType,
+        f: impl FnOnce(&dyn KeyBackend) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        E: Into<ServiceError> + Send + 'static,
+    {
+        match self.queue.as_ref() {
+            Some(q) if short_call(key_type) => self.submit(q, true, f).await,
+            _ => {
+                let _slot = self.long_batches.acquire().await.map_err(|_| dropped())?;
+                let backend = self.backend.clone();
+                tokio::task::spawn_blocking(move || f(&*backend))
+                    .await
+                    .map_err(|_| dropped())?
+                    .map_err(Into::into)
+            }
+        }
+    }
+
+    /// MAC or sign `message` with one key version (see [`KeyBackend::sign`]).
+    pub async fn sign(
+        &self,
+        key_type: KeyType,
+        object: &ObjectRef,
+        message: Vec<u8>,
+    ) -> Result<Vec<u8>, ServiceError> {
+        let object = object.clone();
+        self.call(move |b| {
+            b.sign(
+                KeyRef {
+                    key_type,
+                    object: &object,
+                },
+                &message,
+            )
         })
+        .await
+    }
+
+    /// Check a MAC or signature against the first of `objects` that accepts it (newest first is
+    /// the caller's order); the answer is that object's index.
+    pub async fn verify_any(
+        &self,
+        key_type: KeyType,
+        objects: Vec<ObjectRef>,
+        message: Vec<u8>,
+        signature: Vec<u8>,
+    ) -> Result<Option<usize>, ServiceError> {
+        self.call(move |b| {
+            for (i, object) in objects.iter().enumerate() {
+                if b.verify(KeyRef { key_type, object }, &message, &signature)? {
+                    return Ok(Some(i));
+                }
+            }
+            Ok::<_, crate::backend::BackendError>(None)
+        })
+        .await
+    }
+
+    /// Run `f` here, on a thread that is not an async worker (the audit writer, a CLI tool):
+    /// such a thread may wait on the device.
+    pub fn call_blocking<T>(&self, f: impl FnOnce(&dyn KeyBackend) -> T) -> T {
+        f(&*self.backend)
+    }
+
+    /// The backend's short name ("pkcs11", "tpm").
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Whether single calls leave the async workers (see [`KeyBackend::waits_on_device`]).
+    pub fn waits_on_device(&self) -> bool {
+        self.single_calls_queue
+    }
+
+    pub fn supports(&self, key_type: KeyType) -> bool {
+        self.backend.supports(key_type)
+    }
+
+    /// Readiness as the backend last saw it (kept by the backend; no device call).
+    pub fn health(&self) -> Health {
+        self.backend.health()
+    }
+
+    pub fn derived_cache(&self) -> Option<DerivedCacheStats> {
+        self.backend.derived_cache()
+    }
+
+    /// Release what the device keeps for this process (see [`KeyBackend::close`]).
+    pub fn close(&self) {
+        self.backend.close();
+    }
+
+    async fn submit<T, E>(
+        &self,
+        q: &Queue,
+        batch: bool,
+        f: impl FnOnce(&dyn KeyBackend) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        E: Into<ServiceError> + Send + 'static,
+    {
+        let backend = self.backend.clone();
+        enqueue(q, batch, move || f(&*backend))
+            .await
+            .map_err(|_| dropped())?
+            .map_err(Into::into)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(q) = &self.queue {
+            q.lock().closing = true;
+            q.ready.notify_all();
+        }
+    }
+}
+
+fn dropped() -> ServiceError {
+    ServiceError::Internal {
+        detail: "a device call ended without an answer".into(),
+    }
 }
 
 fn enqueue<T: Send + 'static>(
@@ -95,7 +253,7 @@ fn enqueue<T: Send + 'static>(
         let _ = tx.send(f());
     });
     {
-        let mut jobs = q.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = q.lock();
         if batch {
             jobs.batch.push_back(job);
         } else {
@@ -106,34 +264,12 @@ fn enqueue<T: Send + 'static>(
     rx
 }
 
-/// Whether [`run_batch`] takes a batch of calls with keys of `key_type` (they are short, and
-/// the threads are running); other batches go to the blocking pool.
-pub fn takes(key_type: KeyType) -> bool {
-    short_call(key_type) && queue().is_some()
-}
-
 fn short_call(key_type: KeyType) -> bool {
     matches!(key_type, KeyType::HmacSha256 | KeyType::EcdsaP256)
 }
 
-/// The queue and how many threads serve it; `None` if no thread could start.
-static POOL: OnceLock<Option<(Arc<Queue>, usize)>> = OnceLock::new();
-
-/// Start the device threads, `threads` of them (at least one), unless they are running already;
-/// the count they run with is the answer. The daemon calls this at start with what its backend
-/// can use: a device that makes calls wait wants one thread for every call it can have in
-/// flight (its sessions), not one per CPU (see [`threads_for`]).
-pub fn start(threads: usize) -> usize {
-    POOL.get_or_init(|| spawn(threads.max(1)))
-        .as_ref()
-        .map_or(0, |(_, n)| *n)
-}
-
-/// How many device threads a backend wants: one per CPU for calls that compute (batches on a
-/// software token), one per call the device can have in flight when calls wait on it: with one
-/// per CPU, a network HSM answering in 1 ms would be held to ~2,000 calls a second on two CPUs
-/// however many sessions it has.
-pub fn threads_for(waits_on_device: bool, parallel_calls: usize) -> usize {
+/// How many device threads a backend wants (see [`Device::start`]).
+fn threads_for(waits_on_device: bool, parallel_calls: usize) -> usize {
     if waits_on_device {
         parallel_calls.max(1)
     } else {
@@ -141,39 +277,16 @@ pub fn threads_for(waits_on_device: bool, parallel_calls: usize) -> usize {
     }
 }
 
-/// The shared queue; without [`start`], its threads (one per CPU) start with the first call.
-/// `None` if no thread could start: calls then run where they are asked, as before.
-fn queue() -> Option<&'static Queue> {
-    POOL.get_or_init(|| spawn(threads_for(false, 0)))
-        .as_ref()
-        .map(|(q, _)| &**q)
-}
-
-fn spawn(n: usize) -> Option<(Arc<Queue>, usize)> {
-    let q = Arc::new(Queue {
-        jobs: Mutex::new(Jobs::default()),
-        ready: Condvar::new(),
-    });
-    let started = (0..n)
-        .filter(|i| {
-            let q = q.clone();
-            std::thread::Builder::new()
-                .name(format!("{THREAD_PREFIX}{i}"))
-                .spawn(move || serve(&q))
-                .map_err(|e| tracing::warn!(error = %e, "cannot start a device thread"))
-                .is_ok()
-        })
-        .count();
-    (started > 0).then_some((q, started))
-}
-
 fn serve(q: &Queue) {
     loop {
         let job = {
-            let mut jobs = q.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut jobs = q.lock();
             loop {
                 if let Some(j) = jobs.single.pop_front().or_else(|| jobs.batch.pop_front()) {
                     break j;
+                }
+                if jobs.closing {
+                    return;
                 }
                 jobs = q.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
             }
@@ -185,96 +298,4 @@ fn serve(q: &Queue) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn thread_name() -> String {
-        std::thread::current().name().unwrap_or("").to_owned()
-    }
-
-    #[test]
-    fn a_device_that_makes_calls_wait_gets_a_thread_per_call_in_flight() {
-        let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(threads_for(true, 6), 6);
-        assert_eq!(threads_for(true, 0), 1);
-        assert_eq!(threads_for(false, 6), cpus);
-    }
-
-    #[tokio::test]
-    async fn calls_that_wait_go_to_device_threads_and_computed_ones_stay() {
-        let waits = run(true, thread_name).await.unwrap();
-        assert!(waits.starts_with("device-"), "ran on {waits}");
-        let here = thread_name();
-        let computed = run(false, thread_name).await.unwrap();
-        assert_eq!(computed, here);
-        assert!(takes(KeyType::EcdsaP256) && takes(KeyType::HmacSha256));
-        assert!(
-            !takes(KeyType::Ed25519),
-            "long batches stay on the blocking pool"
-        );
-        let batch = run_batch(thread_name).await.unwrap();
-        assert!(batch.starts_with("device-"), "batch ran on {batch}");
-    }
-
-    #[tokio::test]
-    async fn a_waiting_single_call_goes_before_a_batch_queued_earlier() {
-        let q = queue().expect("device threads");
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // Occupy every device thread.
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let mut release = Vec::new();
-        let mut blockers = Vec::new();
-        for _ in 0..n {
-            let (tx, rx) = std::sync::mpsc::channel::<()>();
-            let started_tx = started_tx.clone();
-            release.push(tx);
-            blockers.push(enqueue(q, true, move || {
-                started_tx.send(()).unwrap();
-                let _ = rx.recv();
-            }));
-        }
-        for _ in 0..n {
-            started
-                .recv_timeout(Duration::from_secs(30))
-                .expect("every device thread takes a blocker");
-        }
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let o = order.clone();
-        let batch = enqueue(q, true, move || o.lock().unwrap().push("batch"));
-        let o = order.clone();
-        let single = enqueue(q, false, move || o.lock().unwrap().push("single"));
-        // One thread comes free: it must take the single call first.
-        release[0].send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), single)
-            .await
-            .expect("the single call runs")
-            .unwrap();
-        assert_eq!(order.lock().unwrap()[0], "single");
-        for r in &release[1..] {
-            r.send(()).unwrap();
-        }
-        tokio::time::timeout(Duration::from_secs(30), batch)
-            .await
-            .expect("the batch runs")
-            .unwrap();
-        for b in blockers {
-            b.await.unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn a_panicking_call_is_an_error_and_the_threads_live_on() {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for _ in 0..n {
-            let failed = run(true, || -> u32 { panic!("device call") }).await;
-            assert!(matches!(failed, Err(ServiceError::Internal { .. })));
-        }
-        // Bounded, so a dead pool fails the test instead of hanging it.
-        let after = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            run(true, || 7).await
-        });
-        assert_eq!(after.await.expect("a device thread answers").unwrap(), 7);
-    }
-}
+mod tests;

@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
+use super::versions::Made;
+use super::Device;
 use super::{authorize_all, unix_now, Caller, Service};
-use crate::backend::{KeyRef, SharedBackend};
 use crate::error::ServiceError;
 use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
 use crate::policy::Operation;
@@ -105,7 +106,7 @@ impl LifecycleInput {
 /// The registry record of a service key under `tillkey/`, created in the token on first start.
 pub async fn ensure_service_key(
     registry: &Registry,
-    backend: &SharedBackend,
+    device: &Device,
     name: &str,
     key_type: KeyType,
 ) -> Result<Arc<KeyRecord>, ServiceError> {
@@ -119,11 +120,14 @@ pub async fn ensure_service_key(
         .reserve(&name, key_type, &lifecycle, now, SERVICE)
         .await?;
     let label = format!("tillkey:{name}#1");
-    let g = match backend.generate(key_type, &label, false) {
+    let made = device
+        .call(move |b| b.generate(key_type, &label, false))
+        .await;
+    let g = match made {
         Ok(g) => g,
         Err(e) => {
             registry.release(&name).await?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     let rec = KeyRecord {
@@ -212,10 +216,10 @@ impl Service {
                 Some(self.master_for(caller, m)?)
             }
         };
-        if !self.backend.supports(key_type) {
+        if !self.device.supports(key_type) {
             return Err(ServiceError::UnsupportedOperation(format!(
                 "the {} backend cannot hold {} keys",
-                self.backend.kind(),
+                self.device.kind(),
                 key_type.as_str()
             )));
         }
@@ -251,7 +255,7 @@ impl Service {
             }
             other => other?,
         }
-        let first = match self.first_version(&new, now, by) {
+        let first = match self.first_version(&new, now, by).await {
             Ok(v) => v,
             Err(e) => {
                 self.registry.release(&name).await?;
@@ -265,30 +269,10 @@ impl Service {
         {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                self.discard(key_type, &first);
+                self.discard(key_type, &first).await;
                 self.registry.release(&name).await?;
                 Err(e.into())
             }
-        }
-    }
-
-    /// Version 1 of a checked new key: derived from its master, or generated in the device.
-    pub(super) fn first_version(
-        &self,
-        new: &NewKeyChecked,
-        now: i64,
-        by: &str,
-    ) -> Result<VersionRecord, ServiceError> {
-        match &new.master {
-            Some(m) => self.derive_version(&new.name, new.key_type, m, 1, now, by),
-            None => self.generate_version(
-                &new.name,
-                new.key_type,
-                new.lifecycle.exportable,
-                1,
-                now,
-                by,
-            ),
         }
     }
 
@@ -319,26 +303,25 @@ impl Service {
             }
             other => other?,
         }
-        let label = format!("tillkey:{name}#1");
-        let imported = match self
-            .backend
-            .import(key_type, &label, encrypted_kek, wrapped_key)
+        let made = Made {
+            version: 1,
+            now,
+            by: requested_by,
+        };
+        let mut v = match self
+            .import_version(name, key_type, encrypted_kek, wrapped_key, made)
+            .await
         {
-            Ok(g) => g,
+            Ok(v) => v,
             Err(e) => {
                 self.registry.release(name).await?;
-                return Err(e.into());
+                return Err(e);
             }
         };
-        let mut v = VersionRecord::new(1, now, requested_by, imported.object, None);
         v.reason = Some(reason.to_owned());
-        if let Err(e) = self.attach_check_value(key_type, &mut v) {
-            self.registry.release(name).await?;
-            return Err(e);
-        }
         if let Some(expected) = expected_kcv {
             if v.kcv.as_deref() != Some(expected) {
-                self.discard(key_type, &v);
+                self.discard(key_type, &v).await;
                 self.registry.release(name).await?;
                 return Err(ServiceError::invalid(
                     "the imported key's check value differs from the one given; nothing was imported",
@@ -357,92 +340,10 @@ impl Service {
         match self.registry.insert_first_version(rec).await {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                self.discard(key_type, &v);
+                self.discard(key_type, &v).await;
                 self.registry.release(name).await?;
                 Err(e.into())
             }
-        }
-    }
-
-    pub(super) fn generate_version(
-        &self,
-        name: &KeyName,
-        key_type: KeyType,
-        exportable: bool,
-        version: u32,
-        now: i64,
-        by: &str,
-    ) -> Result<VersionRecord, ServiceError> {
-        let label = format!("tillkey:{name}#{version}");
-        let g = self.backend.generate(key_type, &label, exportable)?;
-        let mut v = VersionRecord::new(version, now, by, g.object, g.public_key_der);
-        self.attach_check_value(key_type, &mut v)?;
-        Ok(v)
-    }
-
-    /// The next version of an existing key: derived from its master's active version, or
-    /// generated.
-    fn next_version(
-        &self,
-        key: &KeyRecord,
-        version: u32,
-        now: i64,
-        by: &str,
-    ) -> Result<VersionRecord, ServiceError> {
-        match &key.derive_from {
-            Some(m) => {
-                let master = self.registry.get(m).ok_or_else(|| {
-                    ServiceError::FailedPrecondition(format!(
-                        "master '{m}' of '{}' no longer exists",
-                        key.name
-                    ))
-                })?;
-                self.derive_version(&key.name, key.key_type, &master, version, now, by)
-            }
-            None => self.generate_version(
-                &key.name,
-                key.key_type,
-                key.lifecycle.exportable,
-                version,
-                now,
-                by,
-            ),
-        }
-    }
-
-    /// Compute and record the key check value of a new symmetric version; a version whose KCV
-    /// cannot be computed is removed from the token rather than kept half-described.
-    fn attach_check_value(
-        &self,
-        key_type: KeyType,
-        v: &mut VersionRecord,
-    ) -> Result<(), ServiceError> {
-        // Masters have no KCV: they can neither MAC nor encrypt a check block.
-        if key_type.is_asymmetric() || key_type.derives() {
-            return Ok(());
-        }
-        match self.backend.check_value(KeyRef {
-            key_type,
-            object: &v.object,
-        }) {
-            Ok(kcv) => {
-                v.kcv = Some(crate::registry::hex_encode(&kcv));
-                Ok(())
-            }
-            Err(e) => {
-                self.discard(key_type, v);
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Remove a freshly generated object that never reached the registry.
-    pub(super) fn discard(&self, key_type: KeyType, v: &VersionRecord) {
-        if let Err(e) = self.backend.destroy(KeyRef {
-            key_type,
-            object: &v.object,
-        }) {
-            tracing::warn!(error = %e, "could not remove an unrecorded key object");
         }
     }
 
@@ -455,7 +356,12 @@ impl Service {
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let now = unix_now();
         let next = key.latest_version() + 1;
-        let fresh = self.next_version(key, next, now, by)?;
+        let made = Made {
+            version: next,
+            now,
+            by,
+        };
+        let fresh = self.next_version(key, made).await?;
         let mut new = key.clone();
         for v in &mut new.versions {
             if v.state == VersionState::Active {
@@ -468,7 +374,7 @@ impl Service {
         match self.registry.commit(key, new).await {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                self.discard(key.key_type, &fresh);
+                self.discard(key.key_type, &fresh).await;
                 Err(e.into())
             }
         }

@@ -13,11 +13,12 @@ mod envelope;
 pub mod lifecycle;
 mod scheduler;
 pub mod status;
+mod versions;
 
 pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
 pub use derived::context as derivation_context;
-pub use device::THREAD_PREFIX as DEVICE_THREAD_PREFIX;
+pub use device::{Device, THREAD_PREFIX as DEVICE_THREAD_PREFIX};
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -26,19 +27,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::audit::{self, AuditLog};
-use crate::backend::{KeyRef, SharedBackend, GCM_NONCE_LEN};
+use crate::backend::{KeyBackend, KeyRef, GCM_NONCE_LEN};
 use crate::encoding;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType};
 use crate::policy::{Operation, PolicyHandle};
 use crate::registry::{KeyRecord, Registry, VersionRecord};
-
-/// Start the threads that waiting token calls and short batches run on, as many as a backend
-/// that can have `parallel_calls` calls in flight can use (see `device`); the answer is how
-/// many run.
-pub fn start_device_threads(waits_on_device: bool, parallel_calls: usize) -> usize {
-    device::start(device::threads_for(waits_on_device, parallel_calls))
-}
 
 /// Most keys one listing page returns.
 pub const LIST_PAGE: usize = 1000;
@@ -68,7 +62,7 @@ pub struct Verified {
 }
 
 pub struct Service {
-    pub(crate) backend: SharedBackend,
+    pub(crate) device: Arc<Device>,
     pub(crate) registry: Registry,
     policy: PolicyHandle,
     audit: AuditLog,
@@ -84,13 +78,13 @@ pub struct Service {
 
 impl Service {
     pub fn new(
-        backend: SharedBackend,
+        device: Arc<Device>,
         registry: Registry,
         policy: PolicyHandle,
         audit: AuditLog,
     ) -> Self {
         Self {
-            backend,
+            device,
             registry,
             policy,
             audit,
@@ -102,8 +96,8 @@ impl Service {
         }
     }
 
-    pub fn backend(&self) -> &SharedBackend {
-        &self.backend
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn policy(&self) -> &PolicyHandle {
@@ -276,11 +270,11 @@ impl Service {
     ) -> Result<Signed, ServiceError> {
         let name = self.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self.claim_active(&name, "sign", |t| t.signs()).await?;
-        let (backend, k, version) = (self.backend.clone(), key.clone(), v.version);
-        let raw = device::run(self.backend.waits_on_device(), move || {
-            backend.sign(key_ref(&k, &v), &message)
-        })
-        .await??;
+        let (k, version) = (key.clone(), v.version);
+        let raw = self
+            .device
+            .call(move |b| b.sign(key_ref(&k, &v), &message))
+            .await?;
         let signature = match (key.key_type, format) {
             (KeyType::EcdsaP256, SignatureFormat::Der) => encoding::ecdsa_raw_to_der(&raw)
                 .ok_or_else(|| ServiceError::Internal {
@@ -351,11 +345,9 @@ impl Service {
         format: SignatureFormat,
     ) -> Result<Verified, ServiceError> {
         let key = self.verifying_key(caller, name)?;
-        let backend = self.backend.clone();
-        device::run(self.backend.waits_on_device(), move || {
-            verify_with(&backend, &key, &message, &signature, version, format)
-        })
-        .await?
+        self.device
+            .call(move |b| verify_with(b, &key, &message, &signature, version, format))
+            .await
     }
 
     /// The key a verify names, after the policy, existence and key-type checks.
@@ -381,7 +373,6 @@ impl Service {
         let (key, v) = self
             .claim_active(&name, "encrypt", |t| t.encrypts())
             .await?;
-        let v = v.as_ref();
         let mut nonce = [0u8; GCM_NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -392,13 +383,16 @@ impl Service {
             version: v.version,
             nonce,
         };
+        let (aad, plaintext) = (header.aad(aad), plaintext.to_vec());
+        let version = v.version;
         let sealed = self
-            .backend
-            .encrypt(key_ref(&key, v), &nonce, &header.aad(aad), plaintext)?;
-        Ok((header.seal(&sealed), v.version))
+            .device
+            .call(move |b| b.encrypt(key_ref(&key, &v), &nonce, &aad, &plaintext))
+            .await?;
+        Ok((header.seal(&sealed), version))
     }
 
-    pub fn decrypt(
+    pub async fn decrypt(
         &self,
         caller: &Caller,
         name: &str,
@@ -409,18 +403,25 @@ impl Service {
         let key = self.lookup(&name)?;
         require(key.key_type.encrypts(), "decrypt", &key)?;
         let (header, body) = envelope::Header::open(ciphertext)?;
-        let v = match checkable_versions(&key, Some(header.version)) {
-            Ok(vs) => vs.into_iter().next(),
+        let version = match checkable_versions(&key, Some(header.version)) {
+            Ok(vs) => vs.into_iter().next().map(|v| v.version),
             // An unknown version in the header is a ciphertext this key never made.
             Err(ServiceError::NotFound(_)) => None,
             Err(e) => return Err(e),
         }
         .ok_or_else(|| ServiceError::invalid("ciphertext was not made by this key"))?;
-        match self
-            .backend
-            .decrypt(key_ref(&key, v), &header.nonce, &header.aad(aad), body)?
-        {
-            Some(pt) => Ok((pt, v.version)),
+        let (aad, body) = (header.aad(aad), body.to_vec());
+        let opened = self
+            .device
+            .call(move |b| {
+                let v = key.version(version).ok_or_else(|| ServiceError::Internal {
+                    detail: "a checked version vanished".into(),
+                })?;
+                Ok::<_, ServiceError>(b.decrypt(key_ref(&key, v), &header.nonce, &aad, &body)?)
+            })
+            .await?;
+        match opened {
+            Some(pt) => Ok((pt, version)),
             None => Err(ServiceError::invalid(
                 "decryption failed: ciphertext or associated data is not authentic",
             )),
@@ -430,7 +431,7 @@ impl Service {
 
 /// Verify with a key already authorized by [`Service::verifying_key`].
 pub(crate) fn verify_with(
-    backend: &SharedBackend,
+    backend: &dyn KeyBackend,
     key: &KeyRecord,
     message: &[u8],
     signature: &[u8],

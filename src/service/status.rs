@@ -32,7 +32,11 @@ pub struct SignedStatus {
 impl Service {
     /// Revoked, retired and destroyed versions under `prefix` of the keys the caller may read or
     /// verify with, signed now.
-    pub fn status_list(&self, caller: &Caller, prefix: &str) -> Result<SignedStatus, ServiceError> {
+    pub async fn status_list(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+    ) -> Result<SignedStatus, ServiceError> {
         if prefix.len() > crate::keys::MAX_NAME_LEN + 1
             || !prefix
                 .bytes()
@@ -87,24 +91,37 @@ impl Service {
             entries,
         };
         let kid = format!("{STATUS_KEY}#{}", active.version);
-        let key = KeyRef {
-            key_type: KeyType::EcdsaP256,
-            object: &active.object,
-        };
-        let cose = crate::statuslist::sign1(&list, kid.as_bytes(), |tbs| {
-            self.backend.sign(key, tbs).map_err(|e| e.to_string())
-        })
-        .map_err(|e| ServiceError::Internal {
-            detail: format!("signing the status list: {e}"),
-        })?;
+        let (sequence, issued_at, expires_at, count) = (
+            list.sequence,
+            list.issued_at,
+            list.expires_at,
+            list.entries.len(),
+        );
+        let public_key_der = active.public_key_der.clone().unwrap_or_default();
+        let (object, signing_kid) = (active.object.clone(), kid.clone());
+        let cose = self
+            .device
+            .call(move |b| {
+                let key = KeyRef {
+                    key_type: KeyType::EcdsaP256,
+                    object: &object,
+                };
+                crate::statuslist::sign1(&list, signing_kid.as_bytes(), |tbs| {
+                    b.sign(key, tbs).map_err(|e| e.to_string())
+                })
+                .map_err(|e| ServiceError::Internal {
+                    detail: format!("signing the status list: {e}"),
+                })
+            })
+            .await?;
         Ok(SignedStatus {
             cose,
             kid,
-            public_key_der: active.public_key_der.clone().unwrap_or_default(),
-            sequence: list.sequence,
-            issued_at: list.issued_at,
-            expires_at: list.expires_at,
-            entries: list.entries.len(),
+            public_key_der,
+            sequence,
+            issued_at,
+            expires_at,
+            entries: count,
         })
     }
 }

@@ -10,7 +10,6 @@
 //! increases and the opening side requires to increase: a replayed or older message is refused.
 //! The counter travels in the clear but is authenticated as associated data.
 
-use crate::backend::KeyRef;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
@@ -117,20 +116,17 @@ impl Service {
             return Ok((false, Some("expired"), subject));
         }
         let message = challenge_message(&hex_decode(&challenge).unwrap_or_default(), &subject);
-        let mut ok = false;
-        for v in record.versions.iter().filter(|v| v.state.may_check()) {
-            if self.backend.verify(
-                KeyRef {
-                    key_type: KeyType::HmacSha256,
-                    object: &v.object,
-                },
-                &message,
-                response,
-            )? {
-                ok = true;
-                break;
-            }
-        }
+        let objects = record
+            .versions
+            .iter()
+            .filter(|v| v.state.may_check())
+            .map(|v| v.object.clone())
+            .collect();
+        let ok = self
+            .device
+            .verify_any(KeyType::HmacSha256, objects, message, response.to_vec())
+            .await?
+            .is_some();
         if !ok {
             return Ok((false, Some("the response does not match"), subject));
         }
@@ -179,7 +175,9 @@ impl Service {
         if counter < 1 {
             return Err(ServiceError::invalid("counter starts at 1"));
         }
-        let (pt, v) = self.decrypt(caller, name, ciphertext, &seal_aad(sender, counter, aad))?;
+        let (pt, v) = self
+            .decrypt(caller, name, ciphertext, &seal_aad(sender, counter, aad))
+            .await?;
         if !self.registry.advance_counter(name, sender, counter).await? {
             return Err(ServiceError::FailedPrecondition(format!(
                 "counter {counter} from '{sender}' is not above the last one opened: replayed or out of order"

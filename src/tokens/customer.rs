@@ -62,7 +62,7 @@ pub struct DeviceCheck {
 impl Service {
     /// HMAC under `key`'s versions (active first) of `label || data`, hex: the storage index of a
     /// secret that must never be stored itself.
-    pub(crate) fn keyed_indexes(
+    pub(crate) async fn keyed_indexes(
         &self,
         key: &crate::registry::KeyRecord,
         label: &[u8],
@@ -74,18 +74,22 @@ impl Service {
             .filter(|v| v.state.may_check())
             .collect();
         versions.sort_by_key(|v| std::cmp::Reverse(v.state == crate::keys::VersionState::Active));
-        let mut out = Vec::new();
-        for v in versions {
-            let mac = self.backend.sign(
-                KeyRef {
-                    key_type: KeyType::HmacSha256,
-                    object: &v.object,
-                },
-                &[label, data].concat(),
-            )?;
-            out.push(hex_encode(&mac));
-        }
-        Ok(out)
+        let objects: Vec<_> = versions.iter().map(|v| v.object.clone()).collect();
+        let message = [label, data].concat();
+        self.device
+            .call(move |b| {
+                objects
+                    .iter()
+                    .map(|object| {
+                        let key = KeyRef {
+                            key_type: KeyType::HmacSha256,
+                            object,
+                        };
+                        b.sign(key, &message).map(|mac| hex_encode(&mac))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
     }
 
     pub async fn issue_customer_otp(
@@ -109,13 +113,14 @@ impl Service {
             })
             .await?;
         let secret = random::<16>(self)?;
-        let mac = self.backend.sign(
-            KeyRef {
-                key_type: KeyType::HmacSha256,
-                object: &v.object,
-            },
-            &[OTP_LABEL, &secret].concat(),
-        )?;
+        let mac = self
+            .device
+            .sign(
+                KeyType::HmacSha256,
+                &v.object,
+                [OTP_LABEL, &secret].concat(),
+            )
+            .await?;
         let expires_at = unix_now() + ttl as i64;
         self.registry
             .insert_otp(&hex_encode(&mac), key, subject, expires_at)
@@ -147,7 +152,7 @@ impl Service {
             .filter(|s| s.len() == 16)
             .unwrap_or_else(|| vec![0u8; 16]); // still computed: a malformed token costs the same
         let now = unix_now();
-        for idx in self.keyed_indexes(&record, OTP_LABEL, &secret)? {
+        for idx in self.keyed_indexes(&record, OTP_LABEL, &secret).await? {
             if let Some(subject) = self.registry.redeem_otp(&idx, key, now).await? {
                 return Ok(Some(subject));
             }

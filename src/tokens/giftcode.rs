@@ -108,7 +108,7 @@ impl Service {
         Ok((code, pin))
     }
 
-    fn code_indexes(
+    async fn code_indexes(
         &self,
         key: &crate::registry::KeyRecord,
         code: &str,
@@ -116,13 +116,15 @@ impl Service {
         pin: Option<&str>,
     ) -> Result<(String, Option<String>), ServiceError> {
         let code_idx = self
-            .keyed_indexes(key, CODE_LABEL, code.as_bytes())?
+            .keyed_indexes(key, CODE_LABEL, code.as_bytes())
+            .await?
             .into_iter()
             .next()
             .unwrap_or_default();
         let pin_idx = match pin {
             Some(p) => self
-                .keyed_indexes(key, PIN_LABEL, format!("{id}\0{p}").as_bytes())?
+                .keyed_indexes(key, PIN_LABEL, format!("{id}\0{p}").as_bytes())
+                .await?
                 .into_iter()
                 .next(),
             None => None,
@@ -142,7 +144,9 @@ impl Service {
             .await?;
         let id = hex_encode(&super::customer::random::<8>(self)?);
         let (code, pin) = self.new_code(with_pin)?;
-        let (code_idx, pin_idx) = self.code_indexes(&record, &code, &id, pin.as_deref())?;
+        let (code_idx, pin_idx) = self
+            .code_indexes(&record, &code, &id, pin.as_deref())
+            .await?;
         self.registry
             .insert_giftcode(&id, key, &code_idx, pin_idx.as_deref(), unix_now())
             .await?;
@@ -175,7 +179,10 @@ impl Service {
         // A code that cannot exist still costs the same HMAC and lookup as one that might.
         let probe = canonical.clone().unwrap_or_else(|| "0".repeat(16));
         let mut found = None;
-        for idx in self.keyed_indexes(&record, CODE_LABEL, probe.as_bytes())? {
+        for idx in self
+            .keyed_indexes(&record, CODE_LABEL, probe.as_bytes())
+            .await?
+        {
             if let Some(g) = self.registry.giftcode_by_index(&idx).await? {
                 found = Some(g);
                 break;
@@ -183,11 +190,13 @@ impl Service {
         }
         let pin_given = pin.unwrap_or("");
         let id_for_pin = found.as_ref().map_or("-", |g| g.id.as_str()).to_owned();
-        let pin_idx = self.keyed_indexes(
-            &record,
-            PIN_LABEL,
-            format!("{id_for_pin}\0{pin_given}").as_bytes(),
-        )?;
+        let pin_idx = self
+            .keyed_indexes(
+                &record,
+                PIN_LABEL,
+                format!("{id_for_pin}\0{pin_given}").as_bytes(),
+            )
+            .await?;
         let Some(g) = found.filter(|g| canonical.is_some() && g.key == key && g.state == "active")
         else {
             return Ok(None);
@@ -235,7 +244,9 @@ impl Service {
             .await?;
         let new_id = hex_encode(&super::customer::random::<8>(self)?);
         let (code, pin) = self.new_code(g.pin_idx.is_some())?;
-        let (code_idx, pin_idx) = self.code_indexes(&record, &code, &new_id, pin.as_deref())?;
+        let (code_idx, pin_idx) = self
+            .code_indexes(&record, &code, &new_id, pin.as_deref())
+            .await?;
         if !self
             .registry
             .reissue_giftcode(

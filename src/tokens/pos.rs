@@ -157,16 +157,22 @@ impl Service {
             })
             .await?;
         let kid = format!("{role}#{}", v.version);
-        let r = KeyRef {
-            key_type: key.key_type,
-            object: &v.object,
-        };
         let payload = claims.to_cbor()?;
-        let cose = if key.key_type == KeyType::HmacSha256 {
-            cwt::seal_mac0(payload, &kid, |tbm| Ok(self.backend.sign(r, tbm)?))?
-        } else {
-            cwt::seal_sign1(payload, &kid, |tbs| Ok(self.backend.sign(r, tbs)?))?
-        };
+        let (key_type, sealing_kid) = (key.key_type, kid.clone());
+        let cose = self
+            .device
+            .call(move |b| {
+                let r = KeyRef {
+                    key_type,
+                    object: &v.object,
+                };
+                if key_type == KeyType::HmacSha256 {
+                    cwt::seal_mac0(payload, &sealing_kid, |tbm| Ok(b.sign(r, tbm)?))
+                } else {
+                    cwt::seal_sign1(payload, &sealing_kid, |tbs| Ok(b.sign(r, tbs)?))
+                }
+            })
+            .await?;
         Ok((kid, cose))
     }
 
@@ -203,7 +209,7 @@ impl Service {
 
     /// Authenticate a token of `kind`. Malformed input is an error (400); a well-formed token that
     /// must not be trusted is `valid: false` with the reason.
-    pub fn check_token(
+    pub async fn check_token(
         &self,
         caller: &Caller,
         text: &str,
@@ -270,14 +276,11 @@ impl Service {
             key.key_type == KeyType::HmacSha256
         };
         if !type_fits
-            || !self.backend.verify(
-                KeyRef {
-                    key_type: key.key_type,
-                    object: &v.object,
-                },
-                &sealed.tbs,
-                &sealed.tag,
-            )?
+            || self
+                .device
+                .verify_any(key.key_type, vec![v.object.clone()], sealed.tbs, sealed.tag)
+                .await?
+                .is_none()
         {
             return Ok(refuse_with(
                 "the MAC or signature does not verify".into(),
@@ -318,7 +321,7 @@ impl Service {
                 "payment_ref is 1-64 bytes of printable characters",
             ));
         }
-        let req = self.check_token(caller, request_text, REQUEST)?;
+        let req = self.check_token(caller, request_text, REQUEST).await?;
         if !req.valid {
             return Err(ServiceError::invalid(format!(
                 "request token refused: {}",
@@ -397,7 +400,7 @@ impl Service {
         caller: &Caller,
         text: &str,
     ) -> Result<Checked, ServiceError> {
-        let mut c = self.check_token(caller, text, PAID)?;
+        let mut c = self.check_token(caller, text, PAID).await?;
         if !c.valid {
             return Ok(c);
         }

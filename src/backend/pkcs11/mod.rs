@@ -158,6 +158,10 @@ impl Pkcs11Backend {
         object: &ObjectRef,
         f: impl Fn(&Connection, &Session) -> Result<T, OpError>,
     ) -> BackendResult<T> {
+        // A token whose calls wait is never called on an async worker (test builds check).
+        if self.waits_on_device {
+            super::refuse_async_worker("pkcs11", what)?;
+        }
         // Shared with other calls, excluded while a token object is written (unless this thread
         // is the writer).
         let _shared = if EXCLUSIVE.with(Cell::get) {

@@ -144,6 +144,8 @@ impl TpmBackend {
         object: Option<&[u8]>,
         f: impl Fn(&Pool, &mut Worker) -> Result<T, OpError>,
     ) -> BackendResult<T> {
+        // Every TPM command waits for the TPM: never on an async worker.
+        super::refuse_async_worker("tpm", what)?;
         let pool = self.current().ok_or_else(|| {
             BackendError::Unavailable(format!("tpm {} is reconnecting", self.settings.tcti))
         })?;
