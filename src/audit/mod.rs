@@ -312,7 +312,7 @@ impl Writer {
                         &e.seal_input(),
                     )
                     .map_err(|e| format!("MAC in the token: {e}"))?;
-                e.mac = chain::hex(&mac);
+                e.mac = crate::encoding::hex_encode(&mac);
             }
             prev = e.hash();
             entries.push(e);

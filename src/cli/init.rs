@@ -66,7 +66,7 @@ async fn service_keys(
             .ok_or_else(|| format!("{name} has no active version"))?;
         // Shown so the ceremony record can name the key without revealing it.
         let kcv = match key_type {
-            KeyType::HmacSha256 => Some(crate::registry::hex_encode(
+            KeyType::HmacSha256 => Some(crate::encoding::hex_encode(
                 &backend
                     .check_value(KeyRef {
                         key_type,
@@ -124,5 +124,5 @@ fn prepare_device(config: &BackendConfig, so_pin_file: Option<&Path>) -> Result<
 }
 
 fn fingerprint(der: &[u8]) -> String {
-    crate::registry::hex_encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+    crate::encoding::hex_encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }

@@ -14,8 +14,9 @@ use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate};
 
 use crate::backend::{self, KeyRef, ObjectRef, SharedBackend};
 use crate::config::Config;
+use crate::encoding::hex_encode;
 use crate::keys::KeyType;
-use crate::registry::{hex_decode, hex_encode};
+use crate::registry::hex_decode;
 
 /// File in the CA directory that says where the key is.
 pub const REFERENCE: &str = "ca-key.toml";

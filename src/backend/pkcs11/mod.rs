@@ -186,7 +186,7 @@ impl Pkcs11Backend {
         }
         // Only failures name the object: hex-encoding its id on every call cost more than a
         // few percent of the request path.
-        let object_label = || hex(&object.0);
+        let object_label = || encoding::hex_encode(&object.0);
         match result {
             Ok(v) => {
                 conn.give_session(session);
@@ -304,10 +304,6 @@ fn to_be_signed(key_type: KeyType, message: &[u8]) -> std::borrow::Cow<'_, [u8]>
     } else {
         message.into()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl KeyBackend for Pkcs11Backend {
