@@ -14,10 +14,8 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
-use crate::backend::pkcs11::Pkcs11Backend;
-use crate::backend::tpm::TpmBackend;
-use crate::backend::{KeyBackend, SharedBackend};
-use crate::config::{BackendConfig, Config, LogFormat, Overrides};
+use crate::backend::{self, Device, Purpose, Settings};
+use crate::config::{Config, ConfigError, LogFormat, Overrides};
 use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
@@ -39,8 +37,8 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
-    let config = match Config::load(config_path, &overrides) {
-        Ok(c) => c,
+    let (config, settings) = match load(config_path, &overrides) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("tillkeyd: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -64,7 +62,7 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let code = match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Startup::Config(e)) => {
             tracing::error!(error = %e, "invalid configuration; not starting");
@@ -77,6 +75,14 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
     };
     crate::logging::flush();
     code
+}
+
+/// The configuration with its `[backend]` checked by the backend it names: all of it is
+/// refused the same way (exit 64) before anything is bound or touched.
+fn load(path: &Path, overrides: &Overrides) -> Result<(Config, Settings), ConfigError> {
+    let config = Config::load(path, overrides)?;
+    let settings = Settings::from_config(&config)?;
+    Ok((config, settings))
 }
 
 enum Startup {
@@ -96,7 +102,7 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn run(config: Config) -> Result<(), Startup> {
+async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     let policy = Policy::load_dir(&config.policy_dir).map_err(Startup::Config)?;
     tracing::info!(
         files = policy.file_count(),
@@ -105,42 +111,32 @@ async fn run(config: Config) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
-    // Kept to unload the TPM's objects at exit (see `TpmBackend::close`).
-    let mut tpm: Option<Arc<TpmBackend>> = None;
-    let backend: SharedBackend = match config.backend {
-        BackendConfig::Pkcs11(settings) => {
-            let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
-                .await
-                .map_err(|e| Startup::Unavailable(e.to_string()))?
-                .map_err(Startup::Unavailable)?;
-            // Started outside the log line: a disabled level would not evaluate its fields.
-            let waits = opened.waits_on_device();
-            let threads = start_device_threads(waits, opened.session_count());
-            tracing::info!(
-                token = opened.token_label().unwrap_or_default(),
-                sessions = opened.session_count(),
-                calls_off_workers = waits,
-                device_threads = threads,
-                "pkcs11 token ready"
-            );
-            opened
-        }
-        BackendConfig::Tpm(settings) => {
-            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings, true))
-                .await
-                .map_err(|e| Startup::Unavailable(e.to_string()))?
-                .map_err(Startup::Unavailable)?;
-            let threads = start_device_threads(opened.waits_on_device(), opened.context_count());
-            tracing::info!(
-                tcti = opened.tcti(),
-                contexts = opened.context_count(),
-                device_threads = threads,
-                "tpm ready"
-            );
-            tpm = Some(opened.clone());
-            opened
-        }
-    };
+    let opened = tokio::task::spawn_blocking(move || backend::open(settings, Purpose::Daemon))
+        .await
+        .map_err(|e| Startup::Unavailable(e.to_string()))?
+        .map_err(Startup::Unavailable)?;
+    // Started outside the log line: a disabled level would not evaluate its fields.
+    let waits = opened.waits_on_device();
+    let threads = start_device_threads(waits, opened.device.pool_size());
+    match &opened.device {
+        Device::Pkcs11 {
+            token_label,
+            sessions,
+        } => tracing::info!(
+            token = token_label.as_str(),
+            sessions,
+            calls_off_workers = waits,
+            device_threads = threads,
+            "pkcs11 token ready"
+        ),
+        Device::Tpm { tcti, contexts } => tracing::info!(
+            tcti = tcti.as_str(),
+            contexts,
+            device_threads = threads,
+            "tpm ready"
+        ),
+    }
+    let backend = opened.backend;
     let registry = Registry::open(&config.registry_url)
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
@@ -179,7 +175,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     .map_err(Startup::Unavailable)?;
 
     let state = Arc::new(AppState {
-        service: Service::new(backend, registry, PolicyHandle::new(policy), audit)
+        service: Service::new(backend.clone(), registry, PolicyHandle::new(policy), audit)
             .with_approval_ttl(config.approval_ttl)
             .with_token_settings(config.tokens),
         metrics,
@@ -250,9 +246,8 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = admin_task.await;
     let _ = scheduler.await;
     state.service.shutdown().await;
-    if let Some(tpm) = tpm {
-        tpm.close();
-    }
+    // Unloads what a TPM would otherwise keep loaded after this process; nothing for PKCS#11.
+    backend.close();
     Ok(())
 }
 

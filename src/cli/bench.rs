@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::backend::pkcs11::rawbench::{self, RawOp, RawRate};
+use crate::backend::Settings;
 use crate::client::Client;
-use crate::config::{BackendConfig, Config, Overrides};
+use crate::config::{Config, Overrides};
 use crate::keys::KeyType;
 
 pub use self::floor::{serve as serve_floor, FloorArgs};
@@ -145,7 +146,7 @@ pub struct Row {
 /// What every phase needs.
 struct Bench<'a> {
     args: &'a BenchArgs,
-    backend: &'a BackendConfig,
+    backend: &'a Settings,
     officer: Client,
     service: Client,
     pid: Option<u32>,
@@ -162,7 +163,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let dir = &args.dev_dir;
     let config = Config::load(&dir.join("tillkeyd.toml"), &Overrides::default())
         .map_err(|e| e.to_string())?;
-    let tpm = matches!(config.backend, BackendConfig::Tpm(_));
+    let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+    let tpm = matches!(settings, Settings::Tpm(_));
     let url = format!(
         "https://localhost:{}",
         args.port.unwrap_or(config.listen.port())
@@ -180,7 +182,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     };
     let bench = Bench {
         args: &args,
-        backend: &config.backend,
+        backend: &settings,
         officer: client("officer")?,
         service: client("service")?,
         pid: args.daemon_pid.or_else(|| {
@@ -218,7 +220,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
 
     if let Some(hot) = args.scale_hot {
-        let BackendConfig::Pkcs11(settings) = &config.backend else {
+        let Settings::Pkcs11(settings) = &settings else {
             return Err(
                 "--scale-hot measures derived keys, which only the pkcs11 backend makes".into(),
             );
@@ -323,7 +325,7 @@ impl Bench<'_> {
             self.args.raw_threads
         );
         match self.backend {
-            BackendConfig::Pkcs11(settings) => rawbench::measure_op(
+            Settings::Pkcs11(settings) => rawbench::measure_op(
                 settings,
                 key_type,
                 op,
@@ -332,7 +334,7 @@ impl Bench<'_> {
                 measured,
                 &self.message,
             ),
-            BackendConfig::Tpm(settings) => {
+            Settings::Tpm(settings) => {
                 // A TPM verifies an HMAC by computing it, so the raw sign rate is the raw
                 // verify rate too. Without a resource manager the TPM has room for the bench's
                 // keys only once the daemon has unloaded its own (after a second idle).

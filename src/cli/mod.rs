@@ -458,14 +458,6 @@ fn issue(
     Ok(())
 }
 
-/// How provisioning commands read the daemon's configuration: certificates may not exist yet.
-pub(crate) fn provisioning_overrides() -> crate::config::Overrides {
-    crate::config::Overrides {
-        before_certificates: true,
-        ..Default::default()
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
