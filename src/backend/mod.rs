@@ -8,7 +8,6 @@
 
 mod open;
 pub mod pkcs11;
-pub mod timing;
 pub mod tpm;
 
 pub use self::open::{open, Device, Opened, Purpose, Settings};

@@ -11,6 +11,7 @@
 mod ceilings;
 mod floor;
 mod load;
+mod raw;
 mod scale;
 mod scrape;
 mod table;
@@ -25,7 +26,6 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::pkcs11::rawbench::{self, RawOp, RawRate};
 use crate::backend::Settings;
 use crate::client::Client;
 use crate::config::{Config, Overrides};
@@ -33,6 +33,8 @@ use crate::keys::KeyType;
 
 pub use self::floor::{serve as serve_floor, FloorArgs};
 use self::load::{drive, Load, Sample, Server, Target};
+use self::raw::timing::RawRate;
+use self::raw::RawOp;
 
 /// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
 /// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
@@ -324,31 +326,15 @@ impl Bench<'_> {
             "bench: {phase}: raw token, {} threads ...",
             self.args.raw_threads
         );
-        match self.backend {
-            Settings::Pkcs11(settings) => rawbench::measure_op(
-                settings,
-                key_type,
-                op,
-                self.args.raw_threads,
-                self.warmup,
-                measured,
-                &self.message,
-            ),
-            Settings::Tpm(settings) => {
-                // A TPM verifies an HMAC by computing it, so the raw sign rate is the raw
-                // verify rate too. Without a resource manager the TPM has room for the bench's
-                // keys only once the daemon has unloaded its own (after a second idle).
-                std::thread::sleep(crate::backend::tpm::IDLE_UNLOAD * 2);
-                crate::backend::tpm::rawbench::measure(
-                    settings,
-                    key_type,
-                    self.args.raw_threads,
-                    self.warmup,
-                    measured,
-                    &self.message,
-                )
-            }
-        }
+        raw::measure(
+            self.backend,
+            key_type,
+            op,
+            self.args.raw_threads,
+            self.warmup,
+            measured,
+            &self.message,
+        )
     }
 
     /// The mutual-TLS front alone, answering a fixed body (see `floor`).

@@ -5,13 +5,12 @@
 //! and reconnects in the background; requests meanwhile fail at once with `Unavailable` instead
 //! of waiting on a dead device.
 
+mod bench_key;
 mod connection;
 mod derive;
 mod errors;
 mod exchange;
 pub mod init;
-pub mod rawbench;
-pub mod rawderive;
 mod settings;
 mod templates;
 pub mod uri;
@@ -26,6 +25,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::Session;
 
+pub use self::bench_key::BenchKey;
 use self::connection::{Connection, OpError};
 use self::errors::{is_auth_failure, severity, translate, Severity};
 pub use self::settings::{read_pin, Pkcs11Settings};

@@ -11,9 +11,9 @@
 //! Ed25519 keys, exportable keys and export (keys are `fixedTPM`), and BYOK import (the
 //! service's import format is RSA-OAEP + AES-KWP, which a TPM cannot unwrap).
 
+mod bench_key;
 mod errors;
 mod objects;
-pub mod rawbench;
 mod settings;
 mod worker;
 
@@ -27,6 +27,7 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Digest, MaxBuffer, Signature, SignatureScheme};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 
+pub use self::bench_key::BenchKey;
 use self::errors::{severity, translate, Severity};
 pub use self::settings::TpmSettings;
 use self::worker::{OpError, Pool, Worker};
