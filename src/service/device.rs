@@ -1,29 +1,8 @@
 //! Token calls to a device that makes them wait run on a few dedicated threads, not on the
-//! async workers; so do batches of short calls on every backend.
-//!
-//! A call that waits for a device outside this process (a TPM command, a hardware or network
-//! HSM) would stall every connection on the worker that makes it: with single TPM calls on the
-//! workers, p99 rose by about a third at the same throughput (BENCHMARKS.md, 2026-12-04).
-//! [`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device) tells which
-//! devices do. A software token (SoftHSM) only computes, and there a call costs less on the
-//! worker that asked: single HMAC and ECDSA signs went faster there in 9 of 10 alternating
-//! pairs each, mostly with a lower p99 (2026-12-04, late), and Ed25519 calls measured 15-20 %
-//! slower on these threads (four busy threads on two CPUs pre-empt each other inside the
-//! token's locks). Until then every backend's short calls used these threads (measured 10-20 %
-//! cheaper on 2026-11-23, read as warm caches; not seen again since).
-//!
-//! The price on a software token: a call also waits on the worker for what the token makes it
-//! wait for, a free session or a key being created (the token's writes run alone; a whole
-//! create request took ~13 ms on SoftHSM here), and the worker's other connections wait with
-//! it. Key creation is an officer's act, rare next to signing; `backend.calls_on_workers =
-//! false` moves the calls here.
-//!
-//! Batches of short calls (HMAC, ECDSA) queue here on every backend, one job each: the queue
-//! hands the next batch over the moment one ends, where the blocking pool left the token idle a
-//! fifth of the time. They wait behind every waiting single call, so a single call waits at
-//! most for the batches already running (256 HMAC items, ~8 ms on SoftHSM); with one
-//! first-come queue, 8 clients sending batches held 32 clients' single signs to 2.6-2.8k/s at a
-//! p99 of 17-22 ms (BENCHMARKS.md).
+//! async workers; so do batches of short calls on every backend. Single calls are taken before
+//! batches; a software token's single calls stay on the worker that asked
+//! ([`KeyBackend::waits_on_device`](crate::backend::KeyBackend::waits_on_device)). Why, with the
+//! measurements: BENCHMARKS.md, "Design measurements moved from module headers".
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
