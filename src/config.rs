@@ -308,31 +308,7 @@ impl Config {
         let mut backend = raw.backend;
         backend.resolve_paths(base);
 
-        let registry_url = match (raw.registry.sqlite, raw.registry.url) {
-            (Some(p), None) => {
-                let full = base.join(p);
-                let dir = full.parent().unwrap_or(Path::new("."));
-                if !dir.is_dir() {
-                    return Err(format!(
-                        "registry.sqlite: directory {} does not exist",
-                        dir.display()
-                    ));
-                }
-                format!("sqlite://{}?mode=rwc", full.display())
-            }
-            (None, Some(url))
-                if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
-            {
-                url
-            }
-            (None, Some(url)) => {
-                return Err(format!(
-                    "registry.url: '{}' is not a postgres:// URL (use registry.sqlite for SQLite)",
-                    url.split('@').next_back().unwrap_or("")
-                ))
-            }
-            _ => return Err("registry: give exactly one of sqlite or url".into()),
-        };
+        let registry_url = registry_url(raw.registry, base)?;
 
         let policy_dir = base.join(raw.policy.dir);
         if !policy_dir.is_dir() {
@@ -354,21 +330,7 @@ impl Config {
             None => DEFAULT_DRAIN_TIMEOUT,
         };
 
-        let mut tokens = TokenSettings::default();
-        if let Some(w) = &raw.tokens.clock_window {
-            let w =
-                crate::keys::parse_duration(w).map_err(|e| format!("tokens.clock_window: {e}"))?;
-            if w > 600 {
-                return Err("tokens.clock_window: at most 10m".into());
-            }
-            tokens.clock_window = w as i64;
-        }
-        if let Some(n) = raw.tokens.giftcode_pin_attempts {
-            if !(1..=20).contains(&n) {
-                return Err("tokens.giftcode_pin_attempts: 1 to 20".into());
-            }
-            tokens.giftcode_pin_attempts = i64::from(n);
-        }
+        let tokens = token_settings(&raw.tokens)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -387,6 +349,53 @@ impl Config {
             log_format: raw.log.format.unwrap_or_default(),
         })
     }
+}
+
+/// sqlx connection URL of `[registry]`: exactly one of a SQLite file (its directory must exist)
+/// or a PostgreSQL URL.
+fn registry_url(raw: RawRegistry, base: &Path) -> Result<String, String> {
+    let url = match (raw.sqlite, raw.url) {
+        (Some(p), None) => {
+            let full = base.join(p);
+            let dir = full.parent().unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(format!(
+                    "registry.sqlite: directory {} does not exist",
+                    dir.display()
+                ));
+            }
+            format!("sqlite://{}?mode=rwc", full.display())
+        }
+        (None, Some(url)) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            url
+        }
+        (None, Some(url)) => {
+            return Err(format!(
+                "registry.url: '{}' is not a postgres:// URL (use registry.sqlite for SQLite)",
+                url.split('@').next_back().unwrap_or("")
+            ))
+        }
+        _ => return Err("registry: give exactly one of sqlite or url".into()),
+    };
+    Ok(url)
+}
+
+fn token_settings(raw: &RawTokens) -> Result<TokenSettings, String> {
+    let mut tokens = TokenSettings::default();
+    if let Some(w) = &raw.clock_window {
+        let w = crate::keys::parse_duration(w).map_err(|e| format!("tokens.clock_window: {e}"))?;
+        if w > 600 {
+            return Err("tokens.clock_window: at most 10m".into());
+        }
+        tokens.clock_window = w as i64;
+    }
+    if let Some(n) = raw.giftcode_pin_attempts {
+        if !(1..=20).contains(&n) {
+            return Err("tokens.giftcode_pin_attempts: 1 to 20".into());
+        }
+        tokens.giftcode_pin_attempts = i64::from(n);
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
 //! The `tillkey` operator CLI: development PKI, key management and client calls.
+//!
+//! Over 600 lines because it holds the whole clap command tree beside its one dispatch
+//! (`call`), which reads best next to the commands it serves.
 
 pub mod audit;
 pub mod bench;
