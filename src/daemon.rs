@@ -14,10 +14,8 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
-use crate::backend::pkcs11::Pkcs11Backend;
-use crate::backend::tpm::TpmBackend;
-use crate::backend::SharedBackend;
-use crate::config::{BackendConfig, Config, LogFormat, Overrides};
+use crate::backend::{self, OpenedDevice, Purpose, Settings};
+use crate::config::{Config, ConfigError, LogFormat, Overrides};
 use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
@@ -39,8 +37,8 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
-    let config = match Config::load(config_path, &overrides) {
-        Ok(c) => c,
+    let (config, settings) = match load(config_path, &overrides) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("tillkeyd: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -64,7 +62,7 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let code = match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Startup::Config(e)) => {
             tracing::error!(error = %e, "invalid configuration; not starting");
@@ -77,6 +75,14 @@ pub fn main(config_path: &Path, overrides: Overrides) -> ExitCode {
     };
     crate::logging::flush();
     code
+}
+
+/// The configuration with its `[backend]` checked by the backend it names: all of it is
+/// refused the same way (exit 64) before anything is bound or touched.
+fn load(path: &Path, overrides: &Overrides) -> Result<(Config, Settings), ConfigError> {
+    let config = Config::load(path, overrides)?;
+    let settings = Settings::from_config(&config)?;
+    Ok((config, settings))
 }
 
 enum Startup {
@@ -96,7 +102,7 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn run(config: Config) -> Result<(), Startup> {
+async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     let policy = Policy::load_dir(&config.policy_dir).map_err(Startup::Config)?;
     tracing::info!(
         files = policy.file_count(),
@@ -105,51 +111,31 @@ async fn run(config: Config) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
-    // Kept to unload the TPM's objects at exit (see `TpmBackend::close`).
-    let mut tpm: Option<Arc<TpmBackend>> = None;
-    // What the start log says of the device, once its gate runs.
-    let ready: Box<dyn Fn(&Device)>;
-    let (backend, parallel_calls): (SharedBackend, usize) = match config.backend {
-        BackendConfig::Pkcs11(settings) => {
-            let opened = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
-                .await
-                .map_err(|e| Startup::Unavailable(e.to_string()))?
-                .map_err(Startup::Unavailable)?;
-            let (token, sessions) = (
-                opened.token_label().unwrap_or_default(),
-                opened.session_count(),
-            );
-            ready = Box::new(move |device: &Device| {
-                tracing::info!(
-                    token,
-                    sessions,
-                    calls_off_workers = device.waits_on_device(),
-                    device_threads = device.threads(),
-                    "pkcs11 token ready"
-                )
-            });
-            (opened, sessions)
-        }
-        BackendConfig::Tpm(settings) => {
-            let opened = tokio::task::spawn_blocking(move || TpmBackend::open(settings, true))
-                .await
-                .map_err(|e| Startup::Unavailable(e.to_string()))?
-                .map_err(Startup::Unavailable)?;
-            tpm = Some(opened.clone());
-            let (tcti, contexts) = (opened.tcti().to_owned(), opened.context_count());
-            ready = Box::new(move |device: &Device| {
-                tracing::info!(
-                    tcti,
-                    contexts,
-                    device_threads = device.threads(),
-                    "tpm ready"
-                )
-            });
-            (opened, contexts)
-        }
-    };
-    let device = Arc::new(Device::start(backend, parallel_calls));
-    ready(&device);
+    let opened = tokio::task::spawn_blocking(move || backend::open(settings, Purpose::Daemon))
+        .await
+        .map_err(|e| Startup::Unavailable(e.to_string()))?
+        .map_err(Startup::Unavailable)?;
+    let device = Arc::new(Device::start(opened.backend, opened.device.pool_size()));
+    // Counted outside the log line: a disabled level would not evaluate its fields.
+    let (waits, threads) = (device.waits_on_device(), device.threads());
+    match &opened.device {
+        OpenedDevice::Pkcs11 {
+            token_label,
+            sessions,
+        } => tracing::info!(
+            token = token_label.as_str(),
+            sessions,
+            calls_off_workers = waits,
+            device_threads = threads,
+            "pkcs11 token ready"
+        ),
+        OpenedDevice::Tpm { tcti, contexts } => tracing::info!(
+            tcti = tcti.as_str(),
+            contexts,
+            device_threads = threads,
+            "tpm ready"
+        ),
+    }
     let registry = Registry::open(&config.registry_url)
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
@@ -188,7 +174,7 @@ async fn run(config: Config) -> Result<(), Startup> {
     .map_err(Startup::Unavailable)?;
 
     let state = Arc::new(AppState {
-        service: Service::new(device, registry, PolicyHandle::new(policy), audit)
+        service: Service::new(device.clone(), registry, PolicyHandle::new(policy), audit)
             .with_approval_ttl(config.approval_ttl)
             .with_token_settings(config.tokens),
         metrics,
@@ -259,9 +245,8 @@ async fn run(config: Config) -> Result<(), Startup> {
     let _ = admin_task.await;
     let _ = scheduler.await;
     state.service.shutdown().await;
-    if let Some(tpm) = tpm {
-        tpm.close();
-    }
+    // Unloads what a TPM would otherwise keep loaded after this process; nothing for PKCS#11.
+    device.close();
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Small, exact encodings: SubjectPublicKeyInfo for the two curves we generate, PEM, and ECDSA
-//! signatures between the token's raw `r || s` and the ASN.1 DER form OpenSSL expects.
+//! Small, exact encodings: lower-case hex, SubjectPublicKeyInfo for the two curves we generate,
+//! PEM, and ECDSA signatures between the token's raw `r || s` and the ASN.1 DER form OpenSSL
+//! expects.
 
 use base64::Engine;
 
@@ -12,6 +13,19 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
+
+/// Lower-case hex, the one form the registry, the audit trail and every printed reference use.
+/// A table lookup rather than `format!` per byte: every audit entry's hash goes through here on
+/// the request path.
+pub fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
 
 /// Build a DER SubjectPublicKeyInfo from `CKA_EC_POINT`, which tokens return either raw or
 /// wrapped in a DER OCTET STRING (SoftHSM wraps). Told apart by length, since a raw P-256 point
@@ -117,6 +131,13 @@ fn read_uint(input: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_two_lower_case_digits_per_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let formatted: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex_encode(&bytes), formatted);
+    }
 
     #[test]
     fn der_round_trip_including_high_bits_and_leading_zeros() {

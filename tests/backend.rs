@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use tillkey::backend::pkcs11::Pkcs11Backend;
-use tillkey::backend::{BackendError, KeyBackend, KeyRef, ObjectRef};
-use tillkey::config::{BackendConfig, Config, Overrides};
+use tillkey::backend::{BackendError, KeyBackend, KeyRef, ObjectRef, Settings};
+use tillkey::config::{Config, Overrides};
 use tillkey::keys::KeyType;
 
 #[test]
@@ -17,7 +17,7 @@ fn sign_many_agrees_with_single_signs_and_answers_each_item_when_it_fails() {
     // The only test in this binary, so no other thread reads the variable.
     std::env::set_var("SOFTHSM2_CONF", env.softhsm_conf());
     let config = Config::load(&env.path("tillkeyd.toml"), &Overrides::default()).unwrap();
-    let BackendConfig::Pkcs11(settings) = config.backend else {
+    let Settings::Pkcs11(settings) = Settings::from_config(&config).unwrap() else {
         panic!("the test environment is a PKCS#11 one");
     };
     let backend = Pkcs11Backend::open(settings).unwrap();

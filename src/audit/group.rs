@@ -1,14 +1,9 @@
 //! How the writer forms a group: which entries one transaction (one fsync, one MAC) takes.
 //!
-//! A group commit costs the same fixed work whatever its size: ~110-130 us of CPU on the
-//! development VM (measured with one client, where every request is a group of its own), most
-//! of it the fsync. Once the first entry is in, the writer also waits for the requests the API
-//! has admitted but not yet queued (an [`Admission`] each), at most `short`; a group still
-//! smaller than `small` waits up to `long`. Why two: with 64 clients an HMAC group fills in
-//! time anyway (~30 entries), while an Ed25519 or TPM load, CPU- or device-bound at 2-9k
-//! requests/s, formed groups of ~9 and paid 20-70 us of writer CPU per request for it.
-//! Waiting costs those loads nothing while every CPU (or the TPM) has requests queued for it;
-//! with few clients it shows as latency, at most `long` (BENCHMARKS.md has both).
+//! Once the first entry is in, the writer also waits for the requests the API has admitted but
+//! not yet queued (an [`Admission`] each), at most `short`; a group still smaller than `small`
+//! waits up to `long`. Why two bounds, with the measurements: BENCHMARKS.md, "Design
+//! measurements moved from module headers".
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};

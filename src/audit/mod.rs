@@ -1,23 +1,12 @@
 //! The tamper-evident audit trail.
 //!
 //! Every request and every change the daemon makes on its own appends one entry. Entries form a
-//! hash chain (each carries the SHA-256 of the previous entry's canonical form) and the last
-//! entry of every transaction is sealed with HMAC-SHA256 under an audit key that never leaves
-//! the token, so an entry cannot be edited, removed or moved without `tillkey audit verify`
-//! noticing and naming it (the format is described in `chain`).
-//!
-//! One writer appends in batches (group commit): a request waits until its entry is durable,
-//! but concurrent requests share one transaction. When the store refuses a write the request
-//! fails with 503 and readiness says why; nothing is answered without its entry.
-//!
-//! The writer is a thread of its own. Each group commit costs the same fixed work whatever its
-//! size (a MAC in the token, BEGIN/COMMIT, a WAL append and an fsync), so under load the writer
-//! holds a group open, briefly, for the requests already on their way to it (`group` says how
-//! long and why), and a lone request waits for nothing. A batch gives its admission up: it may
-//! queue for a device slot and then take milliseconds, and a group held open for it waited for
-//! nothing (measured: BENCHMARKS.md). On SQLite the writer has its own connection (rusqlite,
-//! one prepared statement, `synchronous = FULL`), without sqlx's hop to its worker thread and
-//! back; other databases are written through sqlx on the runtime.
+//! hash chain, and the last entry of every transaction is sealed with HMAC-SHA256 under an audit
+//! key that never leaves the token, so `tillkey audit verify` notices and names an edited,
+//! removed or moved entry (the format is described in `chain`). One writer thread appends in
+//! group commits (`group` says how a group forms); a request waits until its entry is durable,
+//! and fails with 503 when the store refuses the write. Why the writer is built so, with the
+//! measurements: BENCHMARKS.md, "Design measurements moved from module headers".
 
 mod chain;
 mod group;
@@ -312,7 +301,7 @@ impl Writer {
                     .device
                     .call_blocking(|b| b.sign(key, &e.seal_input()))
                     .map_err(|e| format!("MAC in the token: {e}"))?;
-                e.mac = chain::hex(&mac);
+                e.mac = crate::encoding::hex_encode(&mac);
             }
             prev = e.hash();
             entries.push(e);

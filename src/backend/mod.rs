@@ -6,9 +6,11 @@
 //! object label) for an operator to act on, and classifies them so the service knows whether to
 //! blame the caller, the request, or the device.
 
+mod open;
 pub mod pkcs11;
-pub mod timing;
 pub mod tpm;
+
+pub use self::open::{open, Opened, OpenedDevice, Purpose, Settings};
 
 use std::sync::Arc;
 
@@ -239,19 +241,3 @@ pub trait KeyBackend: Send + Sync {
 }
 
 pub type SharedBackend = Arc<dyn KeyBackend>;
-
-/// Open the backend a configuration names for a CLI command that works on the device directly
-/// (`provision init`, `audit verify`, a device-held CA), possibly beside a running daemon: one
-/// TPM context, and no reclaiming of objects the daemon has loaded. Call
-/// [`KeyBackend::close`] before the process exits.
-pub fn open_for_tool(config: crate::config::BackendConfig) -> Result<SharedBackend, String> {
-    match config {
-        crate::config::BackendConfig::Pkcs11(settings) => {
-            Ok(pkcs11::Pkcs11Backend::open(settings)? as SharedBackend)
-        }
-        crate::config::BackendConfig::Tpm(mut settings) => {
-            settings.contexts = 1;
-            Ok(tpm::TpmBackend::open(settings, false)? as SharedBackend)
-        }
-    }
-}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::audit::{self, Entry};
-use crate::backend::{KeyRef, ObjectRef};
+use crate::backend::{self, KeyRef, ObjectRef, Purpose, Settings};
 use crate::config::{Config, Overrides};
 use crate::daemon::AUDIT_KEY;
 use crate::keys::{KeyName, KeyType};
@@ -36,7 +36,8 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
         .iter()
         .map(|v| (v.version, v.object.clone()))
         .collect();
-    let backend = crate::backend::open_for_tool(config.backend)?;
+    let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+    let backend = backend::open(settings, Purpose::Tool)?.backend;
     let outcome = audit::verify_chain(&entries, |e| {
         let Some(object) = objects.get(&e.audit_key_version) else {
             return Ok(false);

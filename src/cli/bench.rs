@@ -11,6 +11,7 @@
 mod ceilings;
 mod floor;
 mod load;
+mod raw;
 mod scale;
 mod scrape;
 mod table;
@@ -25,13 +26,15 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::pkcs11::rawbench::{self, RawOp, RawRate};
+use crate::backend::Settings;
 use crate::client::Client;
-use crate::config::{BackendConfig, Config, Overrides};
+use crate::config::{Config, Overrides};
 use crate::keys::KeyType;
 
 pub use self::floor::{serve as serve_floor, FloorArgs};
 use self::load::{drive, Load, Sample, Server, Target};
+use self::raw::timing::RawRate;
+use self::raw::RawOp;
 
 /// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
 /// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
@@ -145,7 +148,7 @@ pub struct Row {
 /// What every phase needs.
 struct Bench<'a> {
     args: &'a BenchArgs,
-    backend: &'a BackendConfig,
+    backend: &'a Settings,
     officer: Client,
     service: Client,
     pid: Option<u32>,
@@ -162,7 +165,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let dir = &args.dev_dir;
     let config = Config::load(&dir.join("tillkeyd.toml"), &Overrides::default())
         .map_err(|e| e.to_string())?;
-    let tpm = matches!(config.backend, BackendConfig::Tpm(_));
+    let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+    let tpm = matches!(settings, Settings::Tpm(_));
     let url = format!(
         "https://localhost:{}",
         args.port.unwrap_or(config.listen.port())
@@ -180,7 +184,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     };
     let bench = Bench {
         args: &args,
-        backend: &config.backend,
+        backend: &settings,
         officer: client("officer")?,
         service: client("service")?,
         pid: args.daemon_pid.or_else(|| {
@@ -218,7 +222,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
 
     if let Some(hot) = args.scale_hot {
-        let BackendConfig::Pkcs11(settings) = &config.backend else {
+        let Settings::Pkcs11(settings) = &settings else {
             return Err(
                 "--scale-hot measures derived keys, which only the pkcs11 backend makes".into(),
             );
@@ -322,31 +326,15 @@ impl Bench<'_> {
             "bench: {phase}: raw token, {} threads ...",
             self.args.raw_threads
         );
-        match self.backend {
-            BackendConfig::Pkcs11(settings) => rawbench::measure_op(
-                settings,
-                key_type,
-                op,
-                self.args.raw_threads,
-                self.warmup,
-                measured,
-                &self.message,
-            ),
-            BackendConfig::Tpm(settings) => {
-                // A TPM verifies an HMAC by computing it, so the raw sign rate is the raw
-                // verify rate too. Without a resource manager the TPM has room for the bench's
-                // keys only once the daemon has unloaded its own (after a second idle).
-                std::thread::sleep(crate::backend::tpm::IDLE_UNLOAD * 2);
-                crate::backend::tpm::rawbench::measure(
-                    settings,
-                    key_type,
-                    self.args.raw_threads,
-                    self.warmup,
-                    measured,
-                    &self.message,
-                )
-            }
-        }
+        raw::measure(
+            self.backend,
+            key_type,
+            op,
+            self.args.raw_threads,
+            self.warmup,
+            measured,
+            &self.message,
+        )
     }
 
     /// The mutual-TLS front alone, answering a fixed body (see `floor`).

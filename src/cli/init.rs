@@ -13,8 +13,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::backend::{self, BackendError, KeyRef};
-use crate::config::{BackendConfig, Config};
+use crate::backend::{self, BackendError, KeyRef, Purpose, Settings};
+use crate::config::{Config, Overrides};
 use crate::daemon::AUDIT_KEY;
 use crate::keys::KeyType;
 use crate::registry::Registry;
@@ -23,14 +23,16 @@ use crate::service::status::STATUS_KEY;
 
 pub async fn run(config_path: &Path, so_pin_file: Option<&Path>) -> Result<bool, String> {
     let config =
-        Config::load(config_path, &super::provisioning_overrides()).map_err(|e| e.to_string())?;
-    let device = prepare_device(&config.backend, so_pin_file)?;
-    let registry_url = config.registry_url.clone();
-    let backend = backend::open_for_tool(config.backend).map_err(|e| match so_pin_file {
-        None => format!("{e} (give --so-pin-file to initialise a new token)"),
-        Some(_) => e,
-    })?;
-    let made = service_keys(&registry_url, &backend).await;
+        Config::load(config_path, &Overrides::provisioning()).map_err(|e| e.to_string())?;
+    let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+    let device = prepare_device(&settings, so_pin_file)?;
+    let backend = backend::open(settings, Purpose::Tool)
+        .map_err(|e| match so_pin_file {
+            None => format!("{e} (give --so-pin-file to initialise a new token)"),
+            Some(_) => e,
+        })?
+        .backend;
+    let made = service_keys(&config.registry_url, &backend).await;
     backend.close();
     let (keys, import) = made?;
     let report: Value = json!({
@@ -68,7 +70,7 @@ async fn service_keys(
             .ok_or_else(|| format!("{name} has no active version"))?;
         // Shown so the ceremony record can name the key without revealing it.
         let kcv = match key_type {
-            KeyType::HmacSha256 => Some(crate::registry::hex_encode(
+            KeyType::HmacSha256 => Some(crate::encoding::hex_encode(
                 &backend
                     .check_value(KeyRef {
                         key_type,
@@ -96,15 +98,15 @@ async fn service_keys(
 }
 
 /// Initialise the token if it does not exist yet; says what it found.
-fn prepare_device(config: &BackendConfig, so_pin_file: Option<&Path>) -> Result<Value, String> {
-    match config {
-        BackendConfig::Pkcs11(settings) => {
+fn prepare_device(settings: &Settings, so_pin_file: Option<&Path>) -> Result<Value, String> {
+    match settings {
+        Settings::Pkcs11(settings) => {
             use crate::backend::pkcs11::init::{initialise, TokenInit};
             let Some(so_pin_file) = so_pin_file else {
                 // Without an SO PIN only an existing token can be used; opening it says so.
                 return Ok(json!({"token": settings.token_uri, "initialised_now": false}));
             };
-            let so_pin = crate::config::read_pin(so_pin_file)?;
+            let so_pin = crate::backend::pkcs11::read_pin(so_pin_file)?;
             Ok(match initialise(settings, &so_pin)? {
                 TokenInit::AlreadyThere { label } => {
                     json!({"token": label, "initialised_now": false})
@@ -116,7 +118,7 @@ fn prepare_device(config: &BackendConfig, so_pin_file: Option<&Path>) -> Result<
         }
         // A TPM needs no initialising: keys live under a primary the backend derives from a
         // fixed template, so there is nothing to label and no PIN to set.
-        BackendConfig::Tpm(settings) => {
+        Settings::Tpm(settings) => {
             if so_pin_file.is_some() {
                 return Err("--so-pin-file applies to PKCS#11 tokens; a TPM has no SO PIN".into());
             }
@@ -126,5 +128,5 @@ fn prepare_device(config: &BackendConfig, so_pin_file: Option<&Path>) -> Result<
 }
 
 fn fingerprint(der: &[u8]) -> String {
-    crate::registry::hex_encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+    crate::encoding::hex_encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }

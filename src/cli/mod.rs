@@ -1,4 +1,7 @@
 //! The `tillkey` operator CLI: development PKI, key management and client calls.
+//!
+//! Over 600 lines because it holds the whole clap command tree beside its one dispatch
+//! (`call`), which reads best next to the commands it serves.
 
 pub mod audit;
 pub mod bench;
@@ -456,14 +459,6 @@ fn issue(
     crate::pki::write_pair(parent, name, &issued)?;
     println!("wrote {0}.crt and {0}.key", out.display());
     Ok(())
-}
-
-/// How provisioning commands read the daemon's configuration: certificates may not exist yet.
-pub(crate) fn provisioning_overrides() -> crate::config::Overrides {
-    crate::config::Overrides {
-        before_certificates: true,
-        ..Default::default()
-    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -229,7 +229,7 @@ pub async fn approve(conn: &Conn, dir: &Path) -> Result<bool, String> {
                 "name": x["key"],
                 "type": p.key_type,
                 "version": x["version"],
-                "wrapped_key": crate::registry::hex_encode(&wrapped),
+                "wrapped_key": crate::encoding::hex_encode(&wrapped),
                 "kcv": x["kcv"],
             }));
         }

@@ -12,10 +12,11 @@ use rcgen::{KeyPair, RemoteKeyPair, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256};
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate};
 
-use crate::backend::{self, KeyRef, ObjectRef, SharedBackend};
-use crate::config::Config;
+use crate::backend::{self, KeyRef, ObjectRef, Purpose, Settings, SharedBackend};
+use crate::config::{Config, Overrides};
+use crate::encoding::hex_encode;
 use crate::keys::KeyType;
-use crate::registry::{hex_decode, hex_encode};
+use crate::registry::hex_decode;
 
 /// File in the CA directory that says where the key is.
 pub const REFERENCE: &str = "ca-key.toml";
@@ -69,9 +70,9 @@ impl RemoteKeyPair for DeviceKey {
 }
 
 fn open_device(config: &Path) -> Result<SharedBackend, String> {
-    let config =
-        Config::load(config, &crate::cli::provisioning_overrides()).map_err(|e| e.to_string())?;
-    backend::open_for_tool(config.backend)
+    let config = Config::load(config, &Overrides::provisioning()).map_err(|e| e.to_string())?;
+    let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+    Ok(backend::open(settings, Purpose::Tool)?.backend)
 }
 
 fn point_of(spki: &[u8]) -> Result<Vec<u8>, String> {

@@ -329,7 +329,7 @@ pub fn revoke(dir: &Path, cert_file: &Path) -> Result<String, String> {
     if cert.issuer() != ca_cert.subject() {
         return Err(format!("{} was not issued by this CA", cert_file.display()));
     }
-    let serial = crate::registry::hex_encode(cert.raw_serial());
+    let serial = crate::encoding::hex_encode(cert.raw_serial());
     let path = dir.join("revoked.txt");
     let mut list = fs::read_to_string(&path).unwrap_or_default();
     if !list

@@ -624,9 +624,8 @@ fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-pub fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Kept here for the registry's callers; the one encoder is [`crate::encoding::hex_encode`].
+pub use crate::encoding::hex_encode;
 
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     // A table lookup per digit: every stored object reference passes through here at start-up.

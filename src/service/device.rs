@@ -6,7 +6,7 @@
 //! A software token only computes: its single calls run where they are asked, which measured
 //! cheaper. Batches of short calls run on the gate's threads on every backend, behind waiting
 //! single calls; longer batches on the blocking pool. The figures behind these choices are in
-//! BENCHMARKS.md.
+//! BENCHMARKS.md, "Design measurements moved from module headers".
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

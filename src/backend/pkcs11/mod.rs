@@ -5,18 +5,17 @@
 //! and reconnects in the background; requests meanwhile fail at once with `Unavailable` instead
 //! of waiting on a dead device.
 
+mod bench_key;
 mod connection;
 mod derive;
 mod errors;
 mod exchange;
 pub mod init;
-pub mod rawbench;
-pub mod rawderive;
+mod settings;
 mod templates;
 pub mod uri;
 
 use std::cell::Cell;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -25,10 +24,11 @@ use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::Session;
-use zeroize::Zeroizing;
 
+pub use self::bench_key::BenchKey;
 use self::connection::{Connection, OpError};
 use self::errors::{is_auth_failure, severity, translate, Severity};
+pub use self::settings::{read_pin, Pkcs11Settings};
 use self::templates::Template;
 pub use self::uri::TokenSelector;
 use super::{
@@ -47,19 +47,6 @@ thread_local! {
 const SESSION_WAIT: Duration = Duration::from_secs(5);
 /// How often the supervisor probes a healthy token, and retries a failed one.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-
-pub struct Pkcs11Settings {
-    pub module: PathBuf,
-    pub token_uri: String,
-    pub token: TokenSelector,
-    pub pin: Zeroizing<String>,
-    pub sessions: usize,
-    /// Most derived keys held in the token at once (see `derive`).
-    pub derived_cache: usize,
-    /// Whether single short calls run on the async worker that asked (see
-    /// [`KeyBackend::waits_on_device`]); None: only if the slot is a software token.
-    pub calls_on_workers: Option<bool>,
-}
 
 /// Whether single calls wait on the device (and so stay off the async workers): as configured,
 /// else unless the slot says it is a software token, computed in this process.
@@ -190,7 +177,7 @@ impl Pkcs11Backend {
         }
         // Only failures name the object: hex-encoding its id on every call cost more than a
         // few percent of the request path.
-        let object_label = || hex(&object.0);
+        let object_label = || encoding::hex_encode(&object.0);
         match result {
             Ok(v) => {
                 conn.give_session(session);
@@ -308,10 +295,6 @@ fn to_be_signed(key_type: KeyType, message: &[u8]) -> std::borrow::Cow<'_, [u8]>
     } else {
         message.into()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl KeyBackend for Pkcs11Backend {

@@ -11,9 +11,10 @@
 //! Ed25519 keys, exportable keys and export (keys are `fixedTPM`), and BYOK import (the
 //! service's import format is RSA-OAEP + AES-KWP, which a TPM cannot unwrap).
 
+mod bench_key;
 mod errors;
 mod objects;
-pub mod rawbench;
+mod settings;
 mod worker;
 
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -25,9 +26,10 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Digest, MaxBuffer, Signature, SignatureScheme};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
-use zeroize::Zeroizing;
 
+pub use self::bench_key::BenchKey;
 use self::errors::{severity, translate, Severity};
+pub use self::settings::TpmSettings;
 use self::worker::{OpError, Pool, Worker};
 use super::{BackendError, BackendResult, GeneratedKey, Health, KeyBackend, KeyRef, GCM_NONCE_LEN};
 use crate::encoding;
@@ -49,14 +51,6 @@ pub const IDLE_UNLOAD: Duration = Duration::from_secs(1);
 /// Whether a TPM can hold keys of this type (HMAC-SHA256 and ECDSA P-256).
 pub fn holds(key_type: KeyType) -> bool {
     objects::template(key_type).is_some()
-}
-
-pub struct TpmSettings {
-    /// TCTI configuration, e.g. `swtpm:host=127.0.0.1,port=2321` or `device:/dev/tpmrm0`.
-    pub tcti: String,
-    pub contexts: usize,
-    /// Owner hierarchy authorization; `None` when it is empty (swtpm, a fresh TPM).
-    pub owner_auth: Option<Zeroizing<Vec<u8>>>,
 }
 
 pub struct TpmBackend {

@@ -14,9 +14,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::raw::timing::cpu_seconds;
 use super::scrape::{CommitTotals, Commits};
 use super::threads::ByThread;
-use crate::backend::timing::cpu_seconds;
 use crate::client::Client;
 
 /// Largest answer the load generator accepts (a 256-item batch answer is ~25 KB).

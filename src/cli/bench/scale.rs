@@ -16,9 +16,10 @@ use serde_json::json;
 use bytes::Bytes;
 
 use super::load::{drive, Load, Server, Target};
+use super::raw;
 use super::scrape;
 use super::BenchArgs;
-use crate::backend::pkcs11::{rawbench, rawderive, Pkcs11Settings};
+use crate::backend::pkcs11::Pkcs11Settings;
 use crate::client::Client;
 use crate::config::Config;
 use crate::keys::KeyType;
@@ -54,7 +55,7 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
     let make_s = made.elapsed().as_secs_f64();
 
     eprintln!("bench scale: raw token, {} threads ...", args.raw_threads);
-    let raw_stored = rawbench::measure(
+    let raw_stored = raw::measure_pkcs11(
         s.settings,
         KeyType::HmacSha256,
         args.raw_threads,
@@ -62,7 +63,8 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
         measured,
         &message,
     )?;
-    let raw_derived = rawderive::measure(s.settings, args.raw_threads, warmup, measured, &message)?;
+    let raw_derived =
+        raw::measure_derived(s.settings, args.raw_threads, warmup, measured, &message)?;
 
     eprintln!("bench scale: tillkeyd, {} clients ...", args.clients);
     let body = json!({"message": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &message)});

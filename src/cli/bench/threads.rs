@@ -8,8 +8,8 @@
 
 use serde::Serialize;
 
+use super::raw::timing::cpu_seconds;
 use crate::audit::WRITER_THREAD;
-use crate::backend::timing::cpu_seconds;
 use crate::daemon::WORKER_THREAD;
 use crate::service::DEVICE_THREAD_PREFIX as THREAD_PREFIX;
 

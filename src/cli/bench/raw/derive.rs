@@ -2,15 +2,14 @@
 //! per-terminal key from a master (AES-CBC-ENCRYPT-DATA), MAC once with it, destroy it; straight
 //! through `cryptoki` from `threads` threads, one session each, as the daemon would on a miss.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cryptoki::mechanism::ekdf::AesCbcDeriveParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::ObjectClass;
 
-use super::rawbench::{bench_key, remove_bench_objects, RawRate};
-use super::{derive, Pkcs11Settings};
-use crate::backend::timing::timed;
+use super::timing::{timed, RawRate};
+use crate::backend::pkcs11::{BenchKey, Pkcs11Settings};
 use crate::keys::KeyType;
 
 pub fn measure(
@@ -20,24 +19,19 @@ pub fn measure(
     duration: Duration,
     message: &[u8],
 ) -> Result<RawRate, String> {
-    let (conn, id) = bench_key(
+    let key = Arc::new(BenchKey::make(
         settings,
         threads,
         KeyType::Aes256Derive,
         b"tillkey-rawderive",
-    )?;
+    )?);
     let data = message.to_vec();
-    let worker_conn = conn.clone();
-    let worker_id = id.clone();
+    let worker_key = key.clone();
     let rate = timed(threads, warmup, duration, move |t, pace| {
-        let conn = &worker_conn;
-        let s = conn
-            .take_session(Duration::from_secs(1))
-            .ok_or("no session")?;
-        let master = conn
-            .token_handle(&s, ObjectClass::SECRET_KEY, &worker_id)
-            .map_err(|e| format!("{e:?}"))?;
-        let template = derive::template(KeyType::HmacSha256);
+        let key = &worker_key;
+        let s = key.take_session()?;
+        let master = key.handle(&s, false)?;
+        let template = BenchKey::derived_template(KeyType::HmacSha256);
         let mut n: u64 = 0;
         while pace.running() {
             // A different terminal every time: nothing is reused.
@@ -54,9 +48,9 @@ pub fn measure(
             s.destroy_object(k).map_err(|e| e.to_string())?;
             pace.done_one();
         }
-        conn.give_session(s);
+        key.give_session(s);
         Ok(())
     });
-    remove_bench_objects(&conn, &id);
+    key.remove();
     rate
 }
