@@ -16,12 +16,13 @@ use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::{self, OpenedDevice, Purpose, Settings};
 use crate::config::{Config, ConfigError, LogFormat, Overrides};
+use crate::device::Device;
 use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
 use crate::service::status::STATUS_KEY;
-use crate::service::{ensure_service_key, Device, Service};
+use crate::service::{ensure_service_key, Service};
 
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";

@@ -95,6 +95,12 @@ impl ServiceError {
     }
 }
 
+impl From<crate::keys::Invalid> for ServiceError {
+    fn from(e: crate::keys::Invalid) -> Self {
+        ServiceError::InvalidArgument(e.0)
+    }
+}
+
 impl From<BackendError> for ServiceError {
     fn from(e: BackendError) -> Self {
         match e {

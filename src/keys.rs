@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
+/// A name or duration a client wrote that does not parse; the message says why (it reaches
+/// the client as `invalid_argument`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
 
 /// Names under this prefix belong to the service itself (the audit key, later the status-list
 /// key); no client may create, use or manage them.
@@ -26,8 +30,8 @@ pub const MAX_SEGMENT_LEN: usize = 64;
 pub struct KeyName(Arc<str>);
 
 impl KeyName {
-    pub fn parse(s: &str) -> Result<Self, ServiceError> {
-        let bad = |why: &str| ServiceError::invalid(format!("invalid key name: {why}"));
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = |why: &str| Invalid(format!("invalid key name: {why}"));
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -267,8 +271,8 @@ impl Default for Lifecycle {
 
 /// Parse a duration such as `90d`, `12h`, `30m` or `5s` into seconds. One number, one unit:
 /// unambiguous in a config review, and enough for cryptoperiods.
-pub fn parse_duration(s: &str) -> Result<u64, ServiceError> {
-    let bad = || ServiceError::invalid(format!("'{s}' is not a duration like 90d, 12h, 30m or 5s"));
+pub fn parse_duration(s: &str) -> Result<u64, Invalid> {
+    let bad = || Invalid(format!("'{s}' is not a duration like 90d, 12h, 30m or 5s"));
     // Split on a character boundary: the last character may be any UTF-8 from a client.
     let Some((cut, _)) = s.char_indices().last() else {
         return Err(bad());
@@ -284,7 +288,7 @@ pub fn parse_duration(s: &str) -> Result<u64, ServiceError> {
     };
     let secs = n.checked_mul(scale).ok_or_else(bad)?;
     if secs == 0 || secs > 100 * 365 * 86_400 {
-        return Err(ServiceError::invalid(format!(
+        return Err(Invalid(format!(
             "duration '{s}' must be between 1s and 100 years"
         )));
     }

@@ -4,6 +4,7 @@
 //! - [`api`]: mutual-TLS HTTP front and the admin listener; turns requests into [`service`] calls.
 //! - [`service`]: the one place where policy, registry and backend meet.
 //! - [`policy`]: default-deny grants of operations on key names to client identities.
+//! - [`device`]: the gate every device call passes: where a blocking token call runs.
 //! - [`registry`]: key metadata (names, versions, states, backend object references) in SQL.
 //! - [`backend`]: the `KeyBackend` trait and its hardware implementations. Nothing above this
 //!   module sees a PKCS#11 or TPM type.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod device;
 pub mod encoding;
 pub mod error;
 pub mod exchange;

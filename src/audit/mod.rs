@@ -24,10 +24,10 @@ pub use self::chain::{verify_chain, ChainFault, ChainReport, Entry};
 pub use self::group::Admission;
 use self::group::{Admitted, Linger};
 use crate::backend::{KeyRef, ObjectRef};
+use crate::device::Device;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::metrics::AuditMetrics;
-use crate::service::Device;
 
 /// Name of the writer's thread.
 pub const WRITER_THREAD: &str = "audit-writer";

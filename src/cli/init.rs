@@ -56,7 +56,7 @@ async fn service_keys(
         .await
         .map_err(|e| format!("registry: {e}"))?;
     // One gate in front of the device, as in the daemon; this thread may wait on it.
-    let device = crate::service::Device::start(backend.clone(), 1);
+    let device = crate::device::Device::start(backend.clone(), 1);
     let mut keys = Vec::new();
     for (name, key_type) in [
         (AUDIT_KEY, KeyType::HmacSha256),

@@ -4,7 +4,7 @@
 //! single call is; then every item gets its own result. An item's own mistake (bad base64, a
 //! signature of the wrong length) is that item's error; a fault of the service or the device
 //! (token gone, internal error) fails the whole request, so an answer never mixes results with
-//! a hidden outage. The device calls run off the async workers ([`super::Device::batch`]): a
+//! a hidden outage. The device calls run off the async workers ([`crate::device::Device::batch`]): a
 //! long batch must not hold up the workers that carry every other connection.
 
 use super::{key_ref, verify_with, Caller, Service, SignatureFormat, Signed, Verified};

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use super::versions::Made;
-use super::Device;
 use super::{authorize_all, unix_now, Caller, Service};
+use crate::device::Device;
 use crate::error::ServiceError;
 use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
 use crate::policy::Operation;

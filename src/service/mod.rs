@@ -8,7 +8,6 @@ mod approvals;
 pub mod batch;
 mod batch_create;
 mod derived;
-mod device;
 mod envelope;
 pub mod lifecycle;
 mod scheduler;
@@ -18,7 +17,6 @@ mod versions;
 pub use approvals::{Executed, ExportResult, ImportRequest};
 pub use batch_create::{BatchItem, NewKey, MAX_CREATE_BATCH};
 pub use derived::context as derivation_context;
-pub use device::{Device, THREAD_PREFIX as DEVICE_THREAD_PREFIX};
 pub use lifecycle::{ensure_service_key, LifecycleInput, PrefixOutcome};
 
 use std::sync::Arc;
@@ -28,6 +26,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::audit::{self, AuditLog};
 use crate::backend::{KeyBackend, KeyRef, GCM_NONCE_LEN};
+use crate::device::Device;
 use crate::encoding;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType};

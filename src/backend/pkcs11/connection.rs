@@ -16,23 +16,8 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::derive::{Derived, DerivedCache, DerivedRef};
+use super::errors::OpError;
 use super::Pkcs11Settings;
-
-/// Error inside one operation: a PKCS#11 failure, or an object the registry names that the token
-/// does not hold.
-#[derive(Debug)]
-pub(super) enum OpError {
-    Ck(Error),
-    ObjectMissing,
-    /// The token refused the caller's data (e.g. a wrapped blob that does not unwrap).
-    Refused(String),
-}
-
-impl From<Error> for OpError {
-    fn from(e: Error) -> Self {
-        OpError::Ck(e)
-    }
-}
 
 pub(super) struct Connection {
     pub token_label: String,
@@ -140,7 +125,9 @@ impl Connection {
     ) -> Result<Held, OpError> {
         match DerivedRef::parse(id) {
             Some(r) => {
-                let d = self.derived.resolve(self, session, id, &r)?;
+                let d = self.derived.resolve(session, id, &r, || {
+                    self.token_handle(session, ObjectClass::SECRET_KEY, &r.master)
+                })?;
                 Ok(Held {
                     handle: d.handle,
                     _lease: Some(d),

@@ -24,8 +24,8 @@ use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass, ObjectHandl
 use cryptoki::session::Session;
 use lru::LruCache;
 
-use super::connection::{Connection, OpError};
-use super::exchange::secret_usage;
+use super::errors::OpError;
+use super::templates::secret_usage;
 use crate::backend::{DerivedCacheStats, Kdf};
 use crate::keys::KeyType;
 
@@ -141,17 +141,18 @@ impl DerivedCache {
     }
 
     /// The derived key for `id` (an encoded [`DerivedRef`]), derived now if not cached.
+    /// `master` finds the master key's handle, only when the key must be derived.
     pub fn resolve(
         &self,
-        conn: &Connection,
         session: &Session,
         id: &[u8],
         r: &DerivedRef,
+        master: impl FnOnce() -> Result<ObjectHandle, OpError>,
     ) -> Result<Arc<Derived>, OpError> {
         if let Some(d) = self.lock().lru.get(id) {
             return Ok(d.clone());
         }
-        let master = conn.token_handle(session, ObjectClass::SECRET_KEY, &r.master)?;
+        let master = master()?;
         let handle = match r.kdf {
             Kdf::AesCbcEncryptData => {
                 let params = AesCbcDeriveParams::new(r.iv, &r.context);

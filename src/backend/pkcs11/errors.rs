@@ -72,3 +72,19 @@ pub(super) fn is_auth_failure(e: &Error) -> bool {
         ) | Error::Pkcs11(RvError::GeneralError, Function::Decrypt)
     )
 }
+
+/// Error inside one operation: a PKCS#11 failure, or an object the registry names that the token
+/// does not hold.
+#[derive(Debug)]
+pub(super) enum OpError {
+    Ck(Error),
+    ObjectMissing,
+    /// The token refused the caller's data (e.g. a wrapped blob that does not unwrap).
+    Refused(String),
+}
+
+impl From<Error> for OpError {
+    fn from(e: Error) -> Self {
+        OpError::Ck(e)
+    }
+}

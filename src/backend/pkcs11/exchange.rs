@@ -13,7 +13,8 @@ use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectCla
 use cryptoki::session::Session;
 use rsa::pkcs8::EncodePublicKey;
 
-use super::connection::OpError;
+use super::errors::OpError;
+use super::templates::{secret_usage, usage};
 use super::{object_class, Pkcs11Backend};
 use crate::backend::{BackendError, BackendResult, GeneratedKey, KeyRef, ObjectRef};
 use crate::keys::KeyType;
@@ -28,38 +29,6 @@ fn oaep() -> Mechanism<'static> {
         PkcsMgfType::MGF1_SHA1,
         PkcsOaepSource::empty(),
     ))
-}
-
-/// Every usage flag, explicitly: token defaults would make imported keys wrap and encrypt.
-fn usage(sign: bool, encrypt: bool, wrap: bool) -> [Attribute; 7] {
-    [
-        Attribute::Sign(sign),
-        Attribute::Verify(sign && !wrap),
-        Attribute::Encrypt(encrypt),
-        Attribute::Decrypt(encrypt),
-        Attribute::Wrap(wrap),
-        Attribute::Unwrap(wrap),
-        Attribute::Derive(false),
-    ]
-}
-
-/// Usage of a secret key of `key_type`: HMAC keys sign; AES data keys encrypt; transport keys
-/// wrap. AES keys also sign, for their AES-CMAC key check value only.
-pub(super) fn secret_usage(key_type: KeyType) -> [Attribute; 7] {
-    match key_type {
-        KeyType::HmacSha256 => usage(true, false, false),
-        KeyType::Aes256Derive => {
-            let mut u = usage(false, false, false);
-            u[6] = Attribute::Derive(true);
-            u
-        }
-        KeyType::Aes256Gcm => {
-            let mut u = usage(true, true, false);
-            u[1] = Attribute::Verify(false);
-            u
-        }
-        _ => usage(true, false, true),
-    }
 }
 
 impl Pkcs11Backend {

@@ -26,7 +26,8 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::Session;
 
 pub use self::bench_key::BenchKey;
-use self::connection::{Connection, OpError};
+use self::connection::Connection;
+use self::errors::OpError;
 use self::errors::{is_auth_failure, severity, translate, Severity};
 pub use self::settings::{read_pin, Pkcs11Settings};
 use self::templates::Template;

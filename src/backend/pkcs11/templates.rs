@@ -8,7 +8,6 @@
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass};
 
-use super::exchange::secret_usage;
 use crate::keys::KeyType;
 
 /// DER OID of prime256v1 (secp256r1), the `CKA_EC_PARAMS` of P-256 keys.
@@ -90,5 +89,37 @@ pub fn for_type(key_type: KeyType, id: &[u8], label: &str, exportable: bool) -> 
                 private,
             }
         }
+    }
+}
+
+/// Every usage flag, explicitly: token defaults would make imported keys wrap and encrypt.
+pub(super) fn usage(sign: bool, encrypt: bool, wrap: bool) -> [Attribute; 7] {
+    [
+        Attribute::Sign(sign),
+        Attribute::Verify(sign && !wrap),
+        Attribute::Encrypt(encrypt),
+        Attribute::Decrypt(encrypt),
+        Attribute::Wrap(wrap),
+        Attribute::Unwrap(wrap),
+        Attribute::Derive(false),
+    ]
+}
+
+/// Usage of a secret key of `key_type`: HMAC keys sign; AES data keys encrypt; transport keys
+/// wrap. AES keys also sign, for their AES-CMAC key check value only.
+pub(super) fn secret_usage(key_type: KeyType) -> [Attribute; 7] {
+    match key_type {
+        KeyType::HmacSha256 => usage(true, false, false),
+        KeyType::Aes256Derive => {
+            let mut u = usage(false, false, false);
+            u[6] = Attribute::Derive(true);
+            u
+        }
+        KeyType::Aes256Gcm => {
+            let mut u = usage(true, true, false);
+            u[1] = Attribute::Verify(false);
+            u
+        }
+        _ => usage(true, false, true),
     }
 }

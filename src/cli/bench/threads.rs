@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::raw::timing::cpu_seconds;
 use crate::audit::WRITER_THREAD;
 use crate::daemon::WORKER_THREAD;
-use crate::service::DEVICE_THREAD_PREFIX as THREAD_PREFIX;
+use crate::device::THREAD_PREFIX;
 
 /// CPU seconds (or, after [`ByThread::per_op`], microseconds per operation) of one process.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
