@@ -6,7 +6,7 @@
 use hyper::StatusCode;
 use serde::Serialize;
 
-use super::handlers::{Note, Outcome};
+use super::endpoint::{Note, Outcome};
 use super::json;
 use crate::error::ServiceError;
 use crate::service::batch::{ItemResult, VerifyItem};

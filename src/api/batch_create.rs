@@ -6,7 +6,7 @@
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use super::handlers::{Note, Outcome};
+use super::endpoint::{Note, Outcome};
 use super::json::{self, KeyView};
 use crate::error::ServiceError;
 use crate::service::{Caller, LifecycleInput, NewKey, Service};

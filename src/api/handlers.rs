@@ -1,54 +1,14 @@
 //! One function per endpoint: decode the body, call the service, encode the answer.
 
 use hyper::StatusCode;
-use serde::Serialize;
 
+use super::endpoint::{ok, Note, Outcome};
 use super::json::{self, ApprovalView, KeyView};
+use super::query::{audit_query, list_query};
 use super::routes::Route;
 use super::AppState;
-use crate::audit::Admission;
 use crate::error::ServiceError;
 use crate::service::{Caller, Executed, ImportRequest, LifecycleInput, LIST_PAGE};
-
-/// A successful answer, plus the key version it used for the operations log.
-pub struct Outcome {
-    pub status: StatusCode,
-    pub body: Vec<u8>,
-    pub version: Option<u32>,
-    pub content_type: &'static str,
-}
-
-/// What the audit entry and the log record about a request beyond its path, filled in by the
-/// handler as soon as it is known, so refused requests carry it too.
-#[derive(Default)]
-pub struct Note {
-    /// The key (or prefix) when it comes from the body rather than the path.
-    pub key: Option<String>,
-    /// Reasons and summaries; never message contents.
-    pub detail: String,
-    /// Tells the audit writer this request's entry follows shortly (see `audit`); a handler
-    /// that will wait long before its entry drops it.
-    pub admission: Option<Admission>,
-    /// The request's own id (set before the handler runs), for handlers that write audit
-    /// entries of their own, so those entries lead back to the request.
-    pub request_id: String,
-}
-
-pub(super) fn ok<T: Serialize>(
-    status: StatusCode,
-    value: &T,
-    version: Option<u32>,
-) -> Result<Outcome, ServiceError> {
-    let body = serde_json::to_vec(value).map_err(|e| ServiceError::Internal {
-        detail: format!("serializing response: {e}"),
-    })?;
-    Ok(Outcome {
-        status,
-        body,
-        version,
-        content_type: "application/json",
-    })
-}
 
 pub async fn dispatch(
     state: &AppState,
@@ -375,7 +335,7 @@ pub async fn dispatch(
         Route::Encrypt => {
             let req: json::Encrypt = json::parse(body)?;
             let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
             let (ct, version) = svc.encrypt(caller, name, &plaintext, &aad).await?;
             ok(
                 StatusCode::OK,
@@ -386,7 +346,7 @@ pub async fn dispatch(
         Route::Decrypt => {
             let req: json::Decrypt = json::parse(body)?;
             let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
             let (pt, version) = svc.decrypt(caller, name, &ciphertext, &aad)?;
             let pt = zeroize::Zeroizing::new(pt);
             ok(
@@ -396,78 +356,4 @@ pub async fn dispatch(
             )
         }
     }
-}
-
-pub(super) fn optional_b64(field: &str, v: Option<&str>) -> Result<Vec<u8>, ServiceError> {
-    v.map_or(Ok(Vec::new()), |v| json::b64(field, v))
-}
-
-#[derive(Default)]
-struct ListQuery {
-    prefix: String,
-    page_token: Option<String>,
-    page_size: Option<usize>,
-}
-
-/// `prefix`, `page_token` and `page_size` are the only query parameters. Their values are key-name
-/// characters, so no percent-decoding is done: a `%` is refused by the service's check.
-fn list_query(query: &str) -> Result<ListQuery, ServiceError> {
-    let mut q = ListQuery::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("prefix", v)) => q.prefix = v.to_owned(),
-            Some(("page_token", v)) => q.page_token = Some(v.to_owned()),
-            Some(("page_size", v)) => {
-                q.page_size = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| (1..=LIST_PAGE).contains(n))
-                        .ok_or_else(|| {
-                            ServiceError::invalid(format!("page_size must be 1..={LIST_PAGE}"))
-                        })?,
-                )
-            }
-            _ => {
-                return Err(ServiceError::invalid(format!(
-                    "unknown query parameter '{}'; accepted: prefix, page_token, page_size",
-                    pair.split('=').next().unwrap_or("")
-                )))
-            }
-        }
-    }
-    Ok(q)
-}
-
-/// `since` (sequence number), `key`, `identity`, `limit` (1..=1000, default 100).
-fn audit_query(query: &str) -> Result<crate::audit::Query, ServiceError> {
-    let mut q = crate::audit::Query {
-        limit: 100,
-        ..Default::default()
-    };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            ServiceError::invalid(format!("query parameter '{pair}' has no value"))
-        })?;
-        let number = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| ServiceError::invalid(format!("{k} must be a number")))
-        };
-        match k {
-            "since" => q.since = number(v)?,
-            "limit" => {
-                q.limit = usize::try_from(number(v)?).unwrap_or(0);
-                if !(1..=1000).contains(&q.limit) {
-                    return Err(ServiceError::invalid("limit must be 1..=1000"));
-                }
-            }
-            "key" => q.key = Some(v.to_owned()),
-            "identity" => q.identity = Some(v.to_owned()),
-            _ => {
-                return Err(ServiceError::invalid(format!(
-                    "unknown query parameter '{k}'; accepted: since, key, identity, limit"
-                )))
-            }
-        }
-    }
-    Ok(q)
 }

@@ -3,8 +3,10 @@
 mod admin;
 mod batch;
 mod batch_create;
+mod endpoint;
 mod handlers;
 mod json;
+mod query;
 mod retail;
 mod routes;
 

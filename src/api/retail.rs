@@ -4,7 +4,7 @@
 
 use hyper::StatusCode;
 
-use super::handlers::{ok, optional_b64, Note, Outcome};
+use super::endpoint::{ok, Note, Outcome};
 use super::json;
 use super::routes::Route;
 use crate::error::ServiceError;
@@ -241,7 +241,7 @@ pub async fn dispatch(
         Route::Seal => {
             let req: json::Seal = json::parse(body)?;
             let pt = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
             let (ct, counter, v) = svc.seal(caller, name, &req.sender, &pt, &aad).await?;
             note.detail = format!("{} #{counter}", req.sender);
             ok(
@@ -253,7 +253,7 @@ pub async fn dispatch(
         Route::Open => {
             let req: json::Open = json::parse(body)?;
             let ct = json::b64("ciphertext", &req.ciphertext)?;
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
+            let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
             note.detail = format!("{} #{}", req.sender, req.counter);
             let (pt, v) = svc
                 .open(caller, name, &req.sender, req.counter, &ct, &aad)

@@ -286,7 +286,7 @@ pub async fn handle(
     let routed = route(&parts.method, &path);
     let operation = routed.as_ref().map_or("unknown", |(r, _)| r.label());
     let path_key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
-    let mut note = handlers::Note {
+    let mut note = super::endpoint::Note {
         request_id: request_id.clone(),
         ..Default::default()
     };
