@@ -1,12 +1,100 @@
-//! What handlers give back to the router: the answer and the note for the audit entry.
-//! This module imports no other part of `api`, so every handler module can depend on it
-//! without the handler modules depending on each other.
+//! The contract between the router and the handlers: what an endpoint declares, what its
+//! handler is given and what it answers. This module imports no other part of `api`, so every
+//! feature area can depend on it without the areas depending on each other.
 
-use hyper::StatusCode;
+use futures_util::future::BoxFuture;
+use hyper::{Method, StatusCode};
 use serde::Serialize;
 
 use crate::audit::Admission;
 use crate::error::ServiceError;
+use crate::service::{Caller, Service};
+
+/// One endpoint, declared once: routing, the audit and metrics label, body reading and the
+/// OpenAPI conformance test all read this, so they cannot drift apart.
+pub struct Endpoint {
+    pub method: Method,
+    /// As written in `docs/openapi.yaml`: literal text, at most one `{param}` segment, then
+    /// optionally `:custom`. The parameter runs to the last colon, so it may contain `/`.
+    pub path: &'static str,
+    /// The `operation` of audit entries and metrics: clients and dashboards key on it, so a
+    /// label never changes once released.
+    pub label: &'static str,
+    /// Whether the body is read at all; endpoints without one answer before a slow client
+    /// has finished sending.
+    pub reads_body: bool,
+    pub handler: Handler,
+}
+
+/// Boxed so that handlers, each an `async fn` with its own future type, fit in one table.
+pub type Handler =
+    for<'a> fn(Req<'a>, &'a mut Note) -> BoxFuture<'a, Result<Outcome, ServiceError>>;
+
+/// Turns `async fn f(Req<'_>, &mut Note) -> Result<Outcome, ServiceError>` into a [`Handler`].
+macro_rules! handler {
+    ($f:path) => {
+        |req, note| Box::pin($f(req, note))
+    };
+}
+pub(super) use handler;
+
+impl Endpoint {
+    pub const fn get(path: &'static str, label: &'static str, handler: Handler) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            label,
+            reads_body: false,
+            handler,
+        }
+    }
+
+    pub const fn post(path: &'static str, label: &'static str, handler: Handler) -> Self {
+        Self {
+            method: Method::POST,
+            path,
+            label,
+            reads_body: true,
+            handler,
+        }
+    }
+
+    pub const fn patch(path: &'static str, label: &'static str, handler: Handler) -> Self {
+        Self {
+            method: Method::PATCH,
+            path,
+            label,
+            reads_body: true,
+            handler,
+        }
+    }
+
+    /// The path parameter (empty if the pattern has none) when `path` fits the pattern,
+    /// whatever the method.
+    pub fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let Some((prefix, rest)) = self.path.split_once('{') else {
+            return (path == self.path).then_some("");
+        };
+        let custom = rest.split_once('}').map_or("", |(_, custom)| custom);
+        let tail = path.strip_prefix(prefix)?;
+        match (tail.rsplit_once(':'), custom.strip_prefix(':')) {
+            // A bare `{name}` is a resource; any colon would make it a custom method.
+            (None, None) if custom.is_empty() => Some(tail),
+            (Some((param, method)), Some(wanted)) if method == wanted => Some(param),
+            _ => None,
+        }
+    }
+}
+
+/// What a handler is given: the service, the caller and the parts of the request it may read.
+pub struct Req<'a> {
+    pub svc: &'a Service,
+    pub caller: &'a Caller,
+    /// The `{name}` or `{id}` path segment; empty for endpoints without one.
+    pub name: &'a str,
+    pub query: &'a str,
+    pub body: &'a [u8],
+}
 
 /// A successful answer, plus the key version it used for the operations log.
 pub struct Outcome {
