@@ -11,9 +11,6 @@ mod retail;
 mod routes;
 mod views;
 
-#[cfg(test)]
-mod old_route_diff;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, RwLock};

@@ -298,14 +298,6 @@ fn request_id() -> String {
 }
 
 #[cfg(test)]
-pub(super) fn route_for_test<'p>(
-    m: &Method,
-    p: &'p str,
-) -> Result<(&'static Endpoint, &'p str), ServiceError> {
-    route(m, p)
-}
-
-#[cfg(test)]
 mod tests {
     use std::collections::HashSet;
 
