@@ -11,6 +11,8 @@ mod retail;
 mod routes;
 mod views;
 
+#[cfg(test)]
+mod openapi_conformance;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -34,7 +36,7 @@ use crate::service::{Caller, Service};
 pub use admin::serve_admin;
 
 /// Every endpoint of the mTLS API. Each feature area declares its own slice; this is the one
-/// place they are joined, and the router and the audit labels read it.
+/// place they are joined, and the router, the audit labels and the OpenAPI test all read it.
 const AREAS: &[&[endpoint::Endpoint]] = &[handlers::ENDPOINTS, retail::ENDPOINTS];
 
 fn endpoints() -> impl Iterator<Item = &'static endpoint::Endpoint> {
