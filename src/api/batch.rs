@@ -6,8 +6,9 @@
 use hyper::StatusCode;
 use serde::Serialize;
 
-use super::handlers::{Note, Outcome};
+use super::endpoint::{ok, Note, Outcome};
 use super::json;
+use super::views::ItemError;
 use crate::error::ServiceError;
 use crate::service::batch::{ItemResult, VerifyItem};
 use crate::service::{Caller, Service};
@@ -99,12 +100,6 @@ enum ItemOut<T> {
 }
 
 #[derive(Serialize)]
-struct ItemError {
-    code: &'static str,
-    message: String,
-}
-
-#[derive(Serialize)]
 struct SignedOut {
     signature: String,
     key_version: u32,
@@ -158,13 +153,5 @@ fn respond<T: Serialize>(
     body: &BatchOut<T>,
     version: Option<u32>,
 ) -> Result<Outcome, ServiceError> {
-    let body = serde_json::to_vec(body).map_err(|e| ServiceError::Internal {
-        detail: format!("serializing response: {e}"),
-    })?;
-    Ok(Outcome {
-        status: StatusCode::OK,
-        body,
-        version,
-        content_type: "application/json",
-    })
+    ok(StatusCode::OK, body, version)
 }

@@ -4,20 +4,15 @@
 //! status a single create would have given).
 
 use hyper::StatusCode;
-use serde_json::{json, Value};
 
-use super::handlers::{Note, Outcome};
+use super::endpoint::{ok, Note, Outcome, Req};
 use super::json::{self, KeyView};
+use super::views::{BatchCreated, CreateResult, ItemError};
 use crate::error::ServiceError;
-use crate::service::{Caller, LifecycleInput, NewKey, Service};
+use crate::service::{LifecycleInput, NewKey};
 
-pub async fn create(
-    svc: &Service,
-    caller: &Caller,
-    body: &[u8],
-    note: &mut Note,
-) -> Result<Outcome, ServiceError> {
-    let req: json::BatchCreate = json::parse(body)?;
+pub async fn create(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::BatchCreate = json::parse(r.body)?;
     let items: Vec<NewKey> = req
         .keys
         .into_iter()
@@ -34,36 +29,38 @@ pub async fn create(
         })
         .collect();
     let total = items.len();
-    let done = svc.batch_create(caller, items, &note.request_id).await?;
-    let mut created = 0usize;
-    let results: Vec<Value> = done
+    let done = r
+        .svc
+        .batch_create(r.caller, items, &note.request_id)
+        .await?;
+    let results: Vec<CreateResult> = done
         .iter()
         .map(|item| match &item.result {
-            Ok(key) => {
-                created += 1;
-                json!({ "name": item.name, "outcome": "created", "status": 201, "key": KeyView::of(key) })
-            }
-            Err(e) => json!({
-                "name": item.name,
-                "outcome": "error",
-                "status": e.status().as_u16(),
-                "error": { "code": e.code(), "message": e.to_string() },
-            }),
+            Ok(key) => CreateResult {
+                error: None,
+                key: Some(KeyView::of(key)),
+                name: item.name.clone(),
+                outcome: "created",
+                status: StatusCode::CREATED.as_u16(),
+            },
+            Err(e) => CreateResult {
+                error: Some(ItemError {
+                    code: e.code(),
+                    message: e.to_string(),
+                }),
+                key: None,
+                name: item.name.clone(),
+                outcome: "error",
+                status: e.status().as_u16(),
+            },
         })
         .collect();
+    let created = results.iter().filter(|r| r.key.is_some()).count();
     note.detail = format!("{created} of {total} created");
-    let body = serde_json::to_vec(&json!({
-        "created": created,
-        "failed": total - created,
-        "results": results,
-    }))
-    .map_err(|e| ServiceError::Internal {
-        detail: format!("serializing response: {e}"),
-    })?;
-    Ok(Outcome {
-        status: StatusCode::OK,
-        body,
-        version: None,
-        content_type: "application/json",
-    })
+    let body = BatchCreated {
+        created,
+        failed: total - created,
+        results,
+    };
+    ok(StatusCode::OK, &body, None)
 }

@@ -1,473 +1,377 @@
-//! One function per endpoint: decode the body, call the service, encode the answer.
+//! The key endpoints: management, lifecycle, dual control, audit and the cryptographic
+//! operations. Each handler decodes the body, calls the service and encodes the answer.
 
 use hyper::StatusCode;
-use serde::Serialize;
 
+use super::endpoint::{handler, ok, Endpoint, Note, Outcome, Req};
 use super::json::{self, ApprovalView, KeyView};
-use super::routes::Route;
-use super::AppState;
-use crate::audit::Admission;
+use super::query::{audit_query, list_query};
+use super::views;
+use super::{batch, batch_create};
 use crate::error::ServiceError;
-use crate::service::{Caller, Executed, ImportRequest, LifecycleInput, LIST_PAGE};
+use crate::service::{Executed, ImportRequest, LifecycleInput, LIST_PAGE};
 
-/// A successful answer, plus the key version it used for the operations log.
-pub struct Outcome {
-    pub status: StatusCode,
-    pub body: Vec<u8>,
-    pub version: Option<u32>,
-    pub content_type: &'static str,
-}
+#[rustfmt::skip]
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint::get("/v1/keys", "list", handler!(list_keys)),
+    Endpoint::post("/v1/keys", "create", handler!(create_key)),
+    Endpoint::post("/v1/keys:batchCreate", "batch_create", handler!(batch_create::create)),
+    Endpoint::post("/v1/keys:revokePrefix", "revoke_prefix", handler!(revoke_prefix)),
+    Endpoint::post("/v1/keys:rotatePrefix", "rotate_prefix", handler!(rotate_prefix)),
+    Endpoint::post("/v1/keys:import", "import", handler!(import)),
+    Endpoint::get("/v1/keys/{name}", "get", handler!(get_key)),
+    Endpoint::patch("/v1/keys/{name}", "update", handler!(update_key)),
+    Endpoint::post("/v1/keys/{name}:rotate", "rotate", handler!(rotate)),
+    Endpoint::post("/v1/keys/{name}:revoke", "revoke", handler!(revoke)),
+    Endpoint::post("/v1/keys/{name}:destroy", "destroy", handler!(destroy)),
+    Endpoint::post("/v1/keys/{name}:export", "export", handler!(export)),
+    Endpoint::post("/v1/keys/{name}:sign", "sign", handler!(sign)),
+    Endpoint::post("/v1/keys/{name}:verify", "verify", handler!(verify)),
+    Endpoint::post("/v1/keys/{name}:encrypt", "encrypt", handler!(encrypt)),
+    Endpoint::post("/v1/keys/{name}:decrypt", "decrypt", handler!(decrypt)),
+    Endpoint::get("/v1/wrapping-key", "wrapping_key", handler!(wrapping_key)),
+    Endpoint::get("/v1/approvals", "list_approvals", handler!(list_approvals)),
+    Endpoint::post("/v1/approvals/{id}:approve", "approve", handler!(approve)),
+    Endpoint::post("/v1/approvals/{id}:cancel", "cancel_approval", handler!(cancel_approval)),
+    Endpoint::get("/v1/audit", "audit_read", handler!(audit)),
+    Endpoint::get("/v1/status-list", "status_list", handler!(status_list)),
+];
 
-/// What the audit entry and the log record about a request beyond its path, filled in by the
-/// handler as soon as it is known, so refused requests carry it too.
-#[derive(Default)]
-pub struct Note {
-    /// The key (or prefix) when it comes from the body rather than the path.
-    pub key: Option<String>,
-    /// Reasons and summaries; never message contents.
-    pub detail: String,
-    /// Tells the audit writer this request's entry follows shortly (see `audit`); a handler
-    /// that will wait long before its entry drops it.
-    pub admission: Option<Admission>,
-    /// The request's own id (set before the handler runs), for handlers that write audit
-    /// entries of their own, so those entries lead back to the request.
-    pub request_id: String,
-}
+const STATUS_LIST_FORMAT: &str = "COSE_Sign1 (RFC 9052), ES256; payload CBOR {iss, prefix, seq, iat, exp, entries[{kid, v, state, since, reason?}]}";
+const WRAPPING_ALGORITHM: &str = "RSA-OAEP (SHA-1, MGF1-SHA1) for a one-time AES-256 KEK; the key material wrapped under the KEK with AES-KWP (RFC 5649)";
 
-pub(super) fn ok<T: Serialize>(
-    status: StatusCode,
-    value: &T,
-    version: Option<u32>,
-) -> Result<Outcome, ServiceError> {
-    let body = serde_json::to_vec(value).map_err(|e| ServiceError::Internal {
-        detail: format!("serializing response: {e}"),
-    })?;
-    Ok(Outcome {
-        status,
-        body,
-        version,
-        content_type: "application/json",
-    })
-}
-
-pub async fn dispatch(
-    state: &AppState,
-    caller: &Caller,
-    route: Route,
-    name: &str,
-    query: &str,
-    body: &[u8],
-    note: &mut Note,
-) -> Result<Outcome, ServiceError> {
-    let svc = &state.service;
-    match route {
-        Route::CreateKey => {
-            let req: json::CreateKey = json::parse(body)?;
-            note.key = Some(req.name.clone());
-            let settings = LifecycleInput {
-                rotation_period: req.rotation_period,
-                verify_grace: req.verify_grace,
-                max_operations: req.max_operations,
-                exportable: req.exportable,
-            };
-            let key = svc
-                .create_key_from(
-                    caller,
-                    &req.name,
-                    &req.key_type,
-                    &settings,
-                    req.derive_from.as_deref(),
-                )
-                .await?;
-            ok(
-                StatusCode::CREATED,
-                &KeyView::of(&key),
-                key.active().map(|v| v.version),
-            )
-        }
-        Route::BatchCreate => super::batch_create::create(svc, caller, body, note).await,
-        Route::GetKey => {
-            let key = svc.get_key(caller, name)?;
-            ok(StatusCode::OK, &KeyView::of(&key), None)
-        }
-        Route::ListKeys => {
-            let q = list_query(query)?;
-            let (keys, next) = svc.list_keys(
-                caller,
-                &q.prefix,
-                q.page_token.as_deref(),
-                q.page_size.unwrap_or(LIST_PAGE),
-            )?;
-            let keys: Vec<KeyView> = keys.iter().map(|k| KeyView::of(k)).collect();
-            let mut body = serde_json::json!({ "keys": keys });
-            if let Some(next) = next {
-                body["next_page_token"] = serde_json::Value::String(next);
-            }
-            ok(StatusCode::OK, &body, None)
-        }
-        Route::UpdateKey => {
-            let req: json::UpdateKey = json::parse(body)?;
-            let settings = LifecycleInput {
-                rotation_period: req.rotation_period,
-                verify_grace: req.verify_grace,
-                max_operations: req.max_operations,
-                exportable: None,
-            };
-            let key = svc.update_lifecycle(caller, name, &settings).await?;
-            ok(StatusCode::OK, &KeyView::of(&key), None)
-        }
-        Route::Rotate => {
-            let req: json::Rotate = if body.is_empty() {
-                json::Rotate::default()
-            } else {
-                json::parse(body)?
-            };
-            note.detail = req.reason.clone().unwrap_or_default();
-            let key = svc.rotate(caller, name, req.reason.as_deref()).await?;
-            ok(
-                StatusCode::OK,
-                &KeyView::of(&key),
-                key.active().map(|v| v.version),
-            )
-        }
-        Route::Revoke => {
-            let req: json::Revoke = json::parse(body)?;
-            note.detail = req.reason.clone();
-            let key = svc.revoke(caller, name, req.version, &req.reason).await?;
-            ok(StatusCode::OK, &KeyView::of(&key), req.version)
-        }
-        Route::RevokePrefix | Route::RotatePrefix => {
-            let req: json::PrefixAction = json::parse(body)?;
-            note.key = Some(req.prefix.clone());
-            note.detail = req.reason.clone().unwrap_or_default();
-            let out = if route == Route::RevokePrefix {
-                svc.revoke_prefix(caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
-                    .await?
-            } else {
-                svc.rotate_prefix(caller, &req.prefix, req.reason.as_deref())
-                    .await?
-            };
-            note.detail = format!(
-                "{} keys, {} versions; {}",
-                out.keys.len(),
-                out.versions,
-                note.detail
-            );
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "prefix": req.prefix, "keys": out.keys, "versions": out.versions }),
-                None,
-            )
-        }
-        Route::Destroy => {
-            let req: json::Destroy = json::parse(body)?;
-            let a = svc.request_destroy(caller, name, req.version).await?;
-            note.detail = format!("approval {} requested", a.id);
-            ok(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
-                Some(req.version),
-            )
-        }
-        Route::Export => {
-            let req: json::Export = json::parse(body)?;
-            note.detail = format!("under {}", req.transport_key);
-            let a = svc
-                .request_export(caller, name, req.version, &req.transport_key)
-                .await?;
-            note.detail = format!("approval {} requested: under {}", a.id, req.transport_key);
-            ok(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
-                Some(req.version),
-            )
-        }
-        Route::Import => {
-            let req: json::Import = json::parse(body)?;
-            note.key = Some(req.name.clone());
-            let import = ImportRequest {
-                name: req.name,
-                key_type: req.key_type,
-                encrypted_kek: json::b64("encrypted_kek", &req.encrypted_kek)?,
-                wrapped_key: json::b64("wrapped_key", &req.wrapped_key)?,
-                kcv: req.kcv,
-                settings: LifecycleInput {
-                    rotation_period: req.rotation_period,
-                    verify_grace: req.verify_grace,
-                    max_operations: req.max_operations,
-                    exportable: req.exportable,
-                },
-            };
-            let a = svc.request_import(caller, import).await?;
-            note.detail = format!("approval {} requested", a.id);
-            ok(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
-                None,
-            )
-        }
-        Route::PosRequestIssue
-        | Route::PosPaidIssue
-        | Route::PosRequestVerify
-        | Route::PosPaidVerify
-        | Route::OtpIssue
-        | Route::OtpRedeem
-        | Route::DeviceRegister
-        | Route::DeviceRevoke
-        | Route::DeviceTokenVerify
-        | Route::ChallengeIssue
-        | Route::ChallengeVerify
-        | Route::Seal
-        | Route::Open
-        | Route::GiftIssue
-        | Route::GiftCheck
-        | Route::GiftReissue
-        | Route::GiftRevoke
-        | Route::GiftUnlock => {
-            super::retail::dispatch(svc, caller, route, name, query, body, note).await
-        }
-        Route::StatusList => {
-            let q = list_query(query)?;
-            note.key = Some(q.prefix.clone());
-            let s = svc.status_list(caller, &q.prefix).await?;
-            note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "cose_sign1": json::encode(&s.cose),
-                    "format": "COSE_Sign1 (RFC 9052), ES256; payload CBOR {iss, prefix, seq, iat, exp, entries[{kid, v, state, since, reason?}]}",
-                    "kid": s.kid,
-                    "public_key_pem": crate::encoding::pem("PUBLIC KEY", &s.public_key_der),
-                    "seq": s.sequence,
-                    "issued_at": json::rfc3339(s.issued_at),
-                    "expires_at": json::rfc3339(s.expires_at),
-                }),
-                None,
-            )
-        }
-        Route::WrappingKey => {
-            let pem = svc.import_wrapping_key().await?;
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "public_key_pem": pem,
-                    "algorithm": "RSA-OAEP (SHA-1, MGF1-SHA1) for a one-time AES-256 KEK; the key material wrapped under the KEK with AES-KWP (RFC 5649)",
-                }),
-                None,
-            )
-        }
-        Route::ListApprovals => {
-            let list: Vec<ApprovalView> = svc
-                .pending_approvals(caller)
-                .await?
-                .iter()
-                .map(ApprovalView::of)
-                .collect();
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "approvals": list }),
-                None,
-            )
-        }
-        Route::Approve => {
-            // Audited under the key it concerns, refused or not.
-            note.key = svc.approval_key(name).await;
-            note.detail = format!("approval {name}");
-            let (a, done) = svc.approve(caller, name).await?;
-            note.key = Some(a.key.clone());
-            note.detail = format!(
-                "approval {}: {} by {} executed",
-                a.id, a.action, a.requested_by
-            );
-            let body = match done {
-                Executed::Key(key) => {
-                    serde_json::json!({ "approval": ApprovalView::of(&a), "key": KeyView::of(&key) })
-                }
-                Executed::Export(x) => serde_json::json!({
-                    "approval": ApprovalView::of(&a),
-                    "export": {
-                        "key": x.key,
-                        "version": x.version,
-                        "algorithm": "AES-KWP (RFC 5649)",
-                        "wrapped_key": json::encode(&x.wrapped_key),
-                        "kcv": x.kcv,
-                        "transport_key": x.transport_key,
-                        "transport_version": x.transport_version,
-                        "transport_kcv": x.transport_kcv,
-                    }
-                }),
-            };
-            ok(StatusCode::OK, &body, a.version)
-        }
-        Route::CancelApproval => {
-            note.key = svc.approval_key(name).await;
-            note.detail = format!("approval {name}");
-            let a = svc.cancel_approval(caller, name).await?;
-            note.key = Some(a.key.clone());
-            note.detail = format!("approval {} cancelled", a.id);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "approval": ApprovalView::of(&a) }),
-                None,
-            )
-        }
-        Route::Audit => {
-            let q = audit_query(query)?;
-            let (entries, next) = svc.audit_entries(caller, &q).await?;
-            let entries: Vec<serde_json::Value> = entries.iter().map(|e| e.to_json()).collect();
-            let mut body = serde_json::json!({ "entries": entries });
-            if let Some(n) = next {
-                body["next_since"] = n.into();
-            }
-            ok(StatusCode::OK, &body, None)
-        }
-        Route::Sign => {
-            let req: json::Sign = json::parse(body)?;
-            if let Some(items) = req.batch {
-                return super::batch::sign(
-                    svc,
-                    caller,
-                    name,
-                    req.message.is_some(),
-                    items,
-                    req.signature_format.as_deref(),
-                    note,
-                )
-                .await;
-            }
-            let message = json::b64("message", &json::required("message", req.message)?)?;
-            let format = json::signature_format(req.signature_format.as_deref())?;
-            let s = svc.sign(caller, name, message, format).await?;
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "signature": json::encode(&s.signature), "key_version": s.version }),
-                Some(s.version),
-            )
-        }
-        Route::Verify => {
-            let req: json::Verify = json::parse(body)?;
-            if let Some(items) = req.batch {
-                let single =
-                    req.message.is_some() || req.signature.is_some() || req.key_version.is_some();
-                return super::batch::verify(
-                    svc,
-                    caller,
-                    name,
-                    single,
-                    items,
-                    req.signature_format.as_deref(),
-                    note,
-                )
-                .await;
-            }
-            let message = json::b64("message", &json::required("message", req.message)?)?;
-            let signature = json::b64("signature", &json::required("signature", req.signature)?)?;
-            let format = json::signature_format(req.signature_format.as_deref())?;
-            let v = svc
-                .verify(caller, name, message, signature, req.key_version, format)
-                .await?;
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "valid": v.valid, "key_version": v.version }),
-                Some(v.version),
-            )
-        }
-        Route::Encrypt => {
-            let req: json::Encrypt = json::parse(body)?;
-            let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            let (ct, version) = svc.encrypt(caller, name, &plaintext, &aad).await?;
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "ciphertext": json::encode(&ct), "key_version": version }),
-                Some(version),
-            )
-        }
-        Route::Decrypt => {
-            let req: json::Decrypt = json::parse(body)?;
-            let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            let (pt, version) = svc.decrypt(caller, name, &ciphertext, &aad).await?;
-            let pt = zeroize::Zeroizing::new(pt);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "plaintext": json::encode(&pt), "key_version": version }),
-                Some(version),
-            )
-        }
-    }
-}
-
-pub(super) fn optional_b64(field: &str, v: Option<&str>) -> Result<Vec<u8>, ServiceError> {
-    v.map_or(Ok(Vec::new()), |v| json::b64(field, v))
-}
-
-#[derive(Default)]
-struct ListQuery {
-    prefix: String,
-    page_token: Option<String>,
-    page_size: Option<usize>,
-}
-
-/// `prefix`, `page_token` and `page_size` are the only query parameters. Their values are key-name
-/// characters, so no percent-decoding is done: a `%` is refused by the service's check.
-fn list_query(query: &str) -> Result<ListQuery, ServiceError> {
-    let mut q = ListQuery::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("prefix", v)) => q.prefix = v.to_owned(),
-            Some(("page_token", v)) => q.page_token = Some(v.to_owned()),
-            Some(("page_size", v)) => {
-                q.page_size = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| (1..=LIST_PAGE).contains(n))
-                        .ok_or_else(|| {
-                            ServiceError::invalid(format!("page_size must be 1..={LIST_PAGE}"))
-                        })?,
-                )
-            }
-            _ => {
-                return Err(ServiceError::invalid(format!(
-                    "unknown query parameter '{}'; accepted: prefix, page_token, page_size",
-                    pair.split('=').next().unwrap_or("")
-                )))
-            }
-        }
-    }
-    Ok(q)
-}
-
-/// `since` (sequence number), `key`, `identity`, `limit` (1..=1000, default 100).
-fn audit_query(query: &str) -> Result<crate::audit::Query, ServiceError> {
-    let mut q = crate::audit::Query {
-        limit: 100,
-        ..Default::default()
+async fn create_key(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::CreateKey = json::parse(r.body)?;
+    note.key = Some(req.name.clone());
+    let settings = LifecycleInput {
+        rotation_period: req.rotation_period,
+        verify_grace: req.verify_grace,
+        max_operations: req.max_operations,
+        exportable: req.exportable,
     };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            ServiceError::invalid(format!("query parameter '{pair}' has no value"))
-        })?;
-        let number = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| ServiceError::invalid(format!("{k} must be a number")))
-        };
-        match k {
-            "since" => q.since = number(v)?,
-            "limit" => {
-                q.limit = usize::try_from(number(v)?).unwrap_or(0);
-                if !(1..=1000).contains(&q.limit) {
-                    return Err(ServiceError::invalid("limit must be 1..=1000"));
-                }
-            }
-            "key" => q.key = Some(v.to_owned()),
-            "identity" => q.identity = Some(v.to_owned()),
-            _ => {
-                return Err(ServiceError::invalid(format!(
-                    "unknown query parameter '{k}'; accepted: since, key, identity, limit"
-                )))
-            }
+    let key = r
+        .svc
+        .create_key_from(
+            r.caller,
+            &req.name,
+            &req.key_type,
+            &settings,
+            req.derive_from.as_deref(),
+        )
+        .await?;
+    ok(
+        StatusCode::CREATED,
+        &KeyView::of(&key),
+        key.active().map(|v| v.version),
+    )
+}
+
+async fn get_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let key = r.svc.get_key(r.caller, r.name)?;
+    ok(StatusCode::OK, &KeyView::of(&key), None)
+}
+
+async fn list_keys(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let q = list_query(r.query)?;
+    let (keys, next) = r.svc.list_keys(
+        r.caller,
+        &q.prefix,
+        q.page_token.as_deref(),
+        q.page_size.unwrap_or(LIST_PAGE),
+    )?;
+    let body = views::KeyList {
+        keys: keys.iter().map(|k| KeyView::of(k)).collect(),
+        next_page_token: next,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn update_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::UpdateKey = json::parse(r.body)?;
+    let settings = LifecycleInput {
+        rotation_period: req.rotation_period,
+        verify_grace: req.verify_grace,
+        max_operations: req.max_operations,
+        exportable: None,
+    };
+    let key = r.svc.update_lifecycle(r.caller, r.name, &settings).await?;
+    ok(StatusCode::OK, &KeyView::of(&key), None)
+}
+
+async fn rotate(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Rotate = if r.body.is_empty() {
+        json::Rotate::default()
+    } else {
+        json::parse(r.body)?
+    };
+    note.detail = req.reason.clone().unwrap_or_default();
+    let key = r
+        .svc
+        .rotate(r.caller, r.name, req.reason.as_deref())
+        .await?;
+    ok(
+        StatusCode::OK,
+        &KeyView::of(&key),
+        key.active().map(|v| v.version),
+    )
+}
+
+async fn revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Revoke = json::parse(r.body)?;
+    note.detail = req.reason.clone();
+    let key = r
+        .svc
+        .revoke(r.caller, r.name, req.version, &req.reason)
+        .await?;
+    ok(StatusCode::OK, &KeyView::of(&key), req.version)
+}
+
+async fn revoke_prefix(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    prefix_action(r, note, true).await
+}
+
+async fn rotate_prefix(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    prefix_action(r, note, false).await
+}
+
+async fn prefix_action(r: Req<'_>, note: &mut Note, revoke: bool) -> Result<Outcome, ServiceError> {
+    let req: json::PrefixAction = json::parse(r.body)?;
+    note.key = Some(req.prefix.clone());
+    note.detail = req.reason.clone().unwrap_or_default();
+    let out = if revoke {
+        r.svc
+            .revoke_prefix(r.caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
+            .await?
+    } else {
+        r.svc
+            .rotate_prefix(r.caller, &req.prefix, req.reason.as_deref())
+            .await?
+    };
+    note.detail = format!(
+        "{} keys, {} versions; {}",
+        out.keys.len(),
+        out.versions,
+        note.detail
+    );
+    let body = views::PrefixDone {
+        keys: &out.keys,
+        prefix: &req.prefix,
+        versions: out.versions,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+fn pending(a: &crate::registry::approvals::ApprovalRecord) -> views::Pending {
+    views::Pending {
+        approval: ApprovalView::of(a),
+    }
+}
+
+async fn destroy(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Destroy = json::parse(r.body)?;
+    let a = r.svc.request_destroy(r.caller, r.name, req.version).await?;
+    note.detail = format!("approval {} requested", a.id);
+    ok(StatusCode::ACCEPTED, &pending(&a), Some(req.version))
+}
+
+async fn export(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Export = json::parse(r.body)?;
+    note.detail = format!("under {}", req.transport_key);
+    let a = r
+        .svc
+        .request_export(r.caller, r.name, req.version, &req.transport_key)
+        .await?;
+    note.detail = format!("approval {} requested: under {}", a.id, req.transport_key);
+    ok(StatusCode::ACCEPTED, &pending(&a), Some(req.version))
+}
+
+async fn import(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Import = json::parse(r.body)?;
+    note.key = Some(req.name.clone());
+    let import = ImportRequest {
+        name: req.name,
+        key_type: req.key_type,
+        encrypted_kek: json::b64("encrypted_kek", &req.encrypted_kek)?,
+        wrapped_key: json::b64("wrapped_key", &req.wrapped_key)?,
+        kcv: req.kcv,
+        settings: LifecycleInput {
+            rotation_period: req.rotation_period,
+            verify_grace: req.verify_grace,
+            max_operations: req.max_operations,
+            exportable: req.exportable,
+        },
+    };
+    let a = r.svc.request_import(r.caller, import).await?;
+    note.detail = format!("approval {} requested", a.id);
+    ok(StatusCode::ACCEPTED, &pending(&a), None)
+}
+
+async fn status_list(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let q = list_query(r.query)?;
+    note.key = Some(q.prefix.clone());
+    let s = r.svc.status_list(r.caller, &q.prefix).await?;
+    note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
+    let body = views::StatusListView {
+        cose_sign1: json::encode(&s.cose),
+        expires_at: json::rfc3339(s.expires_at),
+        format: STATUS_LIST_FORMAT,
+        issued_at: json::rfc3339(s.issued_at),
+        kid: &s.kid,
+        public_key_pem: crate::encoding::pem("PUBLIC KEY", &s.public_key_der),
+        seq: s.sequence,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn wrapping_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let body = views::WrappingKey {
+        algorithm: WRAPPING_ALGORITHM,
+        public_key_pem: r.svc.import_wrapping_key().await?,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn list_approvals(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let approvals = r.svc.pending_approvals(r.caller).await?;
+    let body = views::ApprovalList {
+        approvals: approvals.iter().map(ApprovalView::of).collect(),
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn approve(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    // Audited under the key it concerns, refused or not.
+    note.key = r.svc.approval_key(r.name).await;
+    note.detail = format!("approval {}", r.name);
+    let (a, done) = r.svc.approve(r.caller, r.name).await?;
+    note.key = Some(a.key.clone());
+    note.detail = format!(
+        "approval {}: {} by {} executed",
+        a.id, a.action, a.requested_by
+    );
+    let mut body = views::Approved {
+        approval: ApprovalView::of(&a),
+        export: None,
+        key: None,
+    };
+    match done {
+        Executed::Key(key) => body.key = Some(KeyView::of(&key)),
+        Executed::Export(x) => {
+            body.export = Some(views::ExportView {
+                algorithm: "AES-KWP (RFC 5649)",
+                kcv: x.kcv,
+                key: x.key,
+                transport_kcv: x.transport_kcv,
+                transport_key: x.transport_key,
+                transport_version: x.transport_version,
+                version: x.version,
+                wrapped_key: json::encode(&x.wrapped_key),
+            })
         }
     }
-    Ok(q)
+    ok(StatusCode::OK, &body, a.version)
+}
+
+async fn cancel_approval(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    note.key = r.svc.approval_key(r.name).await;
+    note.detail = format!("approval {}", r.name);
+    let a = r.svc.cancel_approval(r.caller, r.name).await?;
+    note.key = Some(a.key.clone());
+    note.detail = format!("approval {} cancelled", a.id);
+    ok(StatusCode::OK, &pending(&a), None)
+}
+
+async fn audit(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let q = audit_query(r.query)?;
+    let (entries, next) = r.svc.audit_entries(r.caller, &q).await?;
+    let body = views::AuditPage {
+        entries: entries.iter().map(|e| e.to_json()).collect(),
+        next_since: next,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn sign(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Sign = json::parse(r.body)?;
+    if let Some(items) = req.batch {
+        return batch::sign(
+            r.svc,
+            r.caller,
+            r.name,
+            req.message.is_some(),
+            items,
+            req.signature_format.as_deref(),
+            note,
+        )
+        .await;
+    }
+    let message = json::b64("message", &json::required("message", req.message)?)?;
+    let format = json::signature_format(req.signature_format.as_deref())?;
+    let s = r.svc.sign(r.caller, r.name, message, format).await?;
+    let body = views::Signed {
+        key_version: s.version,
+        signature: json::encode(&s.signature),
+    };
+    ok(StatusCode::OK, &body, Some(s.version))
+}
+
+async fn verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Verify = json::parse(r.body)?;
+    if let Some(items) = req.batch {
+        let single = req.message.is_some() || req.signature.is_some() || req.key_version.is_some();
+        return batch::verify(
+            r.svc,
+            r.caller,
+            r.name,
+            single,
+            items,
+            req.signature_format.as_deref(),
+            note,
+        )
+        .await;
+    }
+    let message = json::b64("message", &json::required("message", req.message)?)?;
+    let signature = json::b64("signature", &json::required("signature", req.signature)?)?;
+    let format = json::signature_format(req.signature_format.as_deref())?;
+    let v = r
+        .svc
+        .verify(
+            r.caller,
+            r.name,
+            message,
+            signature,
+            req.key_version,
+            format,
+        )
+        .await?;
+    let body = views::Verified {
+        key_version: v.version,
+        valid: v.valid,
+    };
+    ok(StatusCode::OK, &body, Some(v.version))
+}
+
+async fn encrypt(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Encrypt = json::parse(r.body)?;
+    let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
+    let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
+    let (ct, version) = r.svc.encrypt(r.caller, r.name, &plaintext, &aad).await?;
+    let body = views::Encrypted {
+        ciphertext: json::encode(&ct),
+        key_version: version,
+    };
+    ok(StatusCode::OK, &body, Some(version))
+}
+
+async fn decrypt(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Decrypt = json::parse(r.body)?;
+    let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
+    let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
+    let (pt, version) = r.svc.decrypt(r.caller, r.name, &ciphertext, &aad).await?;
+    let pt = zeroize::Zeroizing::new(pt);
+    let body = views::Decrypted {
+        key_version: version,
+        plaintext: json::encode(&pt),
+    };
+    ok(StatusCode::OK, &body, Some(version))
 }

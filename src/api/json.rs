@@ -383,6 +383,11 @@ pub fn b64(field: &str, value: &str) -> Result<Vec<u8>, ServiceError> {
         .map_err(|_| ServiceError::invalid(format!("field '{field}' is not valid standard base64")))
 }
 
+/// An optional bytes field; absent reads as empty, as AEAD associated data does.
+pub fn optional_b64(field: &str, v: Option<&str>) -> Result<Vec<u8>, ServiceError> {
+    v.map_or(Ok(Vec::new()), |v| b64(field, v))
+}
+
 pub fn encode(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
 }

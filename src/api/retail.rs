@@ -1,14 +1,35 @@
 //! The retail token endpoints: POS payment QR codes, customer one-time and device tokens,
-//! challenge-response, counter-sealed messages and gift codes. Same contract as
-//! [`super::handlers`]: decode the body, call the service, encode the answer.
+//! challenge-response, counter-sealed messages and gift codes. Kept apart from the key endpoints,
+//! with their own table, so this area can become a feature of its own.
 
 use hyper::StatusCode;
 
-use super::handlers::{ok, optional_b64, Note, Outcome};
+use super::endpoint::{handler, ok, Endpoint, Note, Outcome, Req};
 use super::json;
-use super::routes::Route;
+use super::views;
 use crate::error::ServiceError;
-use crate::service::{Caller, Service};
+
+#[rustfmt::skip]
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint::post("/v1/tokens/pos-request:issue", "pos_request_issue", handler!(pos_request_issue)),
+    Endpoint::post("/v1/tokens/pos-request:verify", "pos_request_verify", handler!(pos_request_verify)),
+    Endpoint::post("/v1/tokens/pos-paid:issue", "pos_paid_issue", handler!(pos_paid_issue)),
+    Endpoint::post("/v1/tokens/pos-paid:verify", "pos_paid_verify", handler!(pos_paid_verify)),
+    Endpoint::post("/v1/tokens/customer-otp:issue", "customer_otp_issue", handler!(otp_issue)),
+    Endpoint::post("/v1/tokens/customer-otp:redeem", "customer_otp_redeem", handler!(otp_redeem)),
+    Endpoint::post("/v1/devices", "device_register", handler!(device_register)),
+    Endpoint::post("/v1/devices/{id}:revoke", "device_revoke", handler!(device_revoke)),
+    Endpoint::post("/v1/tokens/customer-signed:verify", "customer_signed_verify", handler!(device_token_verify)),
+    Endpoint::post("/v1/challenges", "challenge_issue", handler!(challenge_issue)),
+    Endpoint::post("/v1/challenges/{id}:verify", "challenge_verify", handler!(challenge_verify)),
+    Endpoint::post("/v1/keys/{name}:seal", "seal", handler!(seal)),
+    Endpoint::post("/v1/keys/{name}:open", "open", handler!(open)),
+    Endpoint::post("/v1/giftcodes:issue", "giftcode_issue", handler!(gift_issue)),
+    Endpoint::post("/v1/giftcodes:check", "giftcode_check", handler!(gift_check)),
+    Endpoint::post("/v1/giftcodes/{id}:reissue", "giftcode_reissue", handler!(gift_reissue)),
+    Endpoint::post("/v1/giftcodes/{id}:revoke", "giftcode_revoke", handler!(gift_revoke)),
+    Endpoint::post("/v1/giftcodes/{id}:unlock", "giftcode_unlock", handler!(gift_unlock)),
+];
 
 /// `format=json` (default) or `format=svg`; checked before anything is issued or recorded.
 fn wants_svg(query: &str) -> Result<bool, ServiceError> {
@@ -36,22 +57,19 @@ fn issued(
             content_type: "image/svg+xml",
         });
     }
-    ok(
-        StatusCode::OK,
-        &serde_json::json!({
-            "token": t.text,
-            "type": t.claims.kind,
-            "kid": t.kid,
-            "key": t.key,
-            "chars": t.text.len(),
-            "qr_version": crate::tokens::qr::version(&t.text)?,
-            "qr_error_correction": "M",
-            "issued_at": json::rfc3339(t.claims.issued_at),
-            "expires_at": json::rfc3339(t.claims.expires_at),
-            "repeated": t.repeated,
-        }),
-        None,
-    )
+    let body = views::TokenIssued {
+        chars: t.text.len(),
+        expires_at: json::rfc3339(t.claims.expires_at),
+        issued_at: json::rfc3339(t.claims.issued_at),
+        key: &t.key,
+        kid: &t.kid,
+        qr_error_correction: "M",
+        qr_version: crate::tokens::qr::version(&t.text)?,
+        repeated: t.repeated,
+        token: &t.text,
+        kind: &t.claims.kind,
+    };
+    ok(StatusCode::OK, &body, None)
 }
 
 fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, ServiceError> {
@@ -63,262 +81,289 @@ fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, 
         cl.purchase,
         c.reason.as_deref().unwrap_or("valid")
     );
-    let mut v = serde_json::json!({
-        "valid": c.valid,
-        "type": cl.kind,
-        "store_id": cl.store,
-        "pos_id": cl.pos,
-        "purchase_id": cl.purchase,
-        "amount": cl.amount,
-        "currency": cl.currency,
-        "issued_at": json::rfc3339(cl.issued_at),
-        "expires_at": json::rfc3339(cl.expires_at),
-        "kid": c.kid,
-        "key": c.key,
-    });
-    if let Some(r) = &c.reason {
-        v["reason"] = r.clone().into();
-    }
-    if let Some(d) = &cl.description {
-        v["description"] = d.clone().into();
-    }
-    if let Some(p) = &cl.payment_ref {
-        v["payment_ref"] = p.clone().into();
-    }
-    ok(StatusCode::OK, &v, None)
+    let body = views::TokenChecked {
+        amount: cl.amount,
+        currency: &cl.currency,
+        description: cl.description.as_deref(),
+        expires_at: json::rfc3339(cl.expires_at),
+        issued_at: json::rfc3339(cl.issued_at),
+        key: &c.key,
+        kid: &c.kid,
+        payment_ref: cl.payment_ref.as_deref(),
+        pos_id: &cl.pos,
+        purchase_id: &cl.purchase,
+        reason: c.reason.as_deref(),
+        store_id: &cl.store,
+        kind: &cl.kind,
+        valid: c.valid,
+    };
+    ok(StatusCode::OK, &body, None)
 }
 
-pub async fn dispatch(
-    svc: &Service,
-    caller: &Caller,
-    route: Route,
-    name: &str,
-    query: &str,
-    body: &[u8],
+async fn pos_request_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    wants_svg(r.query)?;
+    let req: json::PosRequestIssue = json::parse(r.body)?;
+    note.key = Some(format!(
+        "stores/{}/pos/{}/qr-request",
+        req.store_id, req.pos_id
+    ));
+    let t = r
+        .svc
+        .issue_pos_request(
+            r.caller,
+            crate::tokens::pos::PosRequest {
+                store: req.store_id,
+                pos: req.pos_id,
+                purchase: req.purchase_id,
+                amount: req.amount,
+                currency: req.currency,
+                description: req.description,
+                ttl: req.ttl,
+            },
+        )
+        .await?;
+    issued(r.query, t, note)
+}
+
+async fn pos_paid_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    wants_svg(r.query)?;
+    let req: json::PosPaidIssue = json::parse(r.body)?;
+    let t = r
+        .svc
+        .issue_pos_paid(r.caller, &req.request_token, &req.payment_ref)
+        .await?;
+    note.key = Some(t.key.clone());
+    issued(r.query, t, note)
+}
+
+async fn pos_request_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::TokenVerify = json::parse(r.body)?;
+    let c = r
+        .svc
+        .check_token(r.caller, &req.token, "pos-request")
+        .await?;
+    checked(&c, note)
+}
+
+async fn pos_paid_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::TokenVerify = json::parse(r.body)?;
+    let c = r.svc.verify_pos_paid(r.caller, &req.token).await?;
+    checked(&c, note)
+}
+
+async fn otp_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::OtpIssue = json::parse(r.body)?;
+    note.key = Some(req.key.clone());
+    let (token, expires_at) = r
+        .svc
+        .issue_customer_otp(r.caller, &req.key, &req.subject, req.ttl)
+        .await?;
+    note.detail = format!("for {}", req.subject);
+    let body = views::OtpIssued {
+        expires_at: json::rfc3339(expires_at),
+        token,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn otp_redeem(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::KeyedToken = json::parse(r.body)?;
+    note.key = Some(req.key.clone());
+    let subject = r
+        .svc
+        .redeem_customer_otp(r.caller, &req.key, &req.token)
+        .await?;
+    note.detail = match &subject {
+        Some(subject) => format!("redeemed for {subject}"),
+        None => "refused".into(),
+    };
+    let body = views::OtpRedeemed {
+        reason: subject.is_none().then_some("invalid"),
+        redeemed: subject.is_some(),
+        subject,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn device_register(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::DeviceRegister = json::parse(r.body)?;
+    note.key = Some(req.realm.clone());
+    let d = r
+        .svc
+        .register_device(r.caller, &req.realm, &req.subject, &req.public_key_pem)
+        .await?;
+    note.detail = format!("device {} ({}) for {}", d.id, d.alg, d.subject);
+    let body = views::DeviceRegistered {
+        alg: d.alg,
+        device_id: d.id,
+        realm: d.realm,
+        state: d.state,
+        subject: d.subject,
+    };
+    ok(StatusCode::CREATED, &body, None)
+}
+
+async fn device_revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let d = r.svc.revoke_device(r.caller, r.name).await?;
+    note.key = Some(d.realm.clone());
+    note.detail = format!("device {} revoked", d.id);
+    let body = views::DeviceRevoked {
+        device_id: d.id,
+        state: d.state,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn device_token_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::DeviceTokenVerify = json::parse(r.body)?;
+    note.key = Some(req.realm.clone());
+    let c = r
+        .svc
+        .verify_customer_signed(r.caller, &req.realm, &req.token)
+        .await?;
+    note.detail = format!(
+        "device {}: {}",
+        c.device,
+        c.reason.as_deref().unwrap_or("valid")
+    );
+    let body = views::DeviceTokenChecked {
+        device_id: c.device,
+        reason: c.reason,
+        subject: c.subject,
+        valid: c.valid,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::ChallengeIssue = json::parse(r.body)?;
+    note.key = Some(req.key.clone());
+    let c = r
+        .svc
+        .issue_challenge(r.caller, &req.key, &req.subject, req.ttl)
+        .await?;
+    note.detail = format!("challenge {} for {}", c.id, req.subject);
+    let body = views::ChallengeIssued {
+        challenge: json::encode(&c.challenge),
+        expires_at: json::rfc3339(c.expires_at),
+        id: c.id,
+    };
+    ok(StatusCode::CREATED, &body, None)
+}
+
+async fn challenge_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::ChallengeVerify = json::parse(r.body)?;
+    let response = json::b64("response", &req.response)?;
+    let (valid, reason, subject) = r.svc.verify_challenge(r.caller, r.name, &response).await?;
+    note.detail = format!(
+        "challenge {} for {subject}: {}",
+        r.name,
+        reason.unwrap_or("valid")
+    );
+    let body = views::ChallengeChecked {
+        reason,
+        subject,
+        valid,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn seal(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Seal = json::parse(r.body)?;
+    let pt = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
+    let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
+    let (ct, counter, v) = r.svc.seal(r.caller, r.name, &req.sender, &pt, &aad).await?;
+    note.detail = format!("{} #{counter}", req.sender);
+    let body = views::Sealed {
+        ciphertext: json::encode(&ct),
+        counter,
+        key_version: v,
+    };
+    ok(StatusCode::OK, &body, Some(v))
+}
+
+async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::Open = json::parse(r.body)?;
+    let ct = json::b64("ciphertext", &req.ciphertext)?;
+    let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
+    note.detail = format!("{} #{}", req.sender, req.counter);
+    let (pt, v) = r
+        .svc
+        .open(r.caller, r.name, &req.sender, req.counter, &ct, &aad)
+        .await?;
+    let pt = zeroize::Zeroizing::new(pt);
+    let body = views::Opened {
+        counter: req.counter,
+        key_version: v,
+        plaintext: json::encode(&pt),
+    };
+    ok(StatusCode::OK, &body, Some(v))
+}
+
+async fn gift_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::GiftIssue = json::parse(r.body)?;
+    note.key = Some(req.key.clone());
+    let c = r.svc.issue_giftcode(r.caller, &req.key, req.pin).await?;
+    note.detail = format!("gift code {}", c.id);
+    let body = views::GiftIssued {
+        code: c.code,
+        id: c.id,
+        pin: c.pin,
+        supersedes: None,
+    };
+    ok(StatusCode::CREATED, &body, None)
+}
+
+async fn gift_check(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let req: json::GiftCheck = json::parse(r.body)?;
+    note.key = Some(req.key.clone());
+    let id = r
+        .svc
+        .check_giftcode(r.caller, &req.key, &req.code, req.pin.as_deref())
+        .await?;
+    note.detail = match &id {
+        Some(id) => format!("gift code {id} valid"),
+        None => "refused".into(),
+    };
+    let body = views::GiftChecked {
+        reason: id.is_none().then_some("invalid"),
+        status: id.is_some().then_some("active"),
+        valid: id.is_some(),
+        id,
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn gift_reissue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    let c = r.svc.reissue_giftcode(r.caller, r.name).await?;
+    note.detail = format!("gift code {} superseded by {}", r.name, c.id);
+    let body = views::GiftIssued {
+        code: c.code,
+        id: c.id,
+        pin: c.pin,
+        supersedes: Some(r.name),
+    };
+    ok(StatusCode::OK, &body, None)
+}
+
+async fn gift_revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    set_gift_state(r, note, "revoke").await
+}
+
+async fn gift_unlock(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
+    set_gift_state(r, note, "unlock").await
+}
+
+async fn set_gift_state(
+    r: Req<'_>,
     note: &mut Note,
+    action: &str,
 ) -> Result<Outcome, ServiceError> {
-    match route {
-        Route::PosRequestIssue => {
-            wants_svg(query)?;
-            let req: json::PosRequestIssue = json::parse(body)?;
-            note.key = Some(format!(
-                "stores/{}/pos/{}/qr-request",
-                req.store_id, req.pos_id
-            ));
-            let t = svc
-                .issue_pos_request(
-                    caller,
-                    crate::tokens::pos::PosRequest {
-                        store: req.store_id,
-                        pos: req.pos_id,
-                        purchase: req.purchase_id,
-                        amount: req.amount,
-                        currency: req.currency,
-                        description: req.description,
-                        ttl: req.ttl,
-                    },
-                )
-                .await?;
-            issued(query, t, note)
-        }
-        Route::PosPaidIssue => {
-            wants_svg(query)?;
-            let req: json::PosPaidIssue = json::parse(body)?;
-            let t = svc
-                .issue_pos_paid(caller, &req.request_token, &req.payment_ref)
-                .await?;
-            note.key = Some(t.key.clone());
-            issued(query, t, note)
-        }
-        Route::PosRequestVerify => {
-            let req: json::TokenVerify = json::parse(body)?;
-            let c = svc.check_token(caller, &req.token, "pos-request").await?;
-            checked(&c, note)
-        }
-        Route::PosPaidVerify => {
-            let req: json::TokenVerify = json::parse(body)?;
-            let c = svc.verify_pos_paid(caller, &req.token).await?;
-            checked(&c, note)
-        }
-        Route::OtpIssue => {
-            let req: json::OtpIssue = json::parse(body)?;
-            note.key = Some(req.key.clone());
-            let (token, expires_at) = svc
-                .issue_customer_otp(caller, &req.key, &req.subject, req.ttl)
-                .await?;
-            note.detail = format!("for {}", req.subject);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "token": token, "expires_at": json::rfc3339(expires_at) }),
-                None,
-            )
-        }
-        Route::OtpRedeem => {
-            let req: json::KeyedToken = json::parse(body)?;
-            note.key = Some(req.key.clone());
-            let body = match svc
-                .redeem_customer_otp(caller, &req.key, &req.token)
-                .await?
-            {
-                Some(subject) => {
-                    note.detail = format!("redeemed for {subject}");
-                    serde_json::json!({ "redeemed": true, "subject": subject })
-                }
-                None => {
-                    note.detail = "refused".into();
-                    serde_json::json!({ "redeemed": false, "reason": "invalid" })
-                }
-            };
-            ok(StatusCode::OK, &body, None)
-        }
-        Route::DeviceRegister => {
-            let req: json::DeviceRegister = json::parse(body)?;
-            note.key = Some(req.realm.clone());
-            let d = svc
-                .register_device(caller, &req.realm, &req.subject, &req.public_key_pem)
-                .await?;
-            note.detail = format!("device {} ({}) for {}", d.id, d.alg, d.subject);
-            ok(
-                StatusCode::CREATED,
-                &serde_json::json!({ "device_id": d.id, "realm": d.realm, "subject": d.subject, "alg": d.alg, "state": d.state }),
-                None,
-            )
-        }
-        Route::DeviceRevoke => {
-            let d = svc.revoke_device(caller, name).await?;
-            note.key = Some(d.realm.clone());
-            note.detail = format!("device {} revoked", d.id);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "device_id": d.id, "state": d.state }),
-                None,
-            )
-        }
-        Route::DeviceTokenVerify => {
-            let req: json::DeviceTokenVerify = json::parse(body)?;
-            note.key = Some(req.realm.clone());
-            let c = svc
-                .verify_customer_signed(caller, &req.realm, &req.token)
-                .await?;
-            note.detail = format!(
-                "device {}: {}",
-                c.device,
-                c.reason.as_deref().unwrap_or("valid")
-            );
-            let mut v = serde_json::json!({ "valid": c.valid, "subject": c.subject, "device_id": c.device });
-            if let Some(r) = c.reason {
-                v["reason"] = r.into();
-            }
-            ok(StatusCode::OK, &v, None)
-        }
-        Route::ChallengeIssue => {
-            let req: json::ChallengeIssue = json::parse(body)?;
-            note.key = Some(req.key.clone());
-            let c = svc
-                .issue_challenge(caller, &req.key, &req.subject, req.ttl)
-                .await?;
-            note.detail = format!("challenge {} for {}", c.id, req.subject);
-            ok(
-                StatusCode::CREATED,
-                &serde_json::json!({ "id": c.id, "challenge": json::encode(&c.challenge), "expires_at": json::rfc3339(c.expires_at) }),
-                None,
-            )
-        }
-        Route::ChallengeVerify => {
-            let req: json::ChallengeVerify = json::parse(body)?;
-            let response = json::b64("response", &req.response)?;
-            let (valid, reason, subject) = svc.verify_challenge(caller, name, &response).await?;
-            note.detail = format!(
-                "challenge {name} for {subject}: {}",
-                reason.unwrap_or("valid")
-            );
-            let mut v = serde_json::json!({ "valid": valid, "subject": subject });
-            if let Some(r) = reason {
-                v["reason"] = r.into();
-            }
-            ok(StatusCode::OK, &v, None)
-        }
-        Route::Seal => {
-            let req: json::Seal = json::parse(body)?;
-            let pt = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            let (ct, counter, v) = svc.seal(caller, name, &req.sender, &pt, &aad).await?;
-            note.detail = format!("{} #{counter}", req.sender);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "ciphertext": json::encode(&ct), "counter": counter, "key_version": v }),
-                Some(v),
-            )
-        }
-        Route::Open => {
-            let req: json::Open = json::parse(body)?;
-            let ct = json::b64("ciphertext", &req.ciphertext)?;
-            let aad = optional_b64("associated_data", req.associated_data.as_deref())?;
-            note.detail = format!("{} #{}", req.sender, req.counter);
-            let (pt, v) = svc
-                .open(caller, name, &req.sender, req.counter, &ct, &aad)
-                .await?;
-            let pt = zeroize::Zeroizing::new(pt);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "plaintext": json::encode(&pt), "counter": req.counter, "key_version": v }),
-                Some(v),
-            )
-        }
-        Route::GiftIssue => {
-            let req: json::GiftIssue = json::parse(body)?;
-            note.key = Some(req.key.clone());
-            let c = svc.issue_giftcode(caller, &req.key, req.pin).await?;
-            note.detail = format!("gift code {}", c.id);
-            ok(
-                StatusCode::CREATED,
-                &serde_json::json!({ "id": c.id, "code": c.code, "pin": c.pin }),
-                None,
-            )
-        }
-        Route::GiftCheck => {
-            let req: json::GiftCheck = json::parse(body)?;
-            note.key = Some(req.key.clone());
-            let body = match svc
-                .check_giftcode(caller, &req.key, &req.code, req.pin.as_deref())
-                .await?
-            {
-                Some(id) => {
-                    note.detail = format!("gift code {id} valid");
-                    serde_json::json!({ "valid": true, "id": id, "status": "active" })
-                }
-                None => {
-                    note.detail = "refused".into();
-                    serde_json::json!({ "valid": false, "reason": "invalid" })
-                }
-            };
-            ok(StatusCode::OK, &body, None)
-        }
-        Route::GiftReissue => {
-            let c = svc.reissue_giftcode(caller, name).await?;
-            note.detail = format!("gift code {name} superseded by {}", c.id);
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "id": c.id, "code": c.code, "pin": c.pin, "supersedes": name }),
-                None,
-            )
-        }
-        Route::GiftRevoke | Route::GiftUnlock => {
-            let action = if route == Route::GiftRevoke {
-                "revoke"
-            } else {
-                "unlock"
-            };
-            let state = svc.set_giftcode_state(caller, name, action).await?;
-            note.detail = format!("gift code {name}: {action}");
-            ok(
-                StatusCode::OK,
-                &serde_json::json!({ "id": name, "status": state }),
-                None,
-            )
-        }
-        other => Err(ServiceError::Internal {
-            detail: format!("{other:?} is not a retail route"),
-        }),
-    }
+    let state = r.svc.set_giftcode_state(r.caller, r.name, action).await?;
+    note.detail = format!("gift code {}: {action}", r.name);
+    let body = views::GiftState {
+        id: r.name,
+        status: state,
+    };
+    ok(StatusCode::OK, &body, None)
 }

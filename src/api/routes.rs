@@ -1,7 +1,8 @@
 //! Routing, body limits, the response envelope, and the one log event and metric per request.
 //!
 //! Paths follow the custom-method style: `/v1/keys/{name}:{method}`. Key names cannot contain
-//! `:`, so the method is whatever follows the last colon.
+//! `:`, so the method is whatever follows the last colon. The endpoints themselves are declared
+//! in the areas' tables (see [`super::endpoints`]).
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
@@ -17,7 +18,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use ring::rand::SecureRandom;
 
-use super::handlers;
+use super::endpoint::{Endpoint, Note, Outcome, Req};
 use super::AppState;
 use crate::audit;
 use crate::error::ServiceError;
@@ -28,250 +29,39 @@ use crate::service::Caller;
 /// The audit sequence number of the request's entry: a receipt tying the answer to the trail.
 pub const RECEIPT_HEADER: &str = "x-tillkey-receipt";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    CreateKey,
-    BatchCreate,
-    ListKeys,
-    GetKey,
-    UpdateKey,
-    Rotate,
-    Revoke,
-    RevokePrefix,
-    RotatePrefix,
-    Audit,
-    Destroy,
-    ListApprovals,
-    Approve,
-    CancelApproval,
-    Export,
-    Import,
-    WrappingKey,
-    StatusList,
-    PosRequestIssue,
-    PosRequestVerify,
-    PosPaidIssue,
-    PosPaidVerify,
-    OtpIssue,
-    OtpRedeem,
-    DeviceRegister,
-    DeviceRevoke,
-    DeviceTokenVerify,
-    ChallengeIssue,
-    ChallengeVerify,
-    Seal,
-    Open,
-    GiftIssue,
-    GiftCheck,
-    GiftReissue,
-    GiftRevoke,
-    GiftUnlock,
-    Sign,
-    Verify,
-    Encrypt,
-    Decrypt,
+/// Every endpoint with the `Allow` value of its path, built on first use: `Allow` lists every
+/// method on the path, and the error carries it as a `&'static str`.
+fn table() -> &'static [(&'static Endpoint, String)] {
+    static TABLE: OnceLock<Vec<(&'static Endpoint, String)>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        super::endpoints()
+            .map(|e| {
+                let methods: Vec<&str> = super::endpoints()
+                    .filter(|other| other.path == e.path)
+                    .map(|other| other.method.as_str())
+                    .collect();
+                (e, methods.join(", "))
+            })
+            .collect()
+    })
 }
 
-impl Route {
-    pub fn label(self) -> &'static str {
-        match self {
-            Route::CreateKey => "create",
-            Route::BatchCreate => "batch_create",
-            Route::ListKeys => "list",
-            Route::GetKey => "get",
-            Route::UpdateKey => "update",
-            Route::Rotate => "rotate",
-            Route::Revoke => "revoke",
-            Route::RevokePrefix => "revoke_prefix",
-            Route::RotatePrefix => "rotate_prefix",
-            Route::Audit => "audit_read",
-            Route::Destroy => "destroy",
-            Route::ListApprovals => "list_approvals",
-            Route::Approve => "approve",
-            Route::CancelApproval => "cancel_approval",
-            Route::Export => "export",
-            Route::Import => "import",
-            Route::WrappingKey => "wrapping_key",
-            Route::StatusList => "status_list",
-            Route::PosRequestIssue => "pos_request_issue",
-            Route::PosRequestVerify => "pos_request_verify",
-            Route::PosPaidIssue => "pos_paid_issue",
-            Route::PosPaidVerify => "pos_paid_verify",
-            Route::OtpIssue => "customer_otp_issue",
-            Route::OtpRedeem => "customer_otp_redeem",
-            Route::DeviceRegister => "device_register",
-            Route::DeviceRevoke => "device_revoke",
-            Route::DeviceTokenVerify => "customer_signed_verify",
-            Route::ChallengeIssue => "challenge_issue",
-            Route::ChallengeVerify => "challenge_verify",
-            Route::Seal => "seal",
-            Route::Open => "open",
-            Route::GiftIssue => "giftcode_issue",
-            Route::GiftCheck => "giftcode_check",
-            Route::GiftReissue => "giftcode_reissue",
-            Route::GiftRevoke => "giftcode_revoke",
-            Route::GiftUnlock => "giftcode_unlock",
-            Route::Sign => "sign",
-            Route::Verify => "verify",
-            Route::Encrypt => "encrypt",
-            Route::Decrypt => "decrypt",
-        }
-    }
-
-    fn has_body(self) -> bool {
-        !matches!(
-            self,
-            Route::ListKeys
-                | Route::GetKey
-                | Route::Audit
-                | Route::ListApprovals
-                | Route::WrappingKey
-                | Route::StatusList
-        )
-    }
-}
-
-/// Match method and path; the second value is the key name from the path, if any.
-fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ServiceError> {
-    let unknown = || ServiceError::NotFound(format!("no such endpoint: {method} {path}"));
-    if path == "/v1/keys" {
-        return match *method {
-            Method::GET => Ok((Route::ListKeys, None)),
-            Method::POST => Ok((Route::CreateKey, None)),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET, POST" }),
-        };
-    }
-    if path == "/v1/audit" {
-        return match *method {
-            Method::GET => Ok((Route::Audit, None)),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
-        };
-    }
-    if let Some(rest) = path.strip_prefix("/v1/tokens/") {
-        let r = match rest {
-            "pos-request:issue" => Route::PosRequestIssue,
-            "pos-request:verify" => Route::PosRequestVerify,
-            "pos-paid:issue" => Route::PosPaidIssue,
-            "pos-paid:verify" => Route::PosPaidVerify,
-            "customer-otp:issue" => Route::OtpIssue,
-            "customer-otp:redeem" => Route::OtpRedeem,
-            "customer-signed:verify" => Route::DeviceTokenVerify,
-            _ => return Err(unknown()),
-        };
-        if *method != Method::POST {
-            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
-        }
-        return Ok((r, None));
-    }
-    // Flat POST resources and POST custom methods on an id: /v1/{collection}[/{id}]:{method}.
-    let simple = |r| {
-        if *method == Method::POST {
-            Ok(r)
-        } else {
-            Err(ServiceError::MethodNotAllowed { allow: "POST" })
-        }
-    };
-    match path {
-        "/v1/devices" => return simple((Route::DeviceRegister, None)),
-        "/v1/challenges" => return simple((Route::ChallengeIssue, None)),
-        "/v1/giftcodes:issue" => return simple((Route::GiftIssue, None)),
-        "/v1/giftcodes:check" => return simple((Route::GiftCheck, None)),
-        _ => {}
-    }
-    for (collection, methods) in [
-        ("/v1/devices/", &[("revoke", Route::DeviceRevoke)][..]),
-        ("/v1/challenges/", &[("verify", Route::ChallengeVerify)][..]),
-        (
-            "/v1/giftcodes/",
-            &[
-                ("reissue", Route::GiftReissue),
-                ("revoke", Route::GiftRevoke),
-                ("unlock", Route::GiftUnlock),
-            ][..],
-        ),
-    ] {
-        if let Some(rest) = path.strip_prefix(collection) {
-            let (id, custom) = rest.rsplit_once(':').ok_or_else(unknown)?;
-            let r = methods
-                .iter()
-                .find(|(m, _)| *m == custom)
-                .map(|(_, r)| *r)
-                .ok_or_else(unknown)?;
-            return simple((r, Some(id)));
-        }
-    }
-    if path == "/v1/status-list" {
-        return match *method {
-            Method::GET => Ok((Route::StatusList, None)),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
-        };
-    }
-    if path == "/v1/wrapping-key" {
-        return match *method {
-            Method::GET => Ok((Route::WrappingKey, None)),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
-        };
-    }
-    if path == "/v1/approvals" {
-        return match *method {
-            Method::GET => Ok((Route::ListApprovals, None)),
-            _ => Err(ServiceError::MethodNotAllowed { allow: "GET" }),
-        };
-    }
-    if let Some(rest) = path.strip_prefix("/v1/approvals/") {
-        let (id, custom) = rest.rsplit_once(':').ok_or_else(unknown)?;
-        let r = match custom {
-            "approve" => Route::Approve,
-            "cancel" => Route::CancelApproval,
-            _ => return Err(unknown()),
-        };
-        if *method != Method::POST {
-            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
-        }
-        return Ok((r, Some(id)));
-    }
-    if let Some(custom) = path.strip_prefix("/v1/keys:") {
-        let r = match custom {
-            "revokePrefix" => Route::RevokePrefix,
-            "rotatePrefix" => Route::RotatePrefix,
-            "import" => Route::Import,
-            "batchCreate" => Route::BatchCreate,
-            _ => return Err(unknown()),
-        };
-        if *method != Method::POST {
-            return Err(ServiceError::MethodNotAllowed { allow: "POST" });
-        }
-        return Ok((r, None));
-    }
-    let rest = path.strip_prefix("/v1/keys/").ok_or_else(unknown)?;
-    match rest.rsplit_once(':') {
-        None => match *method {
-            Method::GET => Ok((Route::GetKey, Some(rest))),
-            Method::PATCH => Ok((Route::UpdateKey, Some(rest))),
-            _ => Err(ServiceError::MethodNotAllowed {
-                allow: "GET, PATCH",
-            }),
-        },
-        Some((name, custom)) => {
-            let r = match custom {
-                "sign" => Route::Sign,
-                "verify" => Route::Verify,
-                "encrypt" => Route::Encrypt,
-                "decrypt" => Route::Decrypt,
-                "rotate" => Route::Rotate,
-                "revoke" => Route::Revoke,
-                "destroy" => Route::Destroy,
-                "export" => Route::Export,
-                "seal" => Route::Seal,
-                "open" => Route::Open,
-                _ => return Err(unknown()),
-            };
-            if *method != Method::POST {
-                return Err(ServiceError::MethodNotAllowed { allow: "POST" });
+/// The endpoint for method and path, and the path parameter (empty if none). A path that some
+/// endpoint serves under another method is 405, not 404, so clients learn what is allowed.
+fn route<'p>(method: &Method, path: &'p str) -> Result<(&'static Endpoint, &'p str), ServiceError> {
+    let mut allow = None;
+    for (endpoint, methods) in table() {
+        if let Some(param) = endpoint.matches(path) {
+            if endpoint.method == *method {
+                return Ok((endpoint, param));
             }
-            Ok((r, Some(name)))
+            allow = Some(methods.as_str());
         }
     }
+    Err(match allow {
+        Some(allow) => ServiceError::MethodNotAllowed { allow },
+        None => ServiceError::NotFound(format!("no such endpoint: {method} {path}")),
+    })
 }
 
 pub async fn handle(
@@ -284,9 +74,9 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let routed = route(&parts.method, &path);
-    let operation = routed.as_ref().map_or("unknown", |(r, _)| r.label());
-    let path_key = routed.as_ref().ok().and_then(|(_, k)| *k).unwrap_or("");
-    let mut note = handlers::Note {
+    let operation = routed.as_ref().map_or("unknown", |(e, _)| e.label);
+    let path_key = routed.as_ref().map_or("", |(_, name)| *name);
+    let mut note = Note {
         request_id: request_id.clone(),
         ..Default::default()
     };
@@ -302,38 +92,8 @@ pub async fn handle(
                 state.service.audit().failure().unwrap_or_default()
             ),
         }),
-        (Ok((r, name)), false) => {
-            let body = if r.has_body() {
-                read_body(&parts.headers, body, state.max_body_bytes).await
-            } else {
-                Ok(Bytes::new())
-            };
-            match body {
-                Ok(body) => {
-                    // Tells the audit writer an entry is coming, so it can put it in the group
-                    // it is forming; taken once the body is in (a client slow to send it must
-                    // not hold up the group).
-                    note.admission = Some(state.service.audit().admit());
-                    let query = parts.uri.query().unwrap_or("");
-                    // A bug must cost one request a 500, not the connection its answer.
-                    let call = handlers::dispatch(
-                        &state,
-                        &caller,
-                        r,
-                        name.unwrap_or(""),
-                        query,
-                        &body,
-                        &mut note,
-                    );
-                    match AssertUnwindSafe(call).catch_unwind().await {
-                        Ok(result) => result,
-                        Err(_) => Err(ServiceError::Internal {
-                            detail: "request handler panicked".into(),
-                        }),
-                    }
-                }
-                Err(e) => Err(e),
-            }
+        (Ok((endpoint, name)), false) => {
+            run(&state, &caller, endpoint, name, &parts, body, &mut note).await
         }
     };
 
@@ -430,6 +190,43 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Read the body if the endpoint takes one, then run its handler.
+async fn run(
+    state: &AppState,
+    caller: &Caller,
+    endpoint: &Endpoint,
+    name: &str,
+    parts: &hyper::http::request::Parts,
+    body: Incoming,
+    note: &mut Note,
+) -> Result<Outcome, ServiceError> {
+    let body = if endpoint.reads_body {
+        read_body(&parts.headers, body, state.max_body_bytes).await?
+    } else {
+        Bytes::new()
+    };
+    // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
+    // taken once the body is in (a client slow to send it must not hold up the group).
+    note.admission = Some(state.service.audit().admit());
+    let req = Req {
+        svc: &state.service,
+        caller,
+        name,
+        query: parts.uri.query().unwrap_or(""),
+        body: &body,
+    };
+    // A bug must cost one request a 500, not the connection its answer.
+    match AssertUnwindSafe((endpoint.handler)(req, note))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(ServiceError::Internal {
+            detail: "request handler panicked".into(),
+        }),
+    }
+}
+
 /// The error line for requests refused while the token or the audit trail is down.
 static UNAVAILABLE_LOG: Throttle = Throttle::new();
 
@@ -502,38 +299,135 @@ fn request_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
+
+    /// The label and path parameter a request routes to.
+    fn to(method: Method, path: &str) -> (&'static str, &str) {
+        match route(&method, path) {
+            Ok((endpoint, name)) => (endpoint.label, name),
+            Err(e) => panic!("{method} {path}: {e:?}"),
+        }
+    }
+
+    fn allow(method: Method, path: &str) -> &'static str {
+        match route(&method, path) {
+            Err(ServiceError::MethodNotAllowed { allow }) => allow,
+            other => panic!("{method} {path}: {:?}", other.map(|(e, n)| (e.label, n))),
+        }
+    }
+
+    fn not_found(method: Method, path: &str) {
+        match route(&method, path) {
+            Err(ServiceError::NotFound(m)) => {
+                assert_eq!(m, format!("no such endpoint: {method} {path}"))
+            }
+            other => panic!("{method} {path}: {:?}", other.map(|(e, n)| (e.label, n))),
+        }
+    }
 
     #[test]
     fn routes_custom_methods_on_nested_names() {
-        let (r, n) = route(&Method::POST, "/v1/keys/stores/1/pos/2/qr-mac:sign").unwrap();
-        assert_eq!((r, n), (Route::Sign, Some("stores/1/pos/2/qr-mac")));
-        let (r, n) = route(&Method::GET, "/v1/keys/stores/1").unwrap();
-        assert_eq!((r, n), (Route::GetKey, Some("stores/1")));
-        assert_eq!(route(&Method::GET, "/v1/keys").unwrap().0, Route::ListKeys);
         assert_eq!(
-            route(&Method::POST, "/v1/keys:revokePrefix").unwrap().0,
-            Route::RevokePrefix
+            to(Method::POST, "/v1/keys/stores/1/pos/2/qr-mac:sign"),
+            ("sign", "stores/1/pos/2/qr-mac")
         );
+        assert_eq!(to(Method::GET, "/v1/keys/stores/1"), ("get", "stores/1"));
+        assert_eq!(to(Method::GET, "/v1/keys"), ("list", ""));
+        assert_eq!(to(Method::POST, "/v1/keys:revokePrefix").0, "revoke_prefix");
+        assert_eq!(to(Method::PATCH, "/v1/keys/a/b"), ("update", "a/b"));
+        // The custom method is what follows the last colon.
         assert_eq!(
-            route(&Method::PATCH, "/v1/keys/a/b").unwrap(),
-            (Route::UpdateKey, Some("a/b"))
+            to(Method::POST, "/v1/devices/a:b:revoke"),
+            ("device_revoke", "a:b")
         );
-        assert!(matches!(
-            route(&Method::GET, "/v1/keys/a:sign"),
-            Err(ServiceError::MethodNotAllowed { .. })
-        ));
-        assert!(matches!(
-            route(&Method::POST, "/v1/keys/a:explode"),
-            Err(ServiceError::NotFound(_))
-        ));
-        assert!(matches!(
-            route(&Method::GET, "/v2/keys"),
-            Err(ServiceError::NotFound(_))
-        ));
-        assert!(matches!(
-            route(&Method::DELETE, "/v1/keys"),
-            Err(ServiceError::MethodNotAllowed { .. })
-        ));
+        assert_eq!(to(Method::POST, "/v1/keys/a:b:seal"), ("seal", "a:b"));
+        assert_eq!(allow(Method::GET, "/v1/keys/a:sign"), "POST");
+        assert_eq!(allow(Method::DELETE, "/v1/keys"), "GET, POST");
+        assert_eq!(allow(Method::DELETE, "/v1/keys/a/b"), "GET, PATCH");
+        assert_eq!(allow(Method::GET, "/v1/tokens/pos-paid:issue"), "POST");
+        assert_eq!(allow(Method::POST, "/v1/audit"), "GET");
+        not_found(Method::POST, "/v1/keys/a:explode");
+        not_found(Method::POST, "/v1/keys/a:");
+        not_found(Method::GET, "/v2/keys");
+        not_found(Method::POST, "/v1/keys:explode");
+        not_found(Method::POST, "/v1/tokens/pos-paid");
+        not_found(Method::POST, "/v1/devices/d1");
+        not_found(Method::GET, "/v1/giftcodes/g1");
+        not_found(Method::POST, "/v1/approvals/a1:explode");
+    }
+
+    /// The path an entry serves, its parameter filled with a nested key name.
+    fn example(path: &str) -> (String, &'static str) {
+        const NAME: &str = "stores/1/pos/2/qr-mac";
+        match path.split_once('{') {
+            None => (path.to_owned(), ""),
+            Some((prefix, rest)) => {
+                let (_, custom) = rest.split_once('}').unwrap();
+                (format!("{prefix}{NAME}{custom}"), NAME)
+            }
+        }
+    }
+
+    /// The `Allow` values clients received before the table existed.
+    fn expected_allow(path: &str) -> &'static str {
+        match path {
+            "/v1/keys" => "GET, POST",
+            "/v1/keys/{name}" => "GET, PATCH",
+            "/v1/audit" | "/v1/status-list" | "/v1/wrapping-key" | "/v1/approvals" => "GET",
+            _ => "POST",
+        }
+    }
+
+    #[test]
+    fn every_endpoint_routes_to_itself_and_refuses_other_methods() {
+        let all: Vec<&Endpoint> = crate::api::endpoints().collect();
+        let mut labels = HashSet::new();
+        let mut routes = HashSet::new();
+        for e in &all {
+            assert!(labels.insert(e.label), "label {} used twice", e.label);
+            assert!(
+                routes.insert((&e.method, e.path)),
+                "{} {} twice",
+                e.method,
+                e.path
+            );
+            assert!(e.path.starts_with("/v1/"), "{}", e.path);
+            // At most one parameter, and after it nothing or a custom method.
+            if let Some((_, rest)) = e.path.split_once('{') {
+                let (param, custom) = rest.split_once('}').unwrap();
+                assert!(param == "name" || param == "id", "{}", e.path);
+                assert!(!custom.contains(['{', '/']), "{}", e.path);
+                assert!(custom.is_empty() || custom.starts_with(':'), "{}", e.path);
+            }
+            assert_eq!(e.reads_body, e.method != Method::GET, "{}", e.label);
+
+            let (path, name) = example(e.path);
+            let (found, param) = route(&e.method, &path).unwrap();
+            assert!(
+                std::ptr::eq(found, *e),
+                "{} {path} went to {}",
+                e.method,
+                found.label
+            );
+            assert_eq!(param, name);
+            for m in [
+                Method::GET,
+                Method::POST,
+                Method::PATCH,
+                Method::PUT,
+                Method::DELETE,
+            ] {
+                if all.iter().any(|o| o.path == e.path && o.method == m) {
+                    continue;
+                }
+                assert_eq!(
+                    allow(m.clone(), &path),
+                    expected_allow(e.path),
+                    "{m} {path}"
+                );
+            }
+        }
     }
 }
