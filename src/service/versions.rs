@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::derived::context;
 use super::lifecycle::NewKeyChecked;
-use super::Service;
+use super::key_core::KeyCore;
 use crate::backend::{KeyBackend, KeyRef, ObjectRef};
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType};
@@ -19,7 +19,7 @@ pub(super) struct Made<'a> {
     pub by: &'a str,
 }
 
-impl Service {
+impl KeyCore {
     /// Version 1 of a checked new key: derived from its master, or generated in the device.
     pub(super) async fn first_version(
         &self,
