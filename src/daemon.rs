@@ -23,6 +23,7 @@ use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
 use crate::service::status::STATUS_KEY;
 use crate::service::{ensure_service_key, Service};
+use crate::tokens::Retail;
 
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";
@@ -174,10 +175,19 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     .await
     .map_err(Startup::Unavailable)?;
 
+    let service = Service::new(
+        device.clone(),
+        registry,
+        PolicyHandle::new(policy),
+        audit,
+        config.approval_ttl,
+    );
+    let retail = Retail::open(service.core.clone(), config.tokens)
+        .await
+        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     let state = Arc::new(AppState {
-        service: Service::new(device.clone(), registry, PolicyHandle::new(policy), audit)
-            .with_approval_ttl(config.approval_ttl)
-            .with_token_settings(config.tokens),
+        service,
+        retail,
         metrics,
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),
@@ -245,7 +255,7 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     let _ = api_task.await;
     let _ = admin_task.await;
     let _ = scheduler.await;
-    state.service.shutdown().await;
+    state.service.core.shutdown().await;
     // Unloads what a TPM would otherwise keep loaded after this process; nothing for PKCS#11.
     device.close();
     Ok(())
@@ -260,7 +270,7 @@ async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => state.service.tick().await,
+            _ = tick.tick() => state.service.lifecycle.tick().await,
             _ = shutdown.changed() => return,
         }
     }
@@ -298,7 +308,7 @@ fn reload_policy(state: &AppState, dir: &Path) {
                 grants = p.grant_count(),
                 "policy reloaded"
             );
-            state.service.policy().replace(p);
+            state.service.core.policy().replace(p);
             "ok"
         }
         Err(e) => {

@@ -47,11 +47,11 @@ async fn answer(
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => {
             // Ready only while both the token answers and the audit trail accepts writes.
-            let backend = match state.service.device().health() {
+            let backend = match state.service.core.device().health() {
                 Health::Ready => None,
                 Health::NotReady(reason) => Some(reason),
             };
-            let audit = state.service.audit().failure();
+            let audit = state.service.core.audit().failure();
             if backend.is_none() && audit.is_none() {
                 (
                     StatusCode::OK,
@@ -75,10 +75,11 @@ async fn answer(
         }
         "/metrics" => {
             let m = &state.metrics;
-            m.backend_ready
-                .set(i64::from(state.service.device().health() == Health::Ready));
-            m.keys.set(state.service.key_count() as i64);
-            if let Some(c) = state.service.device().derived_cache() {
+            m.backend_ready.set(i64::from(
+                state.service.core.device().health() == Health::Ready,
+            ));
+            m.keys.set(state.service.core.key_count() as i64);
+            if let Some(c) = state.service.core.device().derived_cache() {
                 for (what, n) in [
                     ("held", c.held as i64),
                     ("capacity", c.capacity as i64),

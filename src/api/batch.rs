@@ -31,7 +31,7 @@ pub async fn sign(
         .map(|i| json::b64("message", &i.message))
         .collect();
     note.detail = format!("batch of {}", items.len());
-    let (version, results) = svc.sign_batch(caller, name, decoded, format).await?;
+    let (version, results) = svc.keys.sign_batch(caller, name, decoded, format).await?;
     let batch = answer(&results, note, |s| SignedOut {
         signature: json::encode(&s.signature),
         key_version: s.version,
@@ -69,7 +69,7 @@ pub async fn verify(
         })
         .collect::<Vec<ItemResult<VerifyItem>>>();
     note.detail = format!("batch of {}", decoded.len());
-    let results = svc.verify_batch(caller, name, decoded, format).await?;
+    let results = svc.keys.verify_batch(caller, name, decoded, format).await?;
     let batch = answer(&results, note, |v| VerifiedOut {
         valid: v.valid,
         key_version: v.version,

@@ -31,6 +31,7 @@ pub async fn create(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
     let total = items.len();
     let done = r
         .svc
+        .lifecycle
         .batch_create(r.caller, items, &note.request_id)
         .await?;
     let results: Vec<CreateResult> = done

@@ -89,6 +89,7 @@ impl Endpoint {
 /// What a handler is given: the service, the caller and the parts of the request it may read.
 pub struct Req<'a> {
     pub svc: &'a Service,
+    pub retail: &'a crate::tokens::Retail,
     pub caller: &'a Caller,
     /// The `{name}` or `{id}` path segment; empty for endpoints without one.
     pub name: &'a str,

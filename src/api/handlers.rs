@@ -51,6 +51,7 @@ async fn create_key(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
     };
     let key = r
         .svc
+        .lifecycle
         .create_key_from(
             r.caller,
             &req.name,
@@ -67,13 +68,13 @@ async fn create_key(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
 }
 
 async fn get_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
-    let key = r.svc.get_key(r.caller, r.name)?;
+    let key = r.svc.keys.get_key(r.caller, r.name)?;
     ok(StatusCode::OK, &KeyView::of(&key), None)
 }
 
 async fn list_keys(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let q = list_query(r.query)?;
-    let (keys, next) = r.svc.list_keys(
+    let (keys, next) = r.svc.keys.list_keys(
         r.caller,
         &q.prefix,
         q.page_token.as_deref(),
@@ -94,7 +95,11 @@ async fn update_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
         max_operations: req.max_operations,
         exportable: None,
     };
-    let key = r.svc.update_lifecycle(r.caller, r.name, &settings).await?;
+    let key = r
+        .svc
+        .lifecycle
+        .update_lifecycle(r.caller, r.name, &settings)
+        .await?;
     ok(StatusCode::OK, &KeyView::of(&key), None)
 }
 
@@ -107,6 +112,7 @@ async fn rotate(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     note.detail = req.reason.clone().unwrap_or_default();
     let key = r
         .svc
+        .lifecycle
         .rotate(r.caller, r.name, req.reason.as_deref())
         .await?;
     ok(
@@ -121,6 +127,7 @@ async fn revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     note.detail = req.reason.clone();
     let key = r
         .svc
+        .lifecycle
         .revoke(r.caller, r.name, req.version, &req.reason)
         .await?;
     ok(StatusCode::OK, &KeyView::of(&key), req.version)
@@ -140,10 +147,12 @@ async fn prefix_action(r: Req<'_>, note: &mut Note, revoke: bool) -> Result<Outc
     note.detail = req.reason.clone().unwrap_or_default();
     let out = if revoke {
         r.svc
+            .lifecycle
             .revoke_prefix(r.caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
             .await?
     } else {
         r.svc
+            .lifecycle
             .rotate_prefix(r.caller, &req.prefix, req.reason.as_deref())
             .await?
     };
@@ -169,7 +178,11 @@ fn pending(a: &crate::registry::approvals::ApprovalRecord) -> views::Pending {
 
 async fn destroy(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::Destroy = json::parse(r.body)?;
-    let a = r.svc.request_destroy(r.caller, r.name, req.version).await?;
+    let a = r
+        .svc
+        .approvals
+        .request_destroy(r.caller, r.name, req.version)
+        .await?;
     note.detail = format!("approval {} requested", a.id);
     ok(StatusCode::ACCEPTED, &pending(&a), Some(req.version))
 }
@@ -179,6 +192,7 @@ async fn export(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     note.detail = format!("under {}", req.transport_key);
     let a = r
         .svc
+        .approvals
         .request_export(r.caller, r.name, req.version, &req.transport_key)
         .await?;
     note.detail = format!("approval {} requested: under {}", a.id, req.transport_key);
@@ -201,7 +215,7 @@ async fn import(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
             exportable: req.exportable,
         },
     };
-    let a = r.svc.request_import(r.caller, import).await?;
+    let a = r.svc.approvals.request_import(r.caller, import).await?;
     note.detail = format!("approval {} requested", a.id);
     ok(StatusCode::ACCEPTED, &pending(&a), None)
 }
@@ -209,7 +223,7 @@ async fn import(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 async fn status_list(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let q = list_query(r.query)?;
     note.key = Some(q.prefix.clone());
-    let s = r.svc.status_list(r.caller, &q.prefix).await?;
+    let s = r.svc.status.status_list(r.caller, &q.prefix).await?;
     note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
     let body = views::StatusListView {
         cose_sign1: json::encode(&s.cose),
@@ -226,13 +240,13 @@ async fn status_list(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceErro
 async fn wrapping_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let body = views::WrappingKey {
         algorithm: WRAPPING_ALGORITHM,
-        public_key_pem: r.svc.import_wrapping_key().await?,
+        public_key_pem: r.svc.approvals.import_wrapping_key().await?,
     };
     ok(StatusCode::OK, &body, None)
 }
 
 async fn list_approvals(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
-    let approvals = r.svc.pending_approvals(r.caller).await?;
+    let approvals = r.svc.approvals.pending_approvals(r.caller).await?;
     let body = views::ApprovalList {
         approvals: approvals.iter().map(ApprovalView::of).collect(),
     };
@@ -241,9 +255,9 @@ async fn list_approvals(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceErro
 
 async fn approve(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     // Audited under the key it concerns, refused or not.
-    note.key = r.svc.approval_key(r.name).await;
+    note.key = r.svc.approvals.approval_key(r.name).await;
     note.detail = format!("approval {}", r.name);
-    let (a, done) = r.svc.approve(r.caller, r.name).await?;
+    let (a, done) = r.svc.approvals.approve(r.caller, r.name).await?;
     note.key = Some(a.key.clone());
     note.detail = format!(
         "approval {}: {} by {} executed",
@@ -273,9 +287,9 @@ async fn approve(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 }
 
 async fn cancel_approval(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    note.key = r.svc.approval_key(r.name).await;
+    note.key = r.svc.approvals.approval_key(r.name).await;
     note.detail = format!("approval {}", r.name);
-    let a = r.svc.cancel_approval(r.caller, r.name).await?;
+    let a = r.svc.approvals.cancel_approval(r.caller, r.name).await?;
     note.key = Some(a.key.clone());
     note.detail = format!("approval {} cancelled", a.id);
     ok(StatusCode::OK, &pending(&a), None)
@@ -283,7 +297,7 @@ async fn cancel_approval(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
 
 async fn audit(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let q = audit_query(r.query)?;
-    let (entries, next) = r.svc.audit_entries(r.caller, &q).await?;
+    let (entries, next) = r.svc.audit_trail.audit_entries(r.caller, &q).await?;
     let body = views::AuditPage {
         entries: entries.iter().map(|e| e.to_json()).collect(),
         next_since: next,
@@ -307,7 +321,7 @@ async fn sign(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     }
     let message = json::b64("message", &json::required("message", req.message)?)?;
     let format = json::signature_format(req.signature_format.as_deref())?;
-    let s = r.svc.sign(r.caller, r.name, message, format).await?;
+    let s = r.svc.keys.sign(r.caller, r.name, message, format).await?;
     let body = views::Signed {
         key_version: s.version,
         signature: json::encode(&s.signature),
@@ -335,6 +349,7 @@ async fn verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let format = json::signature_format(req.signature_format.as_deref())?;
     let v = r
         .svc
+        .keys
         .verify(
             r.caller,
             r.name,
@@ -355,7 +370,11 @@ async fn encrypt(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::Encrypt = json::parse(r.body)?;
     let plaintext = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
-    let (ct, version) = r.svc.encrypt(r.caller, r.name, &plaintext, &aad).await?;
+    let (ct, version) = r
+        .svc
+        .keys
+        .encrypt(r.caller, r.name, &plaintext, &aad)
+        .await?;
     let body = views::Encrypted {
         ciphertext: json::encode(&ct),
         key_version: version,
@@ -367,7 +386,11 @@ async fn decrypt(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::Decrypt = json::parse(r.body)?;
     let ciphertext = json::b64("ciphertext", &req.ciphertext)?;
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
-    let (pt, version) = r.svc.decrypt(r.caller, r.name, &ciphertext, &aad).await?;
+    let (pt, version) = r
+        .svc
+        .keys
+        .decrypt(r.caller, r.name, &ciphertext, &aad)
+        .await?;
     let pt = zeroize::Zeroizing::new(pt);
     let body = views::Decrypted {
         key_version: version,

@@ -50,6 +50,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AppState {
     pub service: Service,
+    pub retail: crate::tokens::Retail,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
     /// Swapped whole on reload; each new connection takes the config in force.

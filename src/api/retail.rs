@@ -108,7 +108,8 @@ async fn pos_request_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Servi
         req.store_id, req.pos_id
     ));
     let t = r
-        .svc
+        .retail
+        .pos
         .issue_pos_request(
             r.caller,
             crate::tokens::pos::PosRequest {
@@ -129,7 +130,8 @@ async fn pos_paid_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceE
     wants_svg(r.query)?;
     let req: json::PosPaidIssue = json::parse(r.body)?;
     let t = r
-        .svc
+        .retail
+        .pos
         .issue_pos_paid(r.caller, &req.request_token, &req.payment_ref)
         .await?;
     note.key = Some(t.key.clone());
@@ -139,7 +141,8 @@ async fn pos_paid_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceE
 async fn pos_request_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::TokenVerify = json::parse(r.body)?;
     let c = r
-        .svc
+        .retail
+        .pos
         .check_token(r.caller, &req.token, "pos-request")
         .await?;
     checked(&c, note)
@@ -147,7 +150,7 @@ async fn pos_request_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Serv
 
 async fn pos_paid_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::TokenVerify = json::parse(r.body)?;
-    let c = r.svc.verify_pos_paid(r.caller, &req.token).await?;
+    let c = r.retail.pos.verify_pos_paid(r.caller, &req.token).await?;
     checked(&c, note)
 }
 
@@ -155,7 +158,8 @@ async fn otp_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError>
     let req: json::OtpIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let (token, expires_at) = r
-        .svc
+        .retail
+        .customers
         .issue_customer_otp(r.caller, &req.key, &req.subject, req.ttl)
         .await?;
     note.detail = format!("for {}", req.subject);
@@ -170,7 +174,8 @@ async fn otp_redeem(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
     let req: json::KeyedToken = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let subject = r
-        .svc
+        .retail
+        .customers
         .redeem_customer_otp(r.caller, &req.key, &req.token)
         .await?;
     note.detail = match &subject {
@@ -189,7 +194,8 @@ async fn device_register(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
     let req: json::DeviceRegister = json::parse(r.body)?;
     note.key = Some(req.realm.clone());
     let d = r
-        .svc
+        .retail
+        .customers
         .register_device(r.caller, &req.realm, &req.subject, &req.public_key_pem)
         .await?;
     note.detail = format!("device {} ({}) for {}", d.id, d.alg, d.subject);
@@ -204,7 +210,7 @@ async fn device_register(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
 }
 
 async fn device_revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let d = r.svc.revoke_device(r.caller, r.name).await?;
+    let d = r.retail.customers.revoke_device(r.caller, r.name).await?;
     note.key = Some(d.realm.clone());
     note.detail = format!("device {} revoked", d.id);
     let body = views::DeviceRevoked {
@@ -218,7 +224,8 @@ async fn device_token_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Ser
     let req: json::DeviceTokenVerify = json::parse(r.body)?;
     note.key = Some(req.realm.clone());
     let c = r
-        .svc
+        .retail
+        .customers
         .verify_customer_signed(r.caller, &req.realm, &req.token)
         .await?;
     note.detail = format!(
@@ -239,7 +246,8 @@ async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
     let req: json::ChallengeIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let c = r
-        .svc
+        .retail
+        .challenges
         .issue_challenge(r.caller, &req.key, &req.subject, req.ttl)
         .await?;
     note.detail = format!("challenge {} for {}", c.id, req.subject);
@@ -254,7 +262,11 @@ async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
 async fn challenge_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::ChallengeVerify = json::parse(r.body)?;
     let response = json::b64("response", &req.response)?;
-    let (valid, reason, subject) = r.svc.verify_challenge(r.caller, r.name, &response).await?;
+    let (valid, reason, subject) = r
+        .retail
+        .challenges
+        .verify_challenge(r.caller, r.name, &response)
+        .await?;
     note.detail = format!(
         "challenge {} for {subject}: {}",
         r.name,
@@ -272,7 +284,11 @@ async fn seal(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::Seal = json::parse(r.body)?;
     let pt = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
-    let (ct, counter, v) = r.svc.seal(r.caller, r.name, &req.sender, &pt, &aad).await?;
+    let (ct, counter, v) = r
+        .retail
+        .challenges
+        .seal(r.caller, r.name, &req.sender, &pt, &aad)
+        .await?;
     note.detail = format!("{} #{counter}", req.sender);
     let body = views::Sealed {
         ciphertext: json::encode(&ct),
@@ -288,7 +304,8 @@ async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
     note.detail = format!("{} #{}", req.sender, req.counter);
     let (pt, v) = r
-        .svc
+        .retail
+        .challenges
         .open(r.caller, r.name, &req.sender, req.counter, &ct, &aad)
         .await?;
     let pt = zeroize::Zeroizing::new(pt);
@@ -303,7 +320,11 @@ async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 async fn gift_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let req: json::GiftIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
-    let c = r.svc.issue_giftcode(r.caller, &req.key, req.pin).await?;
+    let c = r
+        .retail
+        .giftcodes
+        .issue_giftcode(r.caller, &req.key, req.pin)
+        .await?;
     note.detail = format!("gift code {}", c.id);
     let body = views::GiftIssued {
         code: c.code,
@@ -318,7 +339,8 @@ async fn gift_check(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
     let req: json::GiftCheck = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let id = r
-        .svc
+        .retail
+        .giftcodes
         .check_giftcode(r.caller, &req.key, &req.code, req.pin.as_deref())
         .await?;
     note.detail = match &id {
@@ -335,7 +357,11 @@ async fn gift_check(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
 }
 
 async fn gift_reissue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let c = r.svc.reissue_giftcode(r.caller, r.name).await?;
+    let c = r
+        .retail
+        .giftcodes
+        .reissue_giftcode(r.caller, r.name)
+        .await?;
     note.detail = format!("gift code {} superseded by {}", r.name, c.id);
     let body = views::GiftIssued {
         code: c.code,
@@ -359,7 +385,11 @@ async fn set_gift_state(
     note: &mut Note,
     action: &str,
 ) -> Result<Outcome, ServiceError> {
-    let state = r.svc.set_giftcode_state(r.caller, r.name, action).await?;
+    let state = r
+        .retail
+        .giftcodes
+        .set_giftcode_state(r.caller, r.name, action)
+        .await?;
     note.detail = format!("gift code {}: {action}", r.name);
     let body = views::GiftState {
         id: r.name,

@@ -81,7 +81,7 @@ pub async fn handle(
         ..Default::default()
     };
 
-    let result = match (routed, state.service.audit().failing()) {
+    let result = match (routed, state.service.core.audit().failing()) {
         (Err(e), _) => Err(e),
         // Fail closed: while the audit store refuses writes, nothing is done, so no action can
         // take effect without its entry. This request's own entry is still attempted below;
@@ -89,7 +89,7 @@ pub async fn handle(
         (Ok(_), true) => Err(ServiceError::Unavailable {
             detail: format!(
                 "audit trail: {}",
-                state.service.audit().failure().unwrap_or_default()
+                state.service.core.audit().failure().unwrap_or_default()
             ),
         }),
         (Ok((endpoint, name)), false) => {
@@ -113,6 +113,7 @@ pub async fn handle(
     };
     let (result, receipt) = match state
         .service
+        .core
         .audit()
         .append_admitted(record, note.admission.take())
         .await
@@ -207,9 +208,10 @@ async fn run(
     };
     // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
     // taken once the body is in (a client slow to send it must not hold up the group).
-    note.admission = Some(state.service.audit().admit());
+    note.admission = Some(state.service.core.audit().admit());
     let req = Req {
         svc: &state.service,
+        retail: &state.retail,
         caller,
         name,
         query: parts.uri.query().unwrap_or(""),

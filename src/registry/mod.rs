@@ -8,8 +8,6 @@
 //! schema serves both engines.
 
 pub mod approvals;
-pub mod purchases;
-pub mod retail;
 
 mod deadlines;
 mod load;
@@ -208,6 +206,23 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("key_versions", "master_version", "BIGINT"),
 ];
 
+/// Create `tables` (each a `CREATE TABLE IF NOT EXISTS` statement) on the registry's database:
+/// how a feature that keeps its own tables beside the keys brings them up.
+pub async fn create_tables(pool: &AnyPool, tables: &[&str]) -> Result<(), RegistryError> {
+    for stmt in tables {
+        sqlx::query(stmt).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// A unique-key violation is `Exists`: the row was there already (or a concurrent insert won).
+pub(crate) fn unique(e: sqlx::Error) -> RegistryError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => RegistryError::Exists,
+        other => other.into(),
+    }
+}
+
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
@@ -260,12 +275,7 @@ impl Registry {
             };
             sqlx::query(&stmt).execute(&pool).await?;
         }
-        for stmt in [&approvals::SCHEMA, &purchases::SCHEMA]
-            .into_iter()
-            .chain(retail::SCHEMA)
-        {
-            sqlx::query(stmt).execute(&pool).await?;
-        }
+        create_tables(&pool, &[approvals::SCHEMA]).await?;
         for (table, column, ty) in ADDED_COLUMNS {
             let probe = format!("SELECT {column} FROM {table} LIMIT 1");
             if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {

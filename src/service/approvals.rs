@@ -4,15 +4,22 @@
 
 use std::sync::Arc;
 
-use ring::rand::SecureRandom;
-
-use super::{unix_now, Caller, LifecycleInput, Service};
+use super::key_core::KeyCore;
+use super::{unix_now, Caller, KeyLifecycle, LifecycleInput};
 use crate::backend::KeyRef;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, VersionState};
 use crate::policy::Operation;
 use crate::registry::approvals::ApprovalRecord;
 use crate::registry::KeyRecord;
+
+/// Dual control over the key core; an approved import becomes a key through the lifecycle.
+pub struct Approvals {
+    core: Arc<KeyCore>,
+    lifecycle: Arc<KeyLifecycle>,
+    /// Seconds a dual-control approval stays open.
+    approval_ttl: u64,
+}
 
 /// What an executed approval produced.
 pub enum Executed {
@@ -60,7 +67,15 @@ struct ExportParams {
     transport_key: String,
 }
 
-impl Service {
+impl Approvals {
+    pub fn new(core: Arc<KeyCore>, lifecycle: Arc<KeyLifecycle>, approval_ttl: u64) -> Self {
+        Self {
+            core,
+            lifecycle,
+            approval_ttl,
+        }
+    }
+
     /// Step one of exporting a version for key injection: only keys created `exportable`, only
     /// under a transport key (`aes256-kw`) the caller may also export with.
     pub async fn request_export(
@@ -70,10 +85,10 @@ impl Service {
         version: u32,
         transport: &str,
     ) -> Result<ApprovalRecord, ServiceError> {
-        let name = self.authorize(caller, Operation::Export, name)?;
-        let transport = self.authorize(caller, Operation::Export, transport)?;
-        let key = self.lookup(&name)?;
-        let tkey = self.lookup(&transport)?;
+        let name = self.core.authorize(caller, Operation::Export, name)?;
+        let transport = self.core.authorize(caller, Operation::Export, transport)?;
+        let key = self.core.lookup(&name)?;
+        let tkey = self.core.lookup(&transport)?;
         exportable(&key, version)?;
         transport_version(&tkey)?;
         let params = serde_json::to_string(&ExportParams {
@@ -92,7 +107,7 @@ impl Service {
         caller: &Caller,
         req: ImportRequest,
     ) -> Result<ApprovalRecord, ServiceError> {
-        let name = self.authorize(caller, Operation::Import, &req.name)?;
+        let name = self.core.authorize(caller, Operation::Import, &req.name)?;
         let key_type = crate::keys::KeyType::parse(&req.key_type)
             .filter(|t| !t.is_asymmetric())
             .ok_or_else(|| {
@@ -105,14 +120,14 @@ impl Service {
             return Err(ServiceError::invalid("imported keys are never exportable"));
         }
         req.settings.validate(key_type)?;
-        if self.registry.get(&name).is_some() {
+        if self.core.registry.get(&name).is_some() {
             return Err(ServiceError::AlreadyExists(format!(
                 "key '{name}' already exists"
             )));
         }
         // A backend that cannot import (a TPM) says so now, not after a second officer has
         // spent an approval on it. The wrapping key exists once made, so this costs a lookup.
-        self.device.call(|b| b.import_wrapping_key()).await?;
+        self.core.device.call(|b| b.import_wrapping_key()).await?;
         // RFC 5649 output is the material rounded up to 8 bytes plus 8: the blob's length says
         // how long the material is, so a 16-byte key cannot slip in as an AES-256 key.
         let allowed = if key_type == crate::keys::KeyType::HmacSha256 {
@@ -149,7 +164,7 @@ impl Service {
 
     /// The public key importers wrap for (PEM), made in the token on first use.
     pub async fn import_wrapping_key(&self) -> Result<String, ServiceError> {
-        let der = self.device.call(|b| b.import_wrapping_key()).await?;
+        let der = self.core.device.call(|b| b.import_wrapping_key()).await?;
         Ok(crate::encoding::pem("PUBLIC KEY", &der))
     }
 
@@ -160,8 +175,8 @@ impl Service {
         name: &str,
         version: u32,
     ) -> Result<ApprovalRecord, ServiceError> {
-        let name = self.authorize(caller, Operation::Destroy, name)?;
-        let key = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Destroy, name)?;
+        let key = self.core.lookup(&name)?;
         destroyable(&key, version)?;
         self.no_dependents(&key, version)?;
         self.new_approval(caller, "destroy", &name, Some(version), "{}".into())
@@ -176,10 +191,7 @@ impl Service {
         version: Option<u32>,
         params: String,
     ) -> Result<ApprovalRecord, ServiceError> {
-        let mut id = [0u8; 16];
-        self.rng.fill(&mut id).map_err(|_| ServiceError::Internal {
-            detail: "system random generator failed".into(),
-        })?;
+        let id = self.core.random::<16>()?;
         let now = unix_now();
         let a = ApprovalRecord {
             id: crate::registry::hex_encode(&id),
@@ -195,7 +207,7 @@ impl Service {
             decided_at: None,
             result: None,
         };
-        self.registry.insert_approval(&a).await?;
+        self.core.registry.insert_approval(&a).await?;
         Ok(a)
     }
 
@@ -204,8 +216,9 @@ impl Service {
         &self,
         caller: &Caller,
     ) -> Result<Vec<ApprovalRecord>, ServiceError> {
-        let policy = self.policy.current();
+        let policy = self.core.policy().current();
         Ok(self
+            .core
             .registry
             .pending_approvals(unix_now())
             .await?
@@ -227,14 +240,14 @@ impl Service {
         let op = action_operation(&a.action).ok_or_else(|| ServiceError::Internal {
             detail: format!("approval {id} has unknown action {}", a.action),
         })?;
-        self.authorize(caller, op, &a.key)?;
+        self.core.authorize(caller, op, &a.key)?;
         if a.action == "export" {
             // The approver vouches for the destination too, as the requester had to.
             let p: ExportParams =
                 serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
                     detail: format!("approval params: {e}"),
                 })?;
-            self.authorize(caller, op, &p.transport_key)?;
+            self.core.authorize(caller, op, &p.transport_key)?;
         }
         if a.requested_by == caller.identity {
             return Err(ServiceError::PermissionDenied(
@@ -242,8 +255,9 @@ impl Service {
             ));
         }
         let now = unix_now();
-        let _guard = self.changes.lock().await;
+        let _guard = self.core.changes.lock().await;
         if !self
+            .core
             .registry
             .decide_approval(id, "executing", &caller.identity, now, true)
             .await?
@@ -262,7 +276,7 @@ impl Service {
             Ok(_) => ("executed", "ok".to_string()),
             Err(e) => ("failed", e.to_string()),
         };
-        self.registry.finish_approval(id, state, &text).await?;
+        self.core.registry.finish_approval(id, state, &text).await?;
         let mut a = a;
         a.state = state.into();
         a.decided_by = Some(caller.identity.clone());
@@ -280,10 +294,11 @@ impl Service {
         let mut a = self.find_approval(id).await?;
         if a.requested_by != caller.identity {
             let op = action_operation(&a.action).unwrap_or(Operation::Destroy);
-            self.authorize(caller, op, &a.key)?;
+            self.core.authorize(caller, op, &a.key)?;
         }
         let now = unix_now();
         if !self
+            .core
             .registry
             .decide_approval(id, "cancelled", &caller.identity, now, false)
             .await?
@@ -307,16 +322,18 @@ impl Service {
                 "approval ids are 32 hexadecimal characters",
             ));
         }
-        self.registry
+        self.core
+            .registry
             .approval(id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("no approval {id}")))
     }
 
     async fn why_not_pending(&self, id: &str, now: i64) -> ServiceError {
-        match self.registry.approval(id).await {
+        match self.core.registry.approval(id).await {
             Ok(Some(a)) if a.state == "pending" && a.expires_at <= now => {
                 let _ = self
+                    .core
                     .registry
                     .decide_approval(id, "expired", "tillkeyd", now, false)
                     .await;
@@ -337,8 +354,8 @@ impl Service {
             serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
                 detail: format!("approval params: {e}"),
             })?;
-        let key = self.lookup(&KeyName::parse(&a.key)?)?;
-        let tkey = self.lookup(&KeyName::parse(&p.transport_key)?)?;
+        let key = self.core.lookup(&KeyName::parse(&a.key)?)?;
+        let tkey = self.core.lookup(&KeyName::parse(&p.transport_key)?)?;
         let version = a
             .version
             .ok_or_else(|| ServiceError::invalid("export needs a version"))?;
@@ -347,6 +364,7 @@ impl Service {
         let (key_type, object) = (key.key_type, v.object.clone());
         let (transport_type, transport) = (tkey.key_type, t.object.clone());
         let wrapped = self
+            .core
             .device
             .call(move |b| {
                 b.wrap(
@@ -402,17 +420,18 @@ impl Service {
             "imported; requested by {}, approved by {}",
             a.requested_by, approver.identity
         );
-        self.import_key(
-            &KeyName::parse(&a.key)?,
-            key_type,
-            &settings,
-            &unb64(&p.encrypted_kek)?,
-            &unb64(&p.wrapped_key)?,
-            p.kcv.as_deref(),
-            &a.requested_by,
-            &reason,
-        )
-        .await
+        self.lifecycle
+            .import_key(
+                &KeyName::parse(&a.key)?,
+                key_type,
+                &settings,
+                &unb64(&p.encrypted_kek)?,
+                &unb64(&p.wrapped_key)?,
+                p.kcv.as_deref(),
+                &a.requested_by,
+                &reason,
+            )
+            .await
     }
 
     async fn execute_destroy(
@@ -421,14 +440,15 @@ impl Service {
         approver: &Caller,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let name = KeyName::parse(&a.key)?;
-        let key = self.lookup(&name)?;
+        let key = self.core.lookup(&name)?;
         let version = a
             .version
             .ok_or_else(|| ServiceError::invalid("destroy needs a version"))?;
         let v = destroyable(&key, version)?;
         self.no_dependents(&key, version)?;
         let (key_type, object) = (key.key_type, v.object.clone());
-        self.device
+        self.core
+            .device
             .call(move |b| {
                 b.destroy(KeyRef {
                     key_type,
@@ -454,18 +474,18 @@ impl Service {
                 x.object = crate::backend::ObjectRef(Vec::new());
             }
         }
-        Ok(self.registry.commit(&key, new).await?)
+        Ok(self.core.registry.commit(&key, new).await?)
     }
 }
 
-impl Service {
+impl Approvals {
     /// A master version that derived keys still use is not destroyed: revoke or rotate (and let
     /// retire) those keys first.
     fn no_dependents(&self, key: &KeyRecord, version: u32) -> Result<(), ServiceError> {
         if !key.key_type.derives() {
             return Ok(());
         }
-        match self.derived_dependents(&key.name, version) {
+        match self.core.derived_dependents(&key.name, version) {
             0 => Ok(()),
             n => Err(ServiceError::FailedPrecondition(format!(
                 "version {version} of master '{}' still derives {n} usable key(s); revoke them or let them retire first",

@@ -7,7 +7,9 @@
 //! a hidden outage. The device calls run off the async workers ([`crate::device::Device::batch`]): a
 //! long batch must not hold up the workers that carry every other connection.
 
-use super::{key_ref, verify_with, Caller, Service, SignatureFormat, Signed, Verified};
+use super::key_core::key_ref;
+use super::operations::verify_with;
+use super::{Caller, Operations, SignatureFormat, Signed, Verified};
 use crate::backend::{BackendError, KeyBackend};
 use crate::encoding;
 use crate::error::ServiceError;
@@ -38,7 +40,7 @@ pub struct VerifyItem {
     pub key_version: Option<u32>,
 }
 
-impl Service {
+impl Operations {
     /// Sign every well-formed message with the active version. Items that arrive as errors
     /// (they failed to decode) stay errors and are neither counted nor signed.
     pub async fn sign_batch(
@@ -49,9 +51,10 @@ impl Service {
         format: SignatureFormat,
     ) -> Result<(u32, Vec<ItemResult<Signed>>), ServiceError> {
         check_size(items.len())?;
-        let name = self.authorize(caller, Operation::Sign, name)?;
+        let name = self.core.authorize(caller, Operation::Sign, name)?;
         let uses = items.iter().filter(|i| i.is_ok()).count() as u64;
         let (key, v) = self
+            .core
             .claim_active_uses(&name, "sign", |t| t.signs(), uses)
             .await?;
         let version = v.version;
@@ -79,7 +82,7 @@ impl Service {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        let results = self.device.batch(key_type, run).await?;
+        let results = self.core.device.batch(key_type, run).await?;
         Ok((version, results))
     }
 
@@ -117,7 +120,7 @@ impl Service {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         };
-        self.device.batch(key_type, run).await
+        self.core.device.batch(key_type, run).await
     }
 }
 

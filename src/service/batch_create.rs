@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::lifecycle::LifecycleInput;
-use super::{unix_now, Caller, Service};
+use super::{unix_now, Caller, KeyLifecycle};
 use crate::error::ServiceError;
 use crate::registry::KeyRecord;
 
@@ -27,7 +27,7 @@ pub struct BatchItem {
     pub result: Result<Arc<KeyRecord>, ServiceError>,
 }
 
-impl Service {
+impl KeyLifecycle {
     pub async fn batch_create(
         &self,
         caller: &Caller,
@@ -52,7 +52,7 @@ impl Service {
             }
         }
         let (slots, recs): (Vec<usize>, Vec<KeyRecord>) = made.into_iter().unzip();
-        match self.registry.insert_new_keys(recs.clone()).await {
+        match self.core.registry.insert_new_keys(recs.clone()).await {
             Ok(stored) => {
                 for ((slot, r), rec) in slots.into_iter().zip(stored).zip(&recs) {
                     if r.is_none() {
@@ -107,12 +107,12 @@ impl Service {
                 "key '{name}' appears more than once in this batch"
             )));
         }
-        if self.registry.get(name).is_some() {
+        if self.core.registry.get(name).is_some() {
             return Err(ServiceError::AlreadyExists(format!(
                 "key '{name}' already exists"
             )));
         }
-        let first = self.first_version(&new, now, &caller.identity).await?;
+        let first = self.core.first_version(&new, now, &caller.identity).await?;
         Ok(new.into_record(first, now, &caller.identity))
     }
 
@@ -120,7 +120,7 @@ impl Service {
     /// derived keys beyond dropping them from the backend's cache).
     async fn discard_first(&self, rec: &KeyRecord) {
         for v in &rec.versions {
-            self.discard(rec.key_type, v).await;
+            self.core.discard(rec.key_type, v).await;
         }
     }
 
@@ -134,7 +134,7 @@ impl Service {
         request_id: &str,
     ) -> Result<(), ServiceError> {
         let appends = items.iter().map(|item| {
-            self.audit.append(crate::audit::Record {
+            self.core.audit().append(crate::audit::Record {
                 identity: caller.identity.clone(),
                 operation: "create",
                 key: item.name.clone(),

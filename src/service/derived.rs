@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use ring::digest;
 
-use super::{Caller, Service};
+use super::key_core::KeyCore;
+use super::Caller;
 use crate::error::ServiceError;
 use crate::keys::KeyName;
 use crate::policy::Operation;
@@ -44,7 +45,7 @@ pub fn context(name: &KeyName, version: u32) -> [u8; 32] {
     out
 }
 
-impl Service {
+impl KeyCore {
     /// The master a caller may derive from: granted `derive` on it, of type `aes256-derive`,
     /// with an active version.
     pub(super) fn master_for(

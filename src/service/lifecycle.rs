@@ -7,18 +7,29 @@
 
 use std::sync::Arc;
 
-use super::versions::Made;
-use super::{authorize_all, unix_now, Caller, Service};
+use super::key_core::KeyCore;
+use super::key_core::Made;
+use super::versions::NewKeyChecked;
+use super::{unix_now, Caller};
 use crate::device::Device;
 use crate::error::ServiceError;
 use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
 use crate::policy::Operation;
 use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
 
-/// Actor recorded for changes the daemon makes on its own.
-pub const SCHEDULER: &str = "tillkeyd:scheduler";
-/// Creator recorded for the service's own keys.
-pub const SERVICE: &str = "tillkeyd";
+pub use super::key_core::{SCHEDULER, SERVICE};
+
+/// Officer changes to keys: create (one or a batch), rotate, revoke (one key or a prefix),
+/// settings; and the scheduler's timed changes.
+pub struct KeyLifecycle {
+    pub(super) core: Arc<KeyCore>,
+}
+
+impl KeyLifecycle {
+    pub fn new(core: Arc<KeyCore>) -> Self {
+        Self { core }
+    }
+}
 
 /// Settings as a client writes them (durations like `90d`).
 #[derive(Debug, Default)]
@@ -27,30 +38,6 @@ pub struct LifecycleInput {
     pub verify_grace: Option<String>,
     pub max_operations: Option<u64>,
     pub exportable: Option<bool>,
-}
-
-/// A new key that passed every check short of the device.
-pub(super) struct NewKeyChecked {
-    pub name: KeyName,
-    pub key_type: KeyType,
-    pub lifecycle: Lifecycle,
-    /// The master, for a derived key.
-    pub master: Option<Arc<KeyRecord>>,
-}
-
-impl NewKeyChecked {
-    /// The new key's record, with `first` as its only version.
-    pub fn into_record(self, first: VersionRecord, now: i64, by: &str) -> KeyRecord {
-        KeyRecord {
-            name: self.name,
-            key_type: self.key_type,
-            lifecycle: self.lifecycle,
-            created_at: now,
-            created_by: by.into(),
-            derive_from: self.master.map(|m| m.name.clone()),
-            versions: vec![first],
-        }
-    }
 }
 
 /// What a prefix action did.
@@ -148,30 +135,7 @@ pub async fn ensure_service_key(
     Ok(registry.insert_first_version(rec).await?)
 }
 
-impl Service {
-    /// Record a change the daemon made on its own. The change is already committed, so a failed
-    /// append can only be reported loudly.
-    pub(super) async fn audit_own(
-        &self,
-        operation: &'static str,
-        key: &KeyName,
-        version: Option<u32>,
-        detail: &str,
-    ) {
-        let record = crate::audit::Record {
-            identity: SCHEDULER.into(),
-            operation,
-            key: key.to_string(),
-            version,
-            outcome: "ok",
-            request_id: "scheduler".into(),
-            detail: detail.into(),
-        };
-        if let Err(e) = self.audit.append(record).await {
-            tracing::error!(key = %key, operation, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change made but its audit entry could not be written");
-        }
-    }
-
+impl KeyLifecycle {
     pub async fn create_key(
         &self,
         caller: &Caller,
@@ -193,7 +157,7 @@ impl Service {
         settings: &LifecycleInput,
         derive_from: Option<&str>,
     ) -> Result<NewKeyChecked, ServiceError> {
-        let name = self.authorize(caller, Operation::Create, name)?;
+        let name = self.core.authorize(caller, Operation::Create, name)?;
         let key_type = KeyType::parse(key_type).ok_or_else(|| {
             ServiceError::invalid(format!(
                 "unknown key type '{key_type}' (known: {})",
@@ -213,13 +177,13 @@ impl Service {
                 if lifecycle.exportable {
                     return Err(ServiceError::invalid("derived keys are never exportable"));
                 }
-                Some(self.master_for(caller, m)?)
+                Some(self.core.master_for(caller, m)?)
             }
         };
-        if !self.device.supports(key_type) {
+        if !self.core.device.supports(key_type) {
             return Err(ServiceError::UnsupportedOperation(format!(
                 "the {} backend cannot hold {} keys",
-                self.device.kind(),
+                self.core.device.kind(),
                 key_type.as_str()
             )));
         }
@@ -244,6 +208,7 @@ impl Service {
         let (name, key_type, by) = (new.name.clone(), new.key_type, &caller.identity);
         let now = unix_now();
         match self
+            .core
             .registry
             .reserve(&name, key_type, &new.lifecycle, now, by)
             .await
@@ -255,22 +220,23 @@ impl Service {
             }
             other => other?,
         }
-        let first = match self.first_version(&new, now, by).await {
+        let first = match self.core.first_version(&new, now, by).await {
             Ok(v) => v,
             Err(e) => {
-                self.registry.release(&name).await?;
+                self.core.registry.release(&name).await?;
                 return Err(e);
             }
         };
         match self
+            .core
             .registry
             .insert_first_version(new.into_record(first.clone(), now, by))
             .await
         {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                self.discard(key_type, &first).await;
-                self.registry.release(&name).await?;
+                self.core.discard(key_type, &first).await;
+                self.core.registry.release(&name).await?;
                 Err(e.into())
             }
         }
@@ -292,6 +258,7 @@ impl Service {
         let lifecycle = settings.apply(Lifecycle::default(), key_type, true)?;
         let now = unix_now();
         match self
+            .core
             .registry
             .reserve(name, key_type, &lifecycle, now, requested_by)
             .await
@@ -309,20 +276,21 @@ impl Service {
             by: requested_by,
         };
         let mut v = match self
+            .core
             .import_version(name, key_type, encrypted_kek, wrapped_key, made)
             .await
         {
             Ok(v) => v,
             Err(e) => {
-                self.registry.release(name).await?;
+                self.core.registry.release(name).await?;
                 return Err(e);
             }
         };
         v.reason = Some(reason.to_owned());
         if let Some(expected) = expected_kcv {
             if v.kcv.as_deref() != Some(expected) {
-                self.discard(key_type, &v).await;
-                self.registry.release(name).await?;
+                self.core.discard(key_type, &v).await;
+                self.core.registry.release(name).await?;
                 return Err(ServiceError::invalid(
                     "the imported key's check value differs from the one given; nothing was imported",
                 ));
@@ -337,44 +305,11 @@ impl Service {
             derive_from: None,
             versions: vec![v.clone()],
         };
-        match self.registry.insert_first_version(rec).await {
+        match self.core.registry.insert_first_version(rec).await {
             Ok(rec) => Ok(rec),
             Err(e) => {
-                self.discard(key_type, &v).await;
-                self.registry.release(name).await?;
-                Err(e.into())
-            }
-        }
-    }
-
-    /// A new active version; the previous one verifies only until its grace ends.
-    pub(super) async fn rotate_locked(
-        &self,
-        key: &KeyRecord,
-        by: &str,
-        reason: Option<&str>,
-    ) -> Result<Arc<KeyRecord>, ServiceError> {
-        let now = unix_now();
-        let next = key.latest_version() + 1;
-        let made = Made {
-            version: next,
-            now,
-            by,
-        };
-        let fresh = self.next_version(key, made).await?;
-        let mut new = key.clone();
-        for v in &mut new.versions {
-            if v.state == VersionState::Active {
-                let mut moved = v.moved(VersionState::VerifyOnly, now, by, reason);
-                moved.grace_until = Some(now + key.lifecycle.verify_grace as i64);
-                *v = moved;
-            }
-        }
-        new.versions.push(fresh.clone());
-        match self.registry.commit(key, new).await {
-            Ok(rec) => Ok(rec),
-            Err(e) => {
-                self.discard(key.key_type, &fresh).await;
+                self.core.discard(key_type, &v).await;
+                self.core.registry.release(name).await?;
                 Err(e.into())
             }
         }
@@ -388,10 +323,12 @@ impl Service {
         reason: Option<&str>,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;
-        let name = self.authorize(caller, Operation::Rotate, name)?;
-        let _guard = self.changes.lock().await;
-        let key = self.lookup(&name)?;
-        self.rotate_locked(&key, &caller.identity, reason).await
+        let name = self.core.authorize(caller, Operation::Rotate, name)?;
+        let _guard = self.core.changes.lock().await;
+        let key = self.core.lookup(&name)?;
+        self.core
+            .rotate_locked(&key, &caller.identity, reason)
+            .await
     }
 
     /// Revoke one version, or every version still usable. Effective for the next request.
@@ -403,9 +340,9 @@ impl Service {
         reason: &str,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let reason = check_reason(reason)?;
-        let name = self.authorize(caller, Operation::Revoke, name)?;
-        let _guard = self.changes.lock().await;
-        let key = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Revoke, name)?;
+        let _guard = self.core.changes.lock().await;
+        let key = self.core.lookup(&name)?;
         if let Some(n) = version {
             if key.version(n).is_none() {
                 return Err(ServiceError::NotFound(format!(
@@ -414,7 +351,7 @@ impl Service {
             }
         }
         let (new, _) = revoked(&key, version, reason, &caller.identity);
-        Ok(self.registry.commit(&key, new).await?)
+        Ok(self.core.registry.commit(&key, new).await?)
     }
 
     /// One audited action over every key under `prefix` (a store or a terminal). All or nothing
@@ -426,15 +363,17 @@ impl Service {
         reason: &str,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = check_reason(reason)?;
-        let _guard = self.changes.lock().await;
-        let keys = authorize_all(self, caller, Operation::Revoke, prefix)?;
+        let _guard = self.core.changes.lock().await;
+        let keys = self
+            .core
+            .authorize_prefix(caller, Operation::Revoke, prefix)?;
         let mut out = PrefixOutcome {
             keys: Vec::new(),
             versions: 0,
         };
         for key in keys {
             let (new, n) = revoked(&key, None, reason, &caller.identity);
-            self.registry.commit(&key, new).await?;
+            self.core.registry.commit(&key, new).await?;
             out.versions += n;
             out.keys.push(key.name.to_string());
         }
@@ -448,14 +387,18 @@ impl Service {
         reason: Option<&str>,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;
-        let _guard = self.changes.lock().await;
-        let keys = authorize_all(self, caller, Operation::Rotate, prefix)?;
+        let _guard = self.core.changes.lock().await;
+        let keys = self
+            .core
+            .authorize_prefix(caller, Operation::Rotate, prefix)?;
         let mut out = PrefixOutcome {
             keys: Vec::new(),
             versions: 0,
         };
         for key in keys {
-            self.rotate_locked(&key, &caller.identity, reason).await?;
+            self.core
+                .rotate_locked(&key, &caller.identity, reason)
+                .await?;
             out.versions += 1;
             out.keys.push(key.name.to_string());
         }
@@ -468,34 +411,12 @@ impl Service {
         name: &str,
         settings: &LifecycleInput,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
-        let name = self.authorize(caller, Operation::Update, name)?;
-        let _guard = self.changes.lock().await;
-        let key = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Update, name)?;
+        let _guard = self.core.changes.lock().await;
+        let key = self.core.lookup(&name)?;
         let mut new = (*key).clone();
         new.lifecycle = settings.apply(key.lifecycle, key.key_type, false)?;
-        Ok(self.registry.commit(&key, new).await?)
-    }
-
-    /// Called when an operation finds the active version at its `max_operations`: rotate it
-    /// (once, however many requests notice at the same time) so the operation can use the new
-    /// version. The cap is hard: the exhausted version performs no further operation.
-    pub(super) async fn rotate_exhausted(
-        &self,
-        name: &KeyName,
-        version: u32,
-    ) -> Result<(), ServiceError> {
-        let _guard = self.changes.lock().await;
-        let key = self.lookup(name)?;
-        if key.active().is_some_and(|v| v.version == version) {
-            let new = self
-                .rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
-                .await?;
-            tracing::info!(key = %name, version, "rotated: max_operations reached");
-            let v = new.active().map(|v| v.version);
-            self.audit_own("rotate", name, v, "max_operations reached")
-                .await;
-        }
-        Ok(())
+        Ok(self.core.registry.commit(&key, new).await?)
     }
 }
 

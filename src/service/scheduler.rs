@@ -5,19 +5,19 @@
 //! (Rotation on usage happens where the usage is counted, in `lifecycle`.)
 
 use super::lifecycle::{SCHEDULER, SERVICE};
-use super::{unix_now, Service};
+use super::{unix_now, KeyLifecycle};
 use crate::error::ServiceError;
 use crate::keys::VersionState;
 
-impl Service {
+impl KeyLifecycle {
     /// One pass of the scheduler: rotate keys whose period has elapsed, retire verify-only
     /// versions whose grace has ended, persist usage counts. Failures are logged and retried on
     /// the next pass.
     pub async fn tick(&self) {
         let now = unix_now();
-        for name in self.registry.due(now) {
-            let _guard = self.changes.lock().await;
-            let Some(current) = self.registry.get(&name) else {
+        for name in self.core.registry.due(now) {
+            let _guard = self.core.changes.lock().await;
+            let Some(current) = self.core.registry.get(&name) else {
                 continue;
             };
             let key = current.clone();
@@ -26,11 +26,13 @@ impl Service {
                 if let (Some(p), Some(a)) = (key.lifecycle.rotation_period, key.active()) {
                     if a.created_at + p as i64 <= now {
                         key = self
+                            .core
                             .rotate_locked(&key, SCHEDULER, Some("rotation_period elapsed"))
                             .await?;
                         tracing::info!(key = %key.name, "rotated: rotation_period elapsed");
                         let v = key.active().map(|v| v.version);
-                        self.audit_own("rotate", &key.name, v, "rotation_period elapsed")
+                        self.core
+                            .audit_own("rotate", &key.name, v, "rotation_period elapsed")
                             .await;
                     }
                 }
@@ -50,10 +52,11 @@ impl Service {
                     }
                 }
                 if !retired.is_empty() {
-                    self.registry.commit(&key, new).await?;
+                    self.core.registry.commit(&key, new).await?;
                     tracing::info!(key = %key.name, ?retired, "retired versions whose grace ended");
                     for v in retired {
-                        self.audit_own("retire", &key.name, Some(v), "verify_grace ended")
+                        self.core
+                            .audit_own("retire", &key.name, Some(v), "verify_grace ended")
                             .await;
                     }
                 }
@@ -66,7 +69,7 @@ impl Service {
         }
         // A failed audit store keeps readiness red until a write succeeds again; the probe is
         // itself an audited entry, so recovery is proven by a durable write, not assumed.
-        if self.audit.failure().is_some() {
+        if self.core.audit().failure().is_some() {
             let probe = crate::audit::Record {
                 identity: SERVICE.into(),
                 operation: "audit_probe",
@@ -76,11 +79,11 @@ impl Service {
                 request_id: "scheduler".into(),
                 detail: "retrying the audit store after a failed write".into(),
             };
-            if self.audit.append(probe).await.is_ok() {
+            if self.core.audit().append(probe).await.is_ok() {
                 tracing::info!("audit store accepts writes again");
             }
         }
-        if let Err(e) = self.registry.flush_usage().await {
+        if let Err(e) = self.core.registry.flush_usage().await {
             tracing::warn!(error = %e, "could not persist usage counts; will retry");
         }
     }

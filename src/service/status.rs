@@ -7,7 +7,10 @@
 //! when the feed is cut) and refuse a `seq` lower than the last one they accepted (no replay of
 //! an older list that predates a revocation).
 
-use super::{unix_now, Caller, Service};
+use std::sync::Arc;
+
+use super::key_core::KeyCore;
+use super::{unix_now, Caller};
 use crate::backend::KeyRef;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType, VersionState};
@@ -19,6 +22,11 @@ pub const STATUS_KEY: &str = "tillkey/status-list";
 /// How long a list may be relied on; verifiers poll well within it.
 pub const STATUS_TTL: i64 = 3600;
 
+/// The feed, signed on request with the status key held in the device.
+pub struct StatusFeed {
+    core: Arc<KeyCore>,
+}
+
 pub struct SignedStatus {
     pub cose: Vec<u8>,
     pub kid: String,
@@ -29,7 +37,11 @@ pub struct SignedStatus {
     pub entries: usize,
 }
 
-impl Service {
+impl StatusFeed {
+    pub fn new(core: Arc<KeyCore>) -> Self {
+        Self { core }
+    }
+
     /// Revoked, retired and destroyed versions under `prefix` of the keys the caller may read or
     /// verify with, signed now.
     pub async fn status_list(
@@ -46,12 +58,12 @@ impl Service {
                 "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'",
             ));
         }
-        let policy = self.policy.current();
+        let policy = self.core.policy().current();
         let visible = |name: &str| {
             policy.allows(&caller.identity, Operation::Verify, name)
                 || policy.allows(&caller.identity, Operation::Read, name)
         };
-        let (keys, _) = self.registry.list(prefix, None, usize::MAX, |k| {
+        let (keys, _) = self.core.registry.list(prefix, None, usize::MAX, |k| {
             !k.name.is_reserved() && visible(k.name.as_str())
         });
         let mut entries = Vec::new();
@@ -73,6 +85,7 @@ impl Service {
             }
         }
         let signer = self
+            .core
             .registry
             .get(&KeyName::parse(STATUS_KEY)?)
             .ok_or_else(|| ServiceError::Internal {
@@ -85,7 +98,7 @@ impl Service {
         let list = StatusList {
             issuer: "tillkey".into(),
             prefix: prefix.to_owned(),
-            sequence: self.audit.head(),
+            sequence: self.core.audit().head(),
             issued_at: now,
             expires_at: now + STATUS_TTL,
             entries,
@@ -100,6 +113,7 @@ impl Service {
         let public_key_der = active.public_key_der.clone().unwrap_or_default();
         let (object, signing_kid) = (active.object.clone(), kid.clone());
         let cose = self
+            .core
             .device
             .call(move |b| {
                 let key = KeyRef {

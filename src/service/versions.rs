@@ -5,21 +5,37 @@
 use std::sync::Arc;
 
 use super::derived::context;
-use super::lifecycle::NewKeyChecked;
-use super::Service;
+use super::key_core::{KeyCore, Made};
 use crate::backend::{KeyBackend, KeyRef, ObjectRef};
 use crate::error::ServiceError;
-use crate::keys::{KeyName, KeyType};
+use crate::keys::{KeyName, KeyType, Lifecycle};
 use crate::registry::{Derivation, KeyRecord, VersionRecord};
 
-/// Who made a version, and when.
-pub(super) struct Made<'a> {
-    pub version: u32,
-    pub now: i64,
-    pub by: &'a str,
+/// A new key that passed every check short of the device.
+pub(super) struct NewKeyChecked {
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub lifecycle: Lifecycle,
+    /// The master, for a derived key.
+    pub master: Option<Arc<KeyRecord>>,
 }
 
-impl Service {
+impl NewKeyChecked {
+    /// The new key's record, with `first` as its only version.
+    pub fn into_record(self, first: VersionRecord, now: i64, by: &str) -> KeyRecord {
+        KeyRecord {
+            name: self.name,
+            key_type: self.key_type,
+            lifecycle: self.lifecycle,
+            created_at: now,
+            created_by: by.into(),
+            derive_from: self.master.map(|m| m.name.clone()),
+            versions: vec![first],
+        }
+    }
+}
+
+impl KeyCore {
     /// Version 1 of a checked new key: derived from its master, or generated in the device.
     pub(super) async fn first_version(
         &self,

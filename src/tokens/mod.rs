@@ -1,5 +1,8 @@
-//! Retail token profiles over the key service: CWT claims sealed with keys from the registry.
-//! POS payment QR codes (request and paid) are the first profile.
+//! The retail flows, each a vertical slice over the key core: its logic and its own tables
+//! (`store`) in one folder. POS payment QR codes (`pos`), customer QR codes (`customer`),
+//! challenge-response and counter-sealed messages (`challenge`), gift-card codes (`giftcode`);
+//! `cwt` and `qr` are the encodings they share. A new token flow is a new folder here plus its
+//! entry in [`Retail`].
 
 pub mod challenge;
 pub mod customer;
@@ -7,6 +10,44 @@ pub mod cwt;
 pub mod giftcode;
 pub mod pos;
 pub mod qr;
+
+use std::sync::Arc;
+
+use crate::config::TokenSettings;
+use crate::registry::RegistryError;
+use crate::service::KeyCore;
+
+/// Every retail flow, each holding the key core and its own store.
+pub struct Retail {
+    pub pos: pos::PosTokens,
+    pub customers: customer::CustomerTokens,
+    pub challenges: challenge::Challenges,
+    pub giftcodes: giftcode::GiftCodes,
+}
+
+impl Retail {
+    /// The flows on the key core's database, their tables made if missing.
+    pub async fn open(core: Arc<KeyCore>, settings: TokenSettings) -> Result<Self, RegistryError> {
+        let pool = core.pool().clone();
+        Ok(Self {
+            pos: pos::PosTokens::new(core.clone(), pos::PurchaseStore::open(pool.clone()).await?),
+            customers: customer::CustomerTokens::new(
+                core.clone(),
+                customer::CustomerStore::open(pool.clone()).await?,
+                settings,
+            ),
+            challenges: challenge::Challenges::new(
+                core.clone(),
+                challenge::ChallengeStore::open(pool.clone()).await?,
+            ),
+            giftcodes: giftcode::GiftCodes::new(
+                core,
+                giftcode::GiftCodeStore::open(pool).await?,
+                settings,
+            ),
+        })
+    }
+}
 
 /// Run every decoder over `data`; used by the fuzz target and the robustness test. Results are
 /// ignored: the only failure is a panic.

@@ -9,17 +9,22 @@
 //! (6) and `cti` (7, a nonce of at least 16 bytes), `kid` = the device id: accepted only from the
 //! subject's registered, unrevoked device key, within the clock window, each nonce once.
 
+mod store;
+
+pub use store::CustomerStore;
+
 use coset::cbor::value::Value;
 use coset::{iana, CoseSign1, TaggedCborSerializable};
-use ring::rand::SecureRandom;
 
-use crate::backend::KeyRef;
+use std::sync::Arc;
+
+use crate::config::TokenSettings;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
 use crate::registry::hex_encode;
-use crate::registry::retail::Device;
-use crate::service::{unix_now, Caller, Service};
+use crate::service::{unix_now, Caller, KeyCore};
+pub use store::Device;
 
 pub const OTP_PREFIX: &str = "TKC1:";
 pub const DEVICE_PREFIX: &str = "TKD1:";
@@ -43,14 +48,6 @@ fn subject_ok(s: &str) -> Result<(), ServiceError> {
     }
 }
 
-pub(crate) fn random<const N: usize>(svc: &Service) -> Result<[u8; N], ServiceError> {
-    let mut b = [0u8; N];
-    svc.rng().fill(&mut b).map_err(|_| ServiceError::Internal {
-        detail: "system random generator failed".into(),
-    })?;
-    Ok(b)
-}
-
 /// The result of checking a device-signed token.
 pub struct DeviceCheck {
     pub valid: bool,
@@ -59,39 +56,24 @@ pub struct DeviceCheck {
     pub device: String,
 }
 
-impl Service {
-    /// HMAC under `key`'s versions (active first) of `label || data`, hex: the storage index of a
-    /// secret that must never be stored itself.
-    pub(crate) async fn keyed_indexes(
-        &self,
-        key: &crate::registry::KeyRecord,
-        label: &[u8],
-        data: &[u8],
-    ) -> Result<Vec<String>, ServiceError> {
-        let mut versions: Vec<_> = key
-            .versions
-            .iter()
-            .filter(|v| v.state.may_check())
-            .collect();
-        versions.sort_by_key(|v| std::cmp::Reverse(v.state == crate::keys::VersionState::Active));
-        let objects: Vec<_> = versions.iter().map(|v| v.object.clone()).collect();
-        let message = [label, data].concat();
-        self.device
-            .call(move |b| {
-                objects
-                    .iter()
-                    .map(|object| {
-                        let key = KeyRef {
-                            key_type: KeyType::HmacSha256,
-                            object,
-                        };
-                        b.sign(key, &message).map(|mac| hex_encode(&mac))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-    }
+/// Customer QR codes over the key core: one-time tokens and registered device keys.
+pub struct CustomerTokens {
+    core: Arc<KeyCore>,
+    store: CustomerStore,
+    settings: TokenSettings,
+}
 
+impl CustomerTokens {
+    pub fn new(core: Arc<KeyCore>, store: CustomerStore, settings: TokenSettings) -> Self {
+        Self {
+            core,
+            store,
+            settings,
+        }
+    }
+}
+
+impl CustomerTokens {
     pub async fn issue_customer_otp(
         &self,
         caller: &Caller,
@@ -106,15 +88,17 @@ impl Service {
                 "ttl must be 1..={OTP_MAX_TTL} seconds"
             )));
         }
-        let name = self.authorize(caller, Operation::Sign, key)?;
+        let name = self.core.authorize(caller, Operation::Sign, key)?;
         let (_, v) = self
+            .core
             .claim_active(&name, "index one-time tokens with", |t| {
                 t == KeyType::HmacSha256
             })
             .await?;
-        let secret = random::<16>(self)?;
+        let secret = self.core.random::<16>()?;
         let mac = self
-            .device
+            .core
+            .device()
             .sign(
                 KeyType::HmacSha256,
                 &v.object,
@@ -122,7 +106,7 @@ impl Service {
             )
             .await?;
         let expires_at = unix_now() + ttl as i64;
-        self.registry
+        self.store
             .insert_otp(&hex_encode(&mac), key, subject, expires_at)
             .await?;
         Ok((
@@ -138,8 +122,8 @@ impl Service {
         key: &str,
         token: &str,
     ) -> Result<Option<String>, ServiceError> {
-        let name = self.authorize(caller, Operation::Verify, key)?;
-        let record = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Verify, key)?;
+        let record = self.core.lookup(&name)?;
         if record.key_type != KeyType::HmacSha256 {
             return Err(ServiceError::UnsupportedOperation(
                 "one-time tokens are indexed with an hmac-sha256 key".into(),
@@ -152,8 +136,8 @@ impl Service {
             .filter(|s| s.len() == 16)
             .unwrap_or_else(|| vec![0u8; 16]); // still computed: a malformed token costs the same
         let now = unix_now();
-        for idx in self.keyed_indexes(&record, OTP_LABEL, &secret).await? {
-            if let Some(subject) = self.registry.redeem_otp(&idx, key, now).await? {
+        for idx in self.core.keyed_indexes(&record, OTP_LABEL, &secret).await? {
+            if let Some(subject) = self.store.redeem_otp(&idx, key, now).await? {
                 return Ok(Some(subject));
             }
         }
@@ -170,7 +154,7 @@ impl Service {
         pem: &str,
     ) -> Result<Device, ServiceError> {
         subject_ok(subject)?;
-        self.authorize(caller, Operation::Update, realm)?;
+        self.core.authorize(caller, Operation::Update, realm)?;
         let der = pem_der(pem)?;
         let alg = if der.len() == 44 && der.starts_with(&ED25519_SPKI) {
             "ed25519"
@@ -188,25 +172,25 @@ impl Service {
             ));
         };
         let d = Device {
-            id: hex_encode(&random::<16>(self)?),
+            id: hex_encode(&self.core.random::<16>()?),
             realm: realm.to_owned(),
             subject: subject.to_owned(),
             alg: alg.to_owned(),
             public_key: hex_encode(&der),
             state: "active".into(),
         };
-        self.registry.register_device(&d, unix_now()).await?;
+        self.store.register_device(&d, unix_now()).await?;
         Ok(d)
     }
 
     pub async fn revoke_device(&self, caller: &Caller, id: &str) -> Result<Device, ServiceError> {
         let d = self
-            .registry
+            .store
             .device(id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("no device {id}")))?;
-        self.authorize(caller, Operation::Update, &d.realm)?;
-        self.registry.revoke_device(id).await?;
+        self.core.authorize(caller, Operation::Update, &d.realm)?;
+        self.store.revoke_device(id).await?;
         Ok(Device {
             state: "revoked".into(),
             ..d
@@ -219,7 +203,7 @@ impl Service {
         realm: &str,
         token: &str,
     ) -> Result<DeviceCheck, ServiceError> {
-        self.authorize(caller, Operation::Verify, realm)?;
+        self.core.authorize(caller, Operation::Verify, realm)?;
         let bad = |m: &str| ServiceError::invalid(format!("malformed device token: {m}"));
         let body = token
             .trim()
@@ -241,7 +225,7 @@ impl Service {
             c.reason = Some(why.to_owned());
             Ok(c)
         };
-        let Some(device) = self.registry.device(&device_id).await? else {
+        let Some(device) = self.store.device(&device_id).await? else {
             return refuse(check, "unknown device");
         };
         if device.realm != realm || device.subject != claims.sub {
@@ -277,18 +261,18 @@ impl Service {
             return refuse(check, "the signature does not verify");
         }
         let now = unix_now();
-        if (claims.iat - now).abs() > self.tokens.clock_window {
+        if (claims.iat - now).abs() > self.settings.clock_window {
             return refuse(check, "iat is outside the clock window");
         }
         if claims.exp <= now || claims.exp - claims.iat > DEVICE_MAX_LIFE {
             return refuse(check, "expired (or claims too long a life)");
         }
         if !self
-            .registry
+            .store
             .use_nonce(
                 &device_id,
                 &hex_encode(&claims.nonce),
-                claims.exp + self.tokens.clock_window,
+                claims.exp + self.settings.clock_window,
             )
             .await?
         {

@@ -2,11 +2,11 @@
 //! purchase paid again gets the same "paid" token, never a second one for another amount) and
 //! makes the online check of a "paid" token single-use.
 
-use sqlx::Row;
+use sqlx::{AnyPool, Row};
 
-use super::{Registry, RegistryError};
+use crate::registry::{create_tables, RegistryError};
 
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS purchases (
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS purchases (
     store TEXT NOT NULL,
     pos TEXT NOT NULL,
     purchase TEXT NOT NULL,
@@ -26,7 +26,22 @@ pub struct PurchaseRecord {
     pub consumed_at: Option<i64>,
 }
 
-impl Registry {
+/// The purchases table on the registry's database.
+pub struct PurchaseStore {
+    pool: AnyPool,
+}
+
+impl PurchaseStore {
+    /// The store on the registry's database, its table made if missing.
+    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
+        create_tables(&pool, &[SCHEMA]).await?;
+        Ok(Self { pool })
+    }
+
+    fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// `Err(Exists)` when the purchase was already paid (possibly by a concurrent request).
     #[allow(clippy::too_many_arguments)]
     pub async fn insert_purchase(

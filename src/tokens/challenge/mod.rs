@@ -10,11 +10,17 @@
 //! increases and the opening side requires to increase: a replayed or older message is refused.
 //! The counter travels in the clear but is authenticated as associated data.
 
+mod store;
+
+pub use store::ChallengeStore;
+
+use std::sync::Arc;
+
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
 use crate::registry::{hex_decode, hex_encode};
-use crate::service::{unix_now, Caller, Service};
+use crate::service::{unix_now, Caller, KeyCore, Operations};
 
 const CHALLENGE_LABEL: &[u8] = b"tillkey/challenge/v1\0";
 const SEAL_LABEL: &[u8] = b"tillkey/seal/v1\0";
@@ -52,7 +58,25 @@ pub struct Challenge {
     pub expires_at: i64,
 }
 
-impl Service {
+/// Challenge-response and counter-sealed messages over the key core; sealing encrypts and
+/// opens as the key operations do.
+pub struct Challenges {
+    core: Arc<KeyCore>,
+    keys: Operations,
+    store: ChallengeStore,
+}
+
+impl Challenges {
+    pub fn new(core: Arc<KeyCore>, store: ChallengeStore) -> Self {
+        Self {
+            keys: Operations::new(core.clone()),
+            core,
+            store,
+        }
+    }
+}
+
+impl Challenges {
     pub async fn issue_challenge(
         &self,
         caller: &Caller,
@@ -71,19 +95,19 @@ impl Service {
                 "ttl must be 1..={CHALLENGE_MAX_TTL} seconds"
             )));
         }
-        let name = self.authorize(caller, Operation::Verify, key)?;
-        let record = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Verify, key)?;
+        let record = self.core.lookup(&name)?;
         if record.key_type != KeyType::HmacSha256 {
             return Err(ServiceError::UnsupportedOperation(
                 "challenge responses are HMAC-SHA256: use an hmac-sha256 key".into(),
             ));
         }
         let c = Challenge {
-            id: hex_encode(&super::customer::random::<16>(self)?),
-            challenge: super::customer::random::<32>(self)?,
+            id: hex_encode(&self.core.random::<16>()?),
+            challenge: self.core.random::<32>()?,
             expires_at: unix_now() + ttl as i64,
         };
-        self.registry
+        self.store
             .insert_challenge(&c.id, key, subject, &hex_encode(&c.challenge), c.expires_at)
             .await?;
         Ok(c)
@@ -102,12 +126,12 @@ impl Service {
             ));
         }
         let (key, subject, challenge, expires_at, used) = self
-            .registry
+            .store
             .challenge(id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("no challenge {id}")))?;
-        let name = self.authorize(caller, Operation::Verify, &key)?;
-        let record = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Verify, &key)?;
+        let record = self.core.lookup(&name)?;
         let now = unix_now();
         if used {
             return Ok((false, Some("already used"), subject));
@@ -123,14 +147,15 @@ impl Service {
             .map(|v| v.object.clone())
             .collect();
         let ok = self
-            .device
+            .core
+            .device()
             .verify_any(KeyType::HmacSha256, objects, message, response.to_vec())
             .await?
             .is_some();
         if !ok {
             return Ok((false, Some("the response does not match"), subject));
         }
-        if !self.registry.use_challenge(id, now).await? {
+        if !self.store.use_challenge(id, now).await? {
             return Ok((false, Some("already used or expired"), subject));
         }
         Ok((true, None, subject))
@@ -146,15 +171,16 @@ impl Service {
         aad: &[u8],
     ) -> Result<(Vec<u8>, i64, u32), ServiceError> {
         sender_ok(sender)?;
-        let key = self.authorize(caller, Operation::Encrypt, name)?;
+        let key = self.core.authorize(caller, Operation::Encrypt, name)?;
         // Check the key before taking a counter, so a refused request leaves no gap.
-        if !self.lookup(&key)?.key_type.encrypts() {
+        if !self.core.lookup(&key)?.key_type.encrypts() {
             return Err(ServiceError::UnsupportedOperation(
                 "seal needs an aes256-gcm key".into(),
             ));
         }
-        let counter = self.registry.next_counter(name, sender).await?;
+        let counter = self.store.next_counter(name, sender).await?;
         let (ct, v) = self
+            .keys
             .encrypt(caller, name, plaintext, &seal_aad(sender, counter, aad))
             .await?;
         Ok((ct, counter, v))
@@ -176,9 +202,10 @@ impl Service {
             return Err(ServiceError::invalid("counter starts at 1"));
         }
         let (pt, v) = self
+            .keys
             .decrypt(caller, name, ciphertext, &seal_aad(sender, counter, aad))
             .await?;
-        if !self.registry.advance_counter(name, sender, counter).await? {
+        if !self.store.advance_counter(name, sender, counter).await? {
             return Err(ServiceError::FailedPrecondition(format!(
                 "counter {counter} from '{sender}' is not above the last one opened: replayed or out of order"
             )));

@@ -13,13 +13,19 @@
 //! - Paying a purchase again returns the same paid token, never one for another amount; the
 //!   online check of a paid token consumes it.
 
+mod store;
+
+pub use store::PurchaseStore;
+
 use super::cwt::{self, Claims};
 use crate::backend::KeyRef;
+use std::sync::Arc;
+
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyType};
 use crate::policy::Operation;
 use crate::registry::RegistryError;
-use crate::service::{unix_now, Caller, Service};
+use crate::service::{unix_now, Caller, KeyCore};
 
 pub const REQUEST_PREFIX: &str = "TKR1:";
 pub const PAID_PREFIX: &str = "TKP1:";
@@ -141,7 +147,19 @@ fn check_fields(r: &PosRequest) -> Result<(), ServiceError> {
     Ok(())
 }
 
-impl Service {
+/// POS payment QR codes over the key core, with the paid purchases.
+pub struct PosTokens {
+    core: Arc<KeyCore>,
+    store: PurchaseStore,
+}
+
+impl PosTokens {
+    pub fn new(core: Arc<KeyCore>, store: PurchaseStore) -> Self {
+        Self { core, store }
+    }
+}
+
+impl PosTokens {
     /// Seal `claims` with the active version of `name` (MAC for HMAC keys, ES256 for P-256).
     async fn seal_claims(
         &self,
@@ -150,8 +168,9 @@ impl Service {
         role: &str,
         claims: &Claims,
     ) -> Result<(String, Vec<u8>), ServiceError> {
-        let key_name = self.authorize(caller, Operation::Sign, name)?;
+        let key_name = self.core.authorize(caller, Operation::Sign, name)?;
         let (key, v) = self
+            .core
             .claim_active(&key_name, "seal tokens with", |t| {
                 matches!(t, KeyType::HmacSha256 | KeyType::EcdsaP256)
             })
@@ -160,7 +179,8 @@ impl Service {
         let payload = claims.to_cbor()?;
         let (key_type, sealing_kid) = (key.key_type, kid.clone());
         let cose = self
-            .device
+            .core
+            .device()
             .call(move |b| {
                 let r = KeyRef {
                     key_type,
@@ -248,8 +268,8 @@ impl Service {
                 claims,
             ));
         };
-        let key_name = self.authorize(caller, Operation::Verify, &name)?;
-        let Some(key) = self.registry.get(&key_name) else {
+        let key_name = self.core.authorize(caller, Operation::Verify, &name)?;
+        let Some(key) = self.core.get(&key_name) else {
             return Ok(refuse_with(
                 format!("key '{name}' does not exist"),
                 claims,
@@ -277,7 +297,8 @@ impl Service {
         };
         if !type_fits
             || self
-                .device
+                .core
+                .device()
                 .verify_any(key.key_type, vec![v.object.clone()], sealed.tbs, sealed.tag)
                 .await?
                 .is_none()
@@ -330,18 +351,14 @@ impl Service {
         }
         let r = req.claims;
         let sign_key = paid_sign_key(&r.store);
-        let (key, role) = if self.registry.get(&KeyName::parse(&sign_key)?).is_some() {
+        let (key, role) = if self.core.get(&KeyName::parse(&sign_key)?).is_some() {
             (sign_key, "store")
         } else {
             (paid_mac_key(&r.store, &r.pos), "paid")
         };
         // A repeat needs the same grant as the first payment.
-        self.authorize(caller, Operation::Sign, &key)?;
-        if let Some(existing) = self
-            .registry
-            .purchase(&r.store, &r.pos, &r.purchase)
-            .await?
-        {
+        self.core.authorize(caller, Operation::Sign, &key)?;
+        if let Some(existing) = self.store.purchase(&r.store, &r.pos, &r.purchase).await? {
             return repeat_payment(existing, &r);
         }
         let now = unix_now();
@@ -359,7 +376,7 @@ impl Service {
         let (kid, cose) = self.seal_claims(caller, &key, role, &claims).await?;
         let text = cwt::to_text(PAID_PREFIX, &cose);
         match self
-            .registry
+            .store
             .insert_purchase(
                 &r.store,
                 &r.pos,
@@ -380,16 +397,14 @@ impl Service {
                 repeated: false,
             }),
             // A concurrent payment of the same purchase won; answer as for a repeat.
-            Err(RegistryError::Exists) => match self
-                .registry
-                .purchase(&r.store, &r.pos, &r.purchase)
-                .await?
-            {
-                Some(existing) => repeat_payment(existing, &r),
-                None => Err(ServiceError::Internal {
-                    detail: "purchase vanished".into(),
-                }),
-            },
+            Err(RegistryError::Exists) => {
+                match self.store.purchase(&r.store, &r.pos, &r.purchase).await? {
+                    Some(existing) => repeat_payment(existing, &r),
+                    None => Err(ServiceError::Internal {
+                        detail: "purchase vanished".into(),
+                    }),
+                }
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -406,14 +421,14 @@ impl Service {
         }
         let cl = &c.claims;
         let known = self
-            .registry
+            .store
             .purchase(&cl.store, &cl.pos, &cl.purchase)
             .await?;
         if known.as_ref().is_none_or(|p| p.paid_token != text.trim()) {
             c.valid = false;
             c.reason = Some("no such payment was recorded here".into());
         } else if !self
-            .registry
+            .store
             .consume_purchase(&cl.store, &cl.pos, &cl.purchase, unix_now())
             .await?
         {
@@ -424,10 +439,7 @@ impl Service {
     }
 }
 
-fn repeat_payment(
-    existing: crate::registry::purchases::PurchaseRecord,
-    r: &Claims,
-) -> Result<Issued, ServiceError> {
+fn repeat_payment(existing: store::PurchaseRecord, r: &Claims) -> Result<Issued, ServiceError> {
     if existing.amount != r.amount || existing.currency != r.currency {
         return Err(ServiceError::FailedPrecondition(format!(
             "purchase '{}' was already paid for a different amount; no second paid token is issued",

@@ -7,15 +7,22 @@
 //! same "invalid", after the same work. Each client identity is throttled; a code locks after
 //! a number of wrong PINs until an officer unlocks it. Balances stay with the caller.
 
+mod store;
+
+pub use store::GiftCodeStore;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use crate::config::TokenSettings;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
 use crate::registry::hex_encode;
-use crate::service::{unix_now, Caller, Service};
+use crate::service::{unix_now, Caller, KeyCore};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const CODE_LABEL: &[u8] = b"tillkey/giftcode/v1\0";
@@ -91,13 +98,32 @@ pub struct IssuedCode {
     pub pin: Option<String>,
 }
 
-impl Service {
+/// Gift-card codes over the key core, with their store and the per-client throttle.
+pub struct GiftCodes {
+    core: Arc<KeyCore>,
+    store: GiftCodeStore,
+    throttle: Throttle,
+    settings: TokenSettings,
+}
+
+impl GiftCodes {
+    pub fn new(core: Arc<KeyCore>, store: GiftCodeStore, settings: TokenSettings) -> Self {
+        Self {
+            core,
+            store,
+            throttle: Throttle::default(),
+            settings,
+        }
+    }
+}
+
+impl GiftCodes {
     fn new_code(&self, with_pin: bool) -> Result<(String, Option<String>), ServiceError> {
-        let code = encode(&super::customer::random::<10>(self)?);
+        let code = encode(&self.core.random::<10>()?);
         let pin = if with_pin {
             // Uniform 6 digits: reject the top of the u32 range that 10^6 does not divide.
             loop {
-                let n = u32::from_be_bytes(super::customer::random::<4>(self)?);
+                let n = u32::from_be_bytes(self.core.random::<4>()?);
                 if n < u32::MAX - (u32::MAX % 1_000_000) {
                     break Some(format!("{:06}", n % 1_000_000));
                 }
@@ -116,6 +142,7 @@ impl Service {
         pin: Option<&str>,
     ) -> Result<(String, Option<String>), ServiceError> {
         let code_idx = self
+            .core
             .keyed_indexes(key, CODE_LABEL, code.as_bytes())
             .await?
             .into_iter()
@@ -123,6 +150,7 @@ impl Service {
             .unwrap_or_default();
         let pin_idx = match pin {
             Some(p) => self
+                .core
                 .keyed_indexes(key, PIN_LABEL, format!("{id}\0{p}").as_bytes())
                 .await?
                 .into_iter()
@@ -138,16 +166,17 @@ impl Service {
         key: &str,
         with_pin: bool,
     ) -> Result<IssuedCode, ServiceError> {
-        let name = self.authorize(caller, Operation::Sign, key)?;
+        let name = self.core.authorize(caller, Operation::Sign, key)?;
         let (record, _) = self
+            .core
             .claim_active(&name, "index gift codes with", |t| t == KeyType::HmacSha256)
             .await?;
-        let id = hex_encode(&super::customer::random::<8>(self)?);
+        let id = hex_encode(&self.core.random::<8>()?);
         let (code, pin) = self.new_code(with_pin)?;
         let (code_idx, pin_idx) = self
             .code_indexes(&record, &code, &id, pin.as_deref())
             .await?;
-        self.registry
+        self.store
             .insert_giftcode(&id, key, &code_idx, pin_idx.as_deref(), unix_now())
             .await?;
         Ok(IssuedCode {
@@ -168,8 +197,8 @@ impl Service {
         if !self.throttle.allow(&caller.identity) {
             return Err(ServiceError::RateLimited);
         }
-        let name = self.authorize(caller, Operation::Verify, key)?;
-        let record = self.lookup(&name)?;
+        let name = self.core.authorize(caller, Operation::Verify, key)?;
+        let record = self.core.lookup(&name)?;
         if record.key_type != KeyType::HmacSha256 {
             return Err(ServiceError::UnsupportedOperation(
                 "gift codes are indexed with an hmac-sha256 key".into(),
@@ -180,10 +209,11 @@ impl Service {
         let probe = canonical.clone().unwrap_or_else(|| "0".repeat(16));
         let mut found = None;
         for idx in self
+            .core
             .keyed_indexes(&record, CODE_LABEL, probe.as_bytes())
             .await?
         {
-            if let Some(g) = self.registry.giftcode_by_index(&idx).await? {
+            if let Some(g) = self.store.giftcode_by_index(&idx).await? {
                 found = Some(g);
                 break;
             }
@@ -191,6 +221,7 @@ impl Service {
         let pin_given = pin.unwrap_or("");
         let id_for_pin = found.as_ref().map_or("-", |g| g.id.as_str()).to_owned();
         let pin_idx = self
+            .core
             .keyed_indexes(
                 &record,
                 PIN_LABEL,
@@ -211,16 +242,16 @@ impl Service {
                 });
             if !right {
                 let failed = self
-                    .registry
-                    .giftcode_wrong_pin(&g.id, self.tokens.giftcode_pin_attempts)
+                    .store
+                    .giftcode_wrong_pin(&g.id, self.settings.giftcode_pin_attempts)
                     .await?;
-                if failed >= self.tokens.giftcode_pin_attempts {
+                if failed >= self.settings.giftcode_pin_attempts {
                     tracing::warn!(giftcode = %g.id, failed, "gift code locked after too many wrong PINs");
                 }
                 return Ok(None);
             }
             if g.failed_pins > 0 {
-                self.registry.giftcode_reset_pins(&g.id).await?;
+                self.store.giftcode_reset_pins(&g.id).await?;
             }
         }
         Ok(Some(g.id))
@@ -234,21 +265,22 @@ impl Service {
         id: &str,
     ) -> Result<IssuedCode, ServiceError> {
         let g = self
-            .registry
+            .store
             .giftcode(id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("no gift code {id}")))?;
-        let name = self.authorize(caller, Operation::Sign, &g.key)?;
+        let name = self.core.authorize(caller, Operation::Sign, &g.key)?;
         let (record, _) = self
+            .core
             .claim_active(&name, "index gift codes with", |t| t == KeyType::HmacSha256)
             .await?;
-        let new_id = hex_encode(&super::customer::random::<8>(self)?);
+        let new_id = hex_encode(&self.core.random::<8>()?);
         let (code, pin) = self.new_code(g.pin_idx.is_some())?;
         let (code_idx, pin_idx) = self
             .code_indexes(&record, &code, &new_id, pin.as_deref())
             .await?;
         if !self
-            .registry
+            .store
             .reissue_giftcode(
                 id,
                 &new_id,
@@ -278,7 +310,7 @@ impl Service {
         action: &str,
     ) -> Result<String, ServiceError> {
         let g = self
-            .registry
+            .store
             .giftcode(id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("no gift code {id}")))?;
@@ -286,8 +318,8 @@ impl Service {
             "revoke" => (Operation::Revoke, &["active", "locked"], "revoked"),
             _ => (Operation::Update, &["locked"], "active"),
         };
-        self.authorize(caller, op, &g.key)?;
-        if !self.registry.giftcode_state(id, from, to).await? {
+        self.core.authorize(caller, op, &g.key)?;
+        if !self.store.giftcode_state(id, from, to).await? {
             return Err(ServiceError::FailedPrecondition(format!(
                 "gift code {id} is {}; cannot {action} it",
                 g.state

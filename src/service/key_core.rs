@@ -1,0 +1,398 @@
+//! The key core: what every feature needs to use a key, and nothing more. It judges a request
+//! in the order every request is judged (a well-formed name, a grant for this caller before
+//! existence so names are not probed, a known key, a key type that supports the operation, a
+//! version in a state that allows it), counts use against `max_operations` (rotating at the cap),
+//! reaches the device through its gate and writes the daemon's own audit entries.
+//!
+//! Features (operations, lifecycle, approvals, the status feed, each retail flow) hold the core
+//! and their own store; none of them reaches the backend or another feature's tables.
+
+use std::sync::Arc;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::{unix_now, Caller, Device};
+use crate::audit::AuditLog;
+use crate::backend::KeyRef;
+use crate::encoding::hex_encode;
+use crate::error::ServiceError;
+use crate::keys::{KeyName, KeyType, VersionState};
+use crate::policy::{Operation, PolicyHandle};
+use crate::registry::{KeyRecord, Registry, VersionRecord};
+
+/// Actor recorded for changes the daemon makes on its own.
+pub const SCHEDULER: &str = "tillkeyd:scheduler";
+/// Creator recorded for the service's own keys.
+pub const SERVICE: &str = "tillkeyd";
+
+/// Who made a version, and when.
+pub(super) struct Made<'a> {
+    pub version: u32,
+    pub now: i64,
+    pub by: &'a str,
+}
+
+pub struct KeyCore {
+    pub(super) device: Arc<Device>,
+    pub(super) registry: Registry,
+    policy: PolicyHandle,
+    audit: AuditLog,
+    rng: SystemRandom,
+    /// Serializes every change to keys (see `lifecycle`).
+    pub(super) changes: tokio::sync::Mutex<()>,
+}
+
+impl KeyCore {
+    pub fn new(
+        device: Arc<Device>,
+        registry: Registry,
+        policy: PolicyHandle,
+        audit: AuditLog,
+    ) -> Self {
+        Self {
+            device,
+            registry,
+            policy,
+            audit,
+            rng: SystemRandom::new(),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.policy
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The registry's database, for features that keep their own tables in it.
+    pub fn pool(&self) -> &sqlx::AnyPool {
+        self.registry.pool()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// `N` bytes from the OS generator.
+    pub fn random<const N: usize>(&self) -> Result<[u8; N], ServiceError> {
+        let mut out = [0u8; N];
+        self.rng
+            .fill(&mut out)
+            .map_err(|_| ServiceError::Internal {
+                detail: "system random generator failed".into(),
+            })?;
+        Ok(out)
+    }
+
+    /// The key named `name`, if it exists (no authorization: for a caller already judged).
+    pub fn get(&self, name: &KeyName) -> Option<Arc<KeyRecord>> {
+        self.registry.get(name)
+    }
+
+    /// HMAC under `key`'s versions (active first) of `label || data`, hex: the storage index of a
+    /// secret that must never be stored itself.
+    pub(crate) async fn keyed_indexes(
+        &self,
+        key: &crate::registry::KeyRecord,
+        label: &[u8],
+        data: &[u8],
+    ) -> Result<Vec<String>, ServiceError> {
+        let mut versions: Vec<_> = key
+            .versions
+            .iter()
+            .filter(|v| v.state.may_check())
+            .collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(v.state == crate::keys::VersionState::Active));
+        let objects: Vec<_> = versions.iter().map(|v| v.object.clone()).collect();
+        let message = [label, data].concat();
+        self.device
+            .call(move |b| {
+                objects
+                    .iter()
+                    .map(|object| {
+                        let key = KeyRef {
+                            key_type: KeyType::HmacSha256,
+                            object,
+                        };
+                        b.sign(key, &message).map(|mac| hex_encode(&mac))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+    }
+
+    /// Final work at shutdown: persist usage counts, then close the database.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.registry.flush_usage().await {
+            tracing::warn!(error = %e, "could not persist usage counts at shutdown");
+        }
+        self.registry.close().await;
+    }
+
+    pub(crate) fn authorize(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        name: &str,
+    ) -> Result<KeyName, ServiceError> {
+        let name = KeyName::parse(name)?;
+        if name.is_reserved() {
+            return Err(ServiceError::PermissionDenied(format!(
+                "names under '{}' are reserved for the service",
+                crate::keys::RESERVED_PREFIX
+            )));
+        }
+        if self
+            .policy
+            .current()
+            .allows(&caller.identity, op, name.as_str())
+        {
+            Ok(name)
+        } else {
+            Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not {} '{}'",
+                caller.identity,
+                op.as_str(),
+                name
+            )))
+        }
+    }
+
+    pub(crate) fn lookup(&self, name: &KeyName) -> Result<Arc<KeyRecord>, ServiceError> {
+        self.registry
+            .get(name)
+            .ok_or_else(|| ServiceError::NotFound(format!("no key named '{name}'")))
+    }
+
+    /// The active version, with one use counted against its `max_operations`. A version at its
+    /// limit is rotated first, so the caller gets the new one.
+    pub(crate) async fn claim_active(
+        &self,
+        name: &KeyName,
+        op: &str,
+        allowed: impl Fn(KeyType) -> bool,
+    ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
+        self.claim_active_uses(name, op, allowed, 1).await
+    }
+
+    /// [`Service::claim_active`] for `uses` operations at once (a batch): all of them go to one
+    /// version, so a version that cannot take them all is rotated first.
+    pub(crate) async fn claim_active_uses(
+        &self,
+        name: &KeyName,
+        op: &str,
+        allowed: impl Fn(KeyType) -> bool,
+        uses: u64,
+    ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
+        for _ in 0..3 {
+            let key = self.lookup(name)?;
+            require(allowed(key.key_type), op, &key)?;
+            if key.lifecycle.max_operations.is_some_and(|max| uses > max) {
+                return Err(ServiceError::invalid(format!(
+                    "a batch of {uses} is more than key '{name}' may do per version (max_operations)"
+                )));
+            }
+            let v = active(&key)?;
+            let used = self.registry.count_use(name, v, uses);
+            match key.lifecycle.max_operations {
+                Some(max) if used + uses > max => {
+                    v.operations
+                        .fetch_sub(uses, std::sync::atomic::Ordering::Relaxed);
+                    let version = v.version;
+                    self.rotate_exhausted(name, version).await?;
+                }
+                _ => {
+                    let v = Box::new(v.clone());
+                    return Ok((key, v));
+                }
+            }
+        }
+        Err(ServiceError::Unavailable {
+            detail: format!("key '{name}' kept reaching max_operations while rotating"),
+        })
+    }
+
+    /// Every key under `prefix` after checking that the caller may do `op` on each; a single refusal
+    /// refuses the whole action.
+    pub fn authorize_prefix(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        prefix: &str,
+    ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
+        // Whole segments only: "stores/1/" must never also take "stores/12/...".
+        let valid = prefix.ends_with('/')
+            && prefix.len() > 1
+            && prefix.len() <= crate::keys::MAX_NAME_LEN + 1
+            && prefix
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'));
+        if !valid {
+            return Err(ServiceError::invalid(
+                "prefix is required, ends with '/' (whole segments), and contains only a-z, 0-9, '.', '_', '-' and '/'",
+            ));
+        }
+        let (keys, _) = self.registry.list(prefix, None, usize::MAX, |_| true);
+        if keys.is_empty() {
+            // Only someone who may act on keys at all learns that a prefix is empty.
+            if !self.policy.current().grants_any(&caller.identity, op) {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "'{}' may not {}",
+                    caller.identity,
+                    op.as_str()
+                )));
+            }
+            return Err(ServiceError::NotFound(format!("no keys under '{prefix}'")));
+        }
+        let policy = self.policy.current();
+        if let Some(denied) = keys
+            .iter()
+            .find(|k| k.name.is_reserved() || !policy.allows(&caller.identity, op, k.name.as_str()))
+        {
+            return Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not {} '{}'; nothing was changed",
+                caller.identity,
+                op.as_str(),
+                denied.name
+            )));
+        }
+        Ok(keys)
+    }
+
+    /// Record a change the daemon made on its own. The change is already committed, so a failed
+    /// append can only be reported loudly.
+    pub(crate) async fn audit_own(
+        &self,
+        operation: &'static str,
+        key: &KeyName,
+        version: Option<u32>,
+        detail: &str,
+    ) {
+        let record = crate::audit::Record {
+            identity: SCHEDULER.into(),
+            operation,
+            key: key.to_string(),
+            version,
+            outcome: "ok",
+            request_id: "scheduler".into(),
+            detail: detail.into(),
+        };
+        if let Err(e) = self.audit.append(record).await {
+            tracing::error!(key = %key, operation, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change made but its audit entry could not be written");
+        }
+    }
+
+    /// A new active version; the previous one verifies only until its grace ends.
+    pub(crate) async fn rotate_locked(
+        &self,
+        key: &KeyRecord,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let now = unix_now();
+        let next = key.latest_version() + 1;
+        let made = Made {
+            version: next,
+            now,
+            by,
+        };
+        let fresh = self.next_version(key, made).await?;
+        let mut new = key.clone();
+        for v in &mut new.versions {
+            if v.state == VersionState::Active {
+                let mut moved = v.moved(VersionState::VerifyOnly, now, by, reason);
+                moved.grace_until = Some(now + key.lifecycle.verify_grace as i64);
+                *v = moved;
+            }
+        }
+        new.versions.push(fresh.clone());
+        match self.registry.commit(key, new).await {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                self.discard(key.key_type, &fresh).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Called when an operation finds the active version at its `max_operations`: rotate it
+    /// (once, however many requests notice at the same time) so the operation can use the new
+    /// version. The cap is hard: the exhausted version performs no further operation.
+    async fn rotate_exhausted(&self, name: &KeyName, version: u32) -> Result<(), ServiceError> {
+        let _guard = self.changes.lock().await;
+        let key = self.lookup(name)?;
+        if key.active().is_some_and(|v| v.version == version) {
+            let new = self
+                .rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
+                .await?;
+            tracing::info!(key = %name, version, "rotated: max_operations reached");
+            let v = new.active().map(|v| v.version);
+            self.audit_own("rotate", name, v, "max_operations reached")
+                .await;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn require(ok: bool, op: &str, key: &KeyRecord) -> Result<(), ServiceError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::UnsupportedOperation(format!(
+            "{op} is not an operation of {} keys",
+            key.key_type.as_str()
+        )))
+    }
+}
+
+pub(super) fn active(key: &KeyRecord) -> Result<&VersionRecord, ServiceError> {
+    key.active().ok_or_else(|| {
+        ServiceError::UnsupportedOperation(format!("key '{}' has no active version", key.name))
+    })
+}
+
+/// The versions a verify or decrypt may use: the one asked for if it may check, otherwise every
+/// checkable version newest first.
+pub(super) fn checkable_versions(
+    key: &KeyRecord,
+    wanted: Option<u32>,
+) -> Result<Vec<&VersionRecord>, ServiceError> {
+    match wanted {
+        Some(n) => {
+            let v = key.version(n).ok_or_else(|| {
+                ServiceError::NotFound(format!("key '{}' has no version {n}", key.name))
+            })?;
+            if !v.state.may_check() {
+                return Err(ServiceError::UnsupportedOperation(format!(
+                    "version {n} of key '{}' is {}",
+                    key.name,
+                    v.state.as_str()
+                )));
+            }
+            Ok(vec![v])
+        }
+        None => {
+            let mut vs: Vec<_> = key
+                .versions
+                .iter()
+                .filter(|v| v.state.may_check())
+                .collect();
+            vs.sort_by_key(|v| std::cmp::Reverse(v.version));
+            Ok(vs)
+        }
+    }
+}
+
+pub(super) fn key_ref<'a>(key: &KeyRecord, v: &'a VersionRecord) -> KeyRef<'a> {
+    KeyRef {
+        key_type: key.key_type,
+        object: &v.object,
+    }
+}

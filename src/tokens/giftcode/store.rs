@@ -1,0 +1,138 @@
+//! Gift codes by keyed index, their PIN index, state and failed PIN count. Every "use once" is one conditional UPDATE or a primary-key INSERT, so of many
+//! concurrent attempts exactly one wins.
+
+use sqlx::{AnyPool, Row};
+
+use crate::registry::{create_tables, unique, RegistryError};
+
+const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS giftcodes (
+        id TEXT PRIMARY KEY, key_name TEXT NOT NULL, code_idx TEXT NOT NULL UNIQUE, pin_idx TEXT,
+        state TEXT NOT NULL, failed_pins BIGINT NOT NULL, created_at BIGINT NOT NULL,
+        superseded_by TEXT)"];
+
+#[derive(Debug, Clone)]
+pub struct GiftCode {
+    pub id: String,
+    pub key: String,
+    pub pin_idx: Option<String>,
+    pub state: String,
+    pub failed_pins: i64,
+}
+
+pub struct GiftCodeStore {
+    pool: AnyPool,
+}
+
+impl GiftCodeStore {
+    /// The store on the registry's database, its tables made if missing.
+    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
+        create_tables(&pool, SCHEMA).await?;
+        Ok(Self { pool })
+    }
+
+    fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn insert_giftcode(
+        &self,
+        id: &str,
+        key: &str,
+        code_idx: &str,
+        pin_idx: Option<&str>,
+        now: i64,
+    ) -> Result<(), RegistryError> {
+        sqlx::query("INSERT INTO giftcodes (id, key_name, code_idx, pin_idx, state, failed_pins, created_at) VALUES ($1, $2, $3, $4, 'active', 0, $5)")
+            .bind(id).bind(key).bind(code_idx).bind(pin_idx).bind(now)
+            .execute(self.pool()).await.map_err(unique)?;
+        Ok(())
+    }
+
+    fn giftcode_from(r: &sqlx::any::AnyRow) -> Result<GiftCode, RegistryError> {
+        Ok(GiftCode {
+            id: r.try_get("id")?,
+            key: r.try_get("key_name")?,
+            pin_idx: r.try_get("pin_idx")?,
+            state: r.try_get("state")?,
+            failed_pins: r.try_get("failed_pins")?,
+        })
+    }
+
+    pub async fn giftcode_by_index(
+        &self,
+        code_idx: &str,
+    ) -> Result<Option<GiftCode>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT id, key_name, pin_idx, state, failed_pins FROM giftcodes WHERE code_idx = $1",
+        )
+        .bind(code_idx)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(Self::giftcode_from).transpose()
+    }
+
+    pub async fn giftcode(&self, id: &str) -> Result<Option<GiftCode>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT id, key_name, pin_idx, state, failed_pins FROM giftcodes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(Self::giftcode_from).transpose()
+    }
+
+    /// Count a wrong PIN; at `limit` the code locks. Returns the new count.
+    pub async fn giftcode_wrong_pin(&self, id: &str, limit: i64) -> Result<i64, RegistryError> {
+        sqlx::query("UPDATE giftcodes SET failed_pins = failed_pins + 1, state = CASE WHEN failed_pins + 1 >= $2 THEN 'locked' ELSE state END WHERE id = $1 AND state = 'active'")
+            .bind(id).bind(limit).execute(self.pool()).await?;
+        Ok(self.giftcode(id).await?.map_or(0, |g| g.failed_pins))
+    }
+
+    pub async fn giftcode_reset_pins(&self, id: &str) -> Result<(), RegistryError> {
+        sqlx::query("UPDATE giftcodes SET failed_pins = 0 WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Set the state of a code that is in one of `from`; `false` when it was not.
+    pub async fn giftcode_state(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+    ) -> Result<bool, RegistryError> {
+        let mut changed = false;
+        for f in from {
+            let res = sqlx::query("UPDATE giftcodes SET state = $1, failed_pins = CASE WHEN $1 = 'active' THEN 0 ELSE failed_pins END WHERE id = $2 AND state = $3")
+                .bind(to).bind(id).bind(*f).execute(self.pool()).await?;
+            changed |= res.rows_affected() == 1;
+        }
+        Ok(changed)
+    }
+
+    /// Replace a code: the new one is inserted and the old one superseded in one transaction, and
+    /// only if the old one was still active.
+    pub async fn reissue_giftcode(
+        &self,
+        old: &str,
+        new_id: &str,
+        key: &str,
+        code_idx: &str,
+        pin_idx: Option<&str>,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
+        let mut tx = self.pool().begin().await?;
+        let res = sqlx::query("UPDATE giftcodes SET state = 'superseded', superseded_by = $1 WHERE id = $2 AND state = 'active'")
+            .bind(new_id).bind(old).execute(&mut *tx).await?;
+        if res.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO giftcodes (id, key_name, code_idx, pin_idx, state, failed_pins, created_at) VALUES ($1, $2, $3, $4, 'active', 0, $5)")
+            .bind(new_id).bind(key).bind(code_idx).bind(pin_idx).bind(now)
+            .execute(&mut *tx).await.map_err(unique)?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
