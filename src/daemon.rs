@@ -113,85 +113,8 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
-    let opened = tokio::task::spawn_blocking(move || backend::open(settings, Purpose::Daemon))
-        .await
-        .map_err(|e| Startup::Unavailable(e.to_string()))?
-        .map_err(Startup::Unavailable)?;
-    let device = Arc::new(Device::start(opened.backend, opened.device.pool_size()));
-    // Counted outside the log line: a disabled level would not evaluate its fields.
-    let (waits, threads) = (device.waits_on_device(), device.threads());
-    match &opened.device {
-        OpenedDevice::Pkcs11 {
-            token_label,
-            sessions,
-        } => tracing::info!(
-            token = token_label.as_str(),
-            sessions,
-            calls_off_workers = waits,
-            device_threads = threads,
-            "pkcs11 token ready"
-        ),
-        OpenedDevice::Tpm { tcti, contexts } => tracing::info!(
-            tcti = tcti.as_str(),
-            contexts,
-            device_threads = threads,
-            "tpm ready"
-        ),
-    }
-    let registry = Registry::open(&config.registry_url)
-        .await
-        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
-    tracing::info!(keys = registry.len(), "registry loaded");
-    let audit_key = ensure_service_key(&registry, &device, AUDIT_KEY, KeyType::HmacSha256)
-        .await
-        .map_err(|e| {
-            Startup::Unavailable(format!(
-                "audit key: {e} {}",
-                e.internal_detail().unwrap_or("")
-            ))
-        })?;
-    ensure_service_key(&registry, &device, STATUS_KEY, KeyType::EcdsaP256)
-        .await
-        .map_err(|e| {
-            Startup::Unavailable(format!(
-                "status-list key: {e} {}",
-                e.internal_detail().unwrap_or("")
-            ))
-        })?;
-    let active = audit_key
-        .active()
-        .ok_or_else(|| Startup::Unavailable(format!("{AUDIT_KEY} has no active version")))?;
-    let metrics = Metrics::new();
-    let audit = AuditLog::start(
-        registry.pool().clone(),
-        registry.sqlite_file(),
-        device.clone(),
-        AuditKey {
-            object: active.object.clone(),
-            version: active.version,
-        },
-        metrics.audit.clone(),
-    )
-    .await
-    .map_err(Startup::Unavailable)?;
-
-    let service = Service::new(
-        device.clone(),
-        registry,
-        PolicyHandle::new(policy),
-        audit,
-        config.approval_ttl,
-    );
-    let retail = Retail::open(service.core.clone(), config.tokens)
-        .await
-        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
-    let state = Arc::new(AppState {
-        service,
-        retail,
-        metrics,
-        max_body_bytes: config.max_body_bytes,
-        tls: RwLock::new(tls),
-    });
+    let device = open_device(settings).await?;
+    let state = Arc::new(open_services(&config, &device, policy, tls).await?);
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -259,6 +182,99 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     // Unloads what a TPM would otherwise keep loaded after this process; nothing for PKCS#11.
     device.close();
     Ok(())
+}
+
+/// The backend behind its device gate, reported in the start log.
+async fn open_device(settings: Settings) -> Result<Arc<Device>, Startup> {
+    let opened = tokio::task::spawn_blocking(move || backend::open(settings, Purpose::Daemon))
+        .await
+        .map_err(|e| Startup::Unavailable(e.to_string()))?
+        .map_err(Startup::Unavailable)?;
+    let device = Arc::new(Device::start(opened.backend, opened.device.pool_size()));
+    // Counted outside the log line: a disabled level would not evaluate its fields.
+    let (waits, threads) = (device.waits_on_device(), device.threads());
+    match &opened.device {
+        OpenedDevice::Pkcs11 {
+            token_label,
+            sessions,
+        } => tracing::info!(
+            token = token_label.as_str(),
+            sessions,
+            calls_off_workers = waits,
+            device_threads = threads,
+            "pkcs11 token ready"
+        ),
+        OpenedDevice::Tpm { tcti, contexts } => tracing::info!(
+            tcti = tcti.as_str(),
+            contexts,
+            device_threads = threads,
+            "tpm ready"
+        ),
+    }
+    Ok(device)
+}
+
+/// Registry, the service's own keys, the audit trail and every feature: what the API serves.
+async fn open_services(
+    config: &Config,
+    device: &Arc<Device>,
+    policy: Policy,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<AppState, Startup> {
+    let registry = Registry::open(&config.registry_url)
+        .await
+        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
+    tracing::info!(keys = registry.len(), "registry loaded");
+    let audit_key = ensure_service_key(&registry, device, AUDIT_KEY, KeyType::HmacSha256)
+        .await
+        .map_err(|e| {
+            Startup::Unavailable(format!(
+                "audit key: {e} {}",
+                e.internal_detail().unwrap_or("")
+            ))
+        })?;
+    ensure_service_key(&registry, device, STATUS_KEY, KeyType::EcdsaP256)
+        .await
+        .map_err(|e| {
+            Startup::Unavailable(format!(
+                "status-list key: {e} {}",
+                e.internal_detail().unwrap_or("")
+            ))
+        })?;
+    let active = audit_key
+        .active()
+        .ok_or_else(|| Startup::Unavailable(format!("{AUDIT_KEY} has no active version")))?;
+    let metrics = Metrics::new();
+    let audit = AuditLog::start(
+        registry.pool().clone(),
+        registry.sqlite_file(),
+        device.clone(),
+        AuditKey {
+            object: active.object.clone(),
+            version: active.version,
+        },
+        metrics.audit.clone(),
+    )
+    .await
+    .map_err(Startup::Unavailable)?;
+
+    let service = Service::new(
+        device.clone(),
+        registry,
+        PolicyHandle::new(policy),
+        audit,
+        config.approval_ttl,
+    );
+    let retail = Retail::open(service.core.clone(), config.tokens)
+        .await
+        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
+    Ok(AppState {
+        service,
+        retail,
+        metrics,
+        max_body_bytes: config.max_body_bytes,
+        tls: RwLock::new(tls),
+    })
 }
 
 /// How often rotation periods, grace windows and usage counts are checked; durations of a few

@@ -11,6 +11,7 @@
 //!
 //! `unsafe` is forbidden here; the FFI lives inside `cryptoki` and `tss-esapi`.
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 pub mod api;
 pub mod audit;

@@ -471,23 +471,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// Run one API call, print the JSON answer; `Ok(false)` when the server said no.
 async fn call(cmd: Command) -> Result<bool, String> {
     let aad = |a: Option<String>| a.map(|a| STANDARD.encode(a));
-    let (conn, method, path, body): (Conn, Method, String, Option<Value>) = match cmd {
-        Command::Keys(KeysCommand::Create {
-            conn,
-            name,
-            key_type,
-        }) => (
-            conn,
-            Method::POST,
-            "/v1/keys".into(),
-            Some(json!({"name": name, "type": key_type})),
-        ),
-        Command::Keys(KeysCommand::List { conn, prefix }) => {
-            (conn, Method::GET, format!("/v1/keys?prefix={prefix}"), None)
-        }
-        Command::Keys(KeysCommand::Get { conn, name }) => {
-            (conn, Method::GET, format!("/v1/keys/{name}"), None)
-        }
+    let (conn, method, path, body): ApiRequest = match cmd {
         Command::Sign {
             conn,
             name,
@@ -535,68 +519,8 @@ async fn call(cmd: Command) -> Result<bool, String> {
             format!("/v1/keys/{name}:decrypt"),
             Some(json!({"ciphertext": ciphertext, "associated_data": aad(a)})),
         ),
-        Command::Keys(KeysCommand::Rotate { conn, name, reason }) => (
-            conn,
-            Method::POST,
-            format!("/v1/keys/{name}:rotate"),
-            Some(json!({"reason": reason})),
-        ),
-        Command::Keys(KeysCommand::Revoke {
-            conn,
-            name,
-            version,
-            reason,
-        }) => (
-            conn,
-            Method::POST,
-            format!("/v1/keys/{name}:revoke"),
-            Some(json!({"version": version, "reason": reason})),
-        ),
-        Command::Keys(KeysCommand::Destroy {
-            conn,
-            name,
-            version,
-        }) => (
-            conn,
-            Method::POST,
-            format!("/v1/keys/{name}:destroy"),
-            Some(json!({"version": version})),
-        ),
-        Command::Keys(KeysCommand::Export {
-            conn,
-            name,
-            version,
-            transport_key,
-        }) => (
-            conn,
-            Method::POST,
-            format!("/v1/keys/{name}:export"),
-            Some(json!({"version": version, "transport_key": transport_key})),
-        ),
-        Command::Keys(KeysCommand::Import {
-            conn,
-            name,
-            key_type,
-            material_file,
-        }) => {
-            let body = import_body(&conn, &name, &key_type, &material_file).await?;
-            (conn, Method::POST, "/v1/keys:import".into(), Some(body))
-        }
-        Command::Approvals(ApprovalsCommand::List { conn }) => {
-            (conn, Method::GET, "/v1/approvals".into(), None)
-        }
-        Command::Approvals(ApprovalsCommand::Approve { conn, id }) => (
-            conn,
-            Method::POST,
-            format!("/v1/approvals/{id}:approve"),
-            Some(json!({})),
-        ),
-        Command::Approvals(ApprovalsCommand::Cancel { conn, id }) => (
-            conn,
-            Method::POST,
-            format!("/v1/approvals/{id}:cancel"),
-            Some(json!({})),
-        ),
+        Command::Keys(k) => keys_request(k).await?,
+        Command::Approvals(a) => approvals_request(a),
         Command::Pki(_)
         | Command::Bench(_)
         | Command::BenchFloor(_)
@@ -615,6 +539,95 @@ async fn call(cmd: Command) -> Result<bool, String> {
     );
     Ok(status.is_success())
 }
+
+/// The API request a `keys` command makes.
+async fn keys_request(cmd: KeysCommand) -> Result<ApiRequest, String> {
+    Ok(match cmd {
+        KeysCommand::Create {
+            conn,
+            name,
+            key_type,
+        } => (
+            conn,
+            Method::POST,
+            "/v1/keys".into(),
+            Some(json!({"name": name, "type": key_type})),
+        ),
+        KeysCommand::List { conn, prefix } => {
+            (conn, Method::GET, format!("/v1/keys?prefix={prefix}"), None)
+        }
+        KeysCommand::Get { conn, name } => (conn, Method::GET, format!("/v1/keys/{name}"), None),
+        KeysCommand::Rotate { conn, name, reason } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:rotate"),
+            Some(json!({"reason": reason})),
+        ),
+        KeysCommand::Revoke {
+            conn,
+            name,
+            version,
+            reason,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:revoke"),
+            Some(json!({"version": version, "reason": reason})),
+        ),
+        KeysCommand::Destroy {
+            conn,
+            name,
+            version,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:destroy"),
+            Some(json!({"version": version})),
+        ),
+        KeysCommand::Export {
+            conn,
+            name,
+            version,
+            transport_key,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/keys/{name}:export"),
+            Some(json!({"version": version, "transport_key": transport_key})),
+        ),
+        KeysCommand::Import {
+            conn,
+            name,
+            key_type,
+            material_file,
+        } => {
+            let body = import_body(&conn, &name, &key_type, &material_file).await?;
+            (conn, Method::POST, "/v1/keys:import".into(), Some(body))
+        }
+    })
+}
+
+/// The API request an `approvals` command makes.
+fn approvals_request(cmd: ApprovalsCommand) -> ApiRequest {
+    match cmd {
+        ApprovalsCommand::List { conn } => (conn, Method::GET, "/v1/approvals".into(), None),
+        ApprovalsCommand::Approve { conn, id } => (
+            conn,
+            Method::POST,
+            format!("/v1/approvals/{id}:approve"),
+            Some(json!({})),
+        ),
+        ApprovalsCommand::Cancel { conn, id } => (
+            conn,
+            Method::POST,
+            format!("/v1/approvals/{id}:cancel"),
+            Some(json!({})),
+        ),
+    }
+}
+
+/// Where a command's request goes: connection, method, path and JSON body.
+type ApiRequest = (Conn, Method, String, Option<Value>);
 
 /// Fetch the wrapping key and wrap the material for it; only ciphertext leaves this process.
 async fn import_body(
