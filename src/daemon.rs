@@ -21,9 +21,9 @@ use crate::keys::KeyType;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::policy::{Policy, PolicyHandle};
 use crate::registry::Registry;
+use crate::retail::Retail;
 use crate::service::status::STATUS_KEY;
 use crate::service::{ensure_service_key, Service};
-use crate::tokens::Retail;
 
 /// The HMAC key in the token that authenticates audit entries.
 pub const AUDIT_KEY: &str = "tillkey/audit";

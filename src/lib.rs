@@ -1,8 +1,12 @@
 //! tillkey: a hardware-backed key service for retail payments.
 //!
 //! Layers, from the wire inwards:
-//! - [`api`]: mutual-TLS HTTP front and the admin listener; turns requests into [`service`] calls.
-//! - [`service`]: the one place where policy, registry and backend meet.
+//! - [`api`]: mutual-TLS HTTP front and the admin listener; one table of endpoints routes each
+//!   request to a feature.
+//! - [`retail`]: the retail token flows, each a vertical slice (routes, logic, tables) over the
+//!   key core.
+//! - [`service`]: the key core (authorize, look up, claim the active version, count use, audit)
+//!   and the key features on it: operations, lifecycle, approvals, status feed, audit reader.
 //! - [`policy`]: default-deny grants of operations on key names to client identities.
 //! - [`device`]: the gate every device call passes: where a blocking token call runs.
 //! - [`registry`]: key metadata (names, versions, states, backend object references) in SQL.
@@ -30,8 +34,8 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod registry;
+pub mod retail;
 pub mod service;
 pub mod statuslist;
 pub mod systemd;
 pub mod tls;
-pub mod tokens;

@@ -1,8 +1,8 @@
 //! The fuzz target's decoders over many seeded random and mutated inputs, in every test run: no
 //! input from outside may panic a decoder. (libFuzzer runs the same function: fuzz/README.md.)
 
-use tillkey::tokens::cwt::{self, Claims};
-use tillkey::tokens::fuzz_decoders;
+use tillkey::retail::cwt::{self, Claims};
+use tillkey::retail::fuzz_decoders;
 
 /// xorshift64*: deterministic, so a failure reproduces from its seed.
 struct Rng(u64);

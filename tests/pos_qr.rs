@@ -285,7 +285,7 @@ async fn tampered_misdirected_revoked_expired_and_malformed_tokens_are_refused()
     // POS 0002's key vouching for a token that claims to come from POS 0001.
     let now = tillkey::service::unix_now();
     let forged = |pos_claim: &str, iat: i64| {
-        let claims = tillkey::tokens::cwt::Claims {
+        let claims = tillkey::retail::cwt::Claims {
             kind: "pos-request".into(),
             store: "1212".into(),
             pos: pos_claim.into(),
@@ -298,7 +298,7 @@ async fn tampered_misdirected_revoked_expired_and_malformed_tokens_are_refused()
             issued_at: iat,
             expires_at: iat + 300,
         };
-        let cose = tillkey::tokens::cwt::seal_mac0(claims.to_cbor().unwrap(), "req#1", |tbm| {
+        let cose = tillkey::retail::cwt::seal_mac0(claims.to_cbor().unwrap(), "req#1", |tbm| {
             Ok(ring::hmac::sign(
                 &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &other_pos_key),
                 tbm,
@@ -307,7 +307,7 @@ async fn tampered_misdirected_revoked_expired_and_malformed_tokens_are_refused()
             .to_vec())
         })
         .unwrap();
-        tillkey::tokens::cwt::to_text("TKR1:", &cose)
+        tillkey::retail::cwt::to_text("TKR1:", &cose)
     };
     let v = verify(&mut svc, "pos-request", &forged("0001", now)).await;
     assert_eq!(v["valid"], false);

@@ -274,7 +274,7 @@ async fn challenges_answer_once_within_their_window() {
     let issue = |ttl: Option<u64>| json!({"key": "stores/1212/cards/card-7", "subject": "card-7", "ttl": ttl});
     let respond = |c: &Value, key: &[u8]| {
         let challenge = unb64(c["challenge"].as_str().unwrap());
-        let msg = tillkey::tokens::challenge::challenge_message(&challenge, "card-7");
+        let msg = tillkey::retail::challenge::challenge_message(&challenge, "card-7");
         json!({"response": b64(ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &msg).as_ref())})
     };
     let (s, c) = post(&mut svc, "/v1/challenges", issue(None)).await;

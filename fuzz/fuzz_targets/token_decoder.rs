@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    tillkey::tokens::fuzz_decoders(data);
+    tillkey::retail::fuzz_decoders(data);
 });

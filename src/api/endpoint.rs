@@ -36,7 +36,7 @@ macro_rules! handler {
         |req, note| Box::pin($f(req, note))
     };
 }
-pub(super) use handler;
+pub(crate) use handler;
 
 impl Endpoint {
     pub const fn get(path: &'static str, label: &'static str, handler: Handler) -> Self {
@@ -89,7 +89,7 @@ impl Endpoint {
 /// What a handler is given: the service, the caller and the parts of the request it may read.
 pub struct Req<'a> {
     pub svc: &'a Service,
-    pub retail: &'a crate::tokens::Retail,
+    pub retail: &'a crate::retail::Retail,
     pub caller: &'a Caller,
     /// The `{name}` or `{id}` path segment; empty for endpoints without one.
     pub name: &'a str,

@@ -3,11 +3,10 @@
 mod admin;
 mod batch;
 mod batch_create;
-mod endpoint;
+pub mod endpoint;
 mod handlers;
-mod json;
+pub mod json;
 mod query;
-mod retail;
 mod routes;
 mod views;
 
@@ -37,7 +36,7 @@ pub use admin::serve_admin;
 
 /// Every endpoint of the mTLS API. Each feature area declares its own slice; this is the one
 /// place they are joined, and the router, the audit labels and the OpenAPI test all read it.
-const AREAS: &[&[endpoint::Endpoint]] = &[handlers::ENDPOINTS, retail::ENDPOINTS];
+const AREAS: &[&[endpoint::Endpoint]] = &[handlers::ENDPOINTS, crate::retail::routes::ENDPOINTS];
 
 fn endpoints() -> impl Iterator<Item = &'static endpoint::Endpoint> {
     AREAS.iter().flat_map(|area| area.iter())
@@ -50,7 +49,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AppState {
     pub service: Service,
-    pub retail: crate::tokens::Retail,
+    pub retail: crate::retail::Retail,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
     /// Swapped whole on reload; each new connection takes the config in force.

@@ -1,7 +1,7 @@
 //! The key service: a small key core (`core`: authorize, look up, claim the active version,
 //! count use, reach the device through its gate, audit) and the features built on it, each its
 //! own type holding the core: key operations, lifecycle, dual-control approvals, the signed
-//! status feed and the audit trail reader. The retail token flows (`crate::tokens`) hold the
+//! status feed and the audit trail reader. The retail token flows (`crate::retail`) hold the
 //! core the same way.
 
 mod approvals;

@@ -1,12 +1,13 @@
-//! The retail token endpoints: POS payment QR codes, customer one-time and device tokens,
-//! challenge-response, counter-sealed messages and gift codes. Kept apart from the key endpoints,
-//! with their own table, so this area can become a feature of its own.
+//! The retail endpoints: POS payment QR codes, customer one-time and device tokens,
+//! challenge-response, counter-sealed messages and gift codes. This slice's own table, joined
+//! with the key endpoints in `api`; its handlers reach only the retail flows.
 
 use hyper::StatusCode;
 
-use super::endpoint::{handler, ok, Endpoint, Note, Outcome, Req};
-use super::json;
-use super::views;
+use crate::api::endpoint::{handler, ok, Endpoint, Note, Outcome, Req};
+use crate::api::json;
+
+mod wire;
 use crate::error::ServiceError;
 
 #[rustfmt::skip]
@@ -45,26 +46,26 @@ fn wants_svg(query: &str) -> Result<bool, ServiceError> {
 /// An issued token as JSON (with its size and QR version), or with `?format=svg` the QR image.
 fn issued(
     query: &str,
-    t: crate::tokens::pos::Issued,
+    t: crate::retail::pos::Issued,
     note: &mut Note,
 ) -> Result<Outcome, ServiceError> {
     note.detail = format!("{} {} purchase {}", t.claims.kind, t.kid, t.claims.purchase);
     if wants_svg(query)? {
         return Ok(Outcome {
             status: StatusCode::OK,
-            body: crate::tokens::qr::svg(&t.text)?.into_bytes(),
+            body: crate::retail::qr::svg(&t.text)?.into_bytes(),
             version: None,
             content_type: "image/svg+xml",
         });
     }
-    let body = views::TokenIssued {
+    let body = wire::TokenIssued {
         chars: t.text.len(),
         expires_at: json::rfc3339(t.claims.expires_at),
         issued_at: json::rfc3339(t.claims.issued_at),
         key: &t.key,
         kid: &t.kid,
         qr_error_correction: "M",
-        qr_version: crate::tokens::qr::version(&t.text)?,
+        qr_version: crate::retail::qr::version(&t.text)?,
         repeated: t.repeated,
         token: &t.text,
         kind: &t.claims.kind,
@@ -72,7 +73,7 @@ fn issued(
     ok(StatusCode::OK, &body, None)
 }
 
-fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, ServiceError> {
+fn checked(c: &crate::retail::pos::Checked, note: &mut Note) -> Result<Outcome, ServiceError> {
     let cl = &c.claims;
     note.key = Some(c.key.clone());
     note.detail = format!(
@@ -81,7 +82,7 @@ fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, 
         cl.purchase,
         c.reason.as_deref().unwrap_or("valid")
     );
-    let body = views::TokenChecked {
+    let body = wire::TokenChecked {
         amount: cl.amount,
         currency: &cl.currency,
         description: cl.description.as_deref(),
@@ -102,7 +103,7 @@ fn checked(c: &crate::tokens::pos::Checked, note: &mut Note) -> Result<Outcome, 
 
 async fn pos_request_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     wants_svg(r.query)?;
-    let req: json::PosRequestIssue = json::parse(r.body)?;
+    let req: wire::PosRequestIssue = json::parse(r.body)?;
     note.key = Some(format!(
         "stores/{}/pos/{}/qr-request",
         req.store_id, req.pos_id
@@ -112,7 +113,7 @@ async fn pos_request_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Servi
         .pos
         .issue_pos_request(
             r.caller,
-            crate::tokens::pos::PosRequest {
+            crate::retail::pos::PosRequest {
                 store: req.store_id,
                 pos: req.pos_id,
                 purchase: req.purchase_id,
@@ -128,7 +129,7 @@ async fn pos_request_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Servi
 
 async fn pos_paid_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     wants_svg(r.query)?;
-    let req: json::PosPaidIssue = json::parse(r.body)?;
+    let req: wire::PosPaidIssue = json::parse(r.body)?;
     let t = r
         .retail
         .pos
@@ -139,7 +140,7 @@ async fn pos_paid_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceE
 }
 
 async fn pos_request_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::TokenVerify = json::parse(r.body)?;
+    let req: wire::TokenVerify = json::parse(r.body)?;
     let c = r
         .retail
         .pos
@@ -149,13 +150,13 @@ async fn pos_request_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Serv
 }
 
 async fn pos_paid_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::TokenVerify = json::parse(r.body)?;
+    let req: wire::TokenVerify = json::parse(r.body)?;
     let c = r.retail.pos.verify_pos_paid(r.caller, &req.token).await?;
     checked(&c, note)
 }
 
 async fn otp_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::OtpIssue = json::parse(r.body)?;
+    let req: wire::OtpIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let (token, expires_at) = r
         .retail
@@ -163,7 +164,7 @@ async fn otp_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError>
         .issue_customer_otp(r.caller, &req.key, &req.subject, req.ttl)
         .await?;
     note.detail = format!("for {}", req.subject);
-    let body = views::OtpIssued {
+    let body = wire::OtpIssued {
         expires_at: json::rfc3339(expires_at),
         token,
     };
@@ -171,7 +172,7 @@ async fn otp_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError>
 }
 
 async fn otp_redeem(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::KeyedToken = json::parse(r.body)?;
+    let req: wire::KeyedToken = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let subject = r
         .retail
@@ -182,7 +183,7 @@ async fn otp_redeem(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
         Some(subject) => format!("redeemed for {subject}"),
         None => "refused".into(),
     };
-    let body = views::OtpRedeemed {
+    let body = wire::OtpRedeemed {
         reason: subject.is_none().then_some("invalid"),
         redeemed: subject.is_some(),
         subject,
@@ -191,7 +192,7 @@ async fn otp_redeem(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
 }
 
 async fn device_register(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::DeviceRegister = json::parse(r.body)?;
+    let req: wire::DeviceRegister = json::parse(r.body)?;
     note.key = Some(req.realm.clone());
     let d = r
         .retail
@@ -199,7 +200,7 @@ async fn device_register(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
         .register_device(r.caller, &req.realm, &req.subject, &req.public_key_pem)
         .await?;
     note.detail = format!("device {} ({}) for {}", d.id, d.alg, d.subject);
-    let body = views::DeviceRegistered {
+    let body = wire::DeviceRegistered {
         alg: d.alg,
         device_id: d.id,
         realm: d.realm,
@@ -213,7 +214,7 @@ async fn device_revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceEr
     let d = r.retail.customers.revoke_device(r.caller, r.name).await?;
     note.key = Some(d.realm.clone());
     note.detail = format!("device {} revoked", d.id);
-    let body = views::DeviceRevoked {
+    let body = wire::DeviceRevoked {
         device_id: d.id,
         state: d.state,
     };
@@ -221,7 +222,7 @@ async fn device_revoke(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceEr
 }
 
 async fn device_token_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::DeviceTokenVerify = json::parse(r.body)?;
+    let req: wire::DeviceTokenVerify = json::parse(r.body)?;
     note.key = Some(req.realm.clone());
     let c = r
         .retail
@@ -233,7 +234,7 @@ async fn device_token_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Ser
         c.device,
         c.reason.as_deref().unwrap_or("valid")
     );
-    let body = views::DeviceTokenChecked {
+    let body = wire::DeviceTokenChecked {
         device_id: c.device,
         reason: c.reason,
         subject: c.subject,
@@ -243,7 +244,7 @@ async fn device_token_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Ser
 }
 
 async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::ChallengeIssue = json::parse(r.body)?;
+    let req: wire::ChallengeIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let c = r
         .retail
@@ -251,7 +252,7 @@ async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
         .issue_challenge(r.caller, &req.key, &req.subject, req.ttl)
         .await?;
     note.detail = format!("challenge {} for {}", c.id, req.subject);
-    let body = views::ChallengeIssued {
+    let body = wire::ChallengeIssued {
         challenge: json::encode(&c.challenge),
         expires_at: json::rfc3339(c.expires_at),
         id: c.id,
@@ -260,7 +261,7 @@ async fn challenge_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, Service
 }
 
 async fn challenge_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::ChallengeVerify = json::parse(r.body)?;
+    let req: wire::ChallengeVerify = json::parse(r.body)?;
     let response = json::b64("response", &req.response)?;
     let (valid, reason, subject) = r
         .retail
@@ -272,7 +273,7 @@ async fn challenge_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Servic
         r.name,
         reason.unwrap_or("valid")
     );
-    let body = views::ChallengeChecked {
+    let body = wire::ChallengeChecked {
         reason,
         subject,
         valid,
@@ -281,7 +282,7 @@ async fn challenge_verify(r: Req<'_>, note: &mut Note) -> Result<Outcome, Servic
 }
 
 async fn seal(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::Seal = json::parse(r.body)?;
+    let req: wire::Seal = json::parse(r.body)?;
     let pt = zeroize::Zeroizing::new(json::b64("plaintext", &req.plaintext)?);
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
     let (ct, counter, v) = r
@@ -290,7 +291,7 @@ async fn seal(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
         .seal(r.caller, r.name, &req.sender, &pt, &aad)
         .await?;
     note.detail = format!("{} #{counter}", req.sender);
-    let body = views::Sealed {
+    let body = wire::Sealed {
         ciphertext: json::encode(&ct),
         counter,
         key_version: v,
@@ -299,7 +300,7 @@ async fn seal(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 }
 
 async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::Open = json::parse(r.body)?;
+    let req: wire::Open = json::parse(r.body)?;
     let ct = json::b64("ciphertext", &req.ciphertext)?;
     let aad = json::optional_b64("associated_data", req.associated_data.as_deref())?;
     note.detail = format!("{} #{}", req.sender, req.counter);
@@ -309,7 +310,7 @@ async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
         .open(r.caller, r.name, &req.sender, req.counter, &ct, &aad)
         .await?;
     let pt = zeroize::Zeroizing::new(pt);
-    let body = views::Opened {
+    let body = wire::Opened {
         counter: req.counter,
         key_version: v,
         plaintext: json::encode(&pt),
@@ -318,7 +319,7 @@ async fn open(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 }
 
 async fn gift_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::GiftIssue = json::parse(r.body)?;
+    let req: wire::GiftIssue = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let c = r
         .retail
@@ -326,7 +327,7 @@ async fn gift_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
         .issue_giftcode(r.caller, &req.key, req.pin)
         .await?;
     note.detail = format!("gift code {}", c.id);
-    let body = views::GiftIssued {
+    let body = wire::GiftIssued {
         code: c.code,
         id: c.id,
         pin: c.pin,
@@ -336,7 +337,7 @@ async fn gift_issue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
 }
 
 async fn gift_check(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
-    let req: json::GiftCheck = json::parse(r.body)?;
+    let req: wire::GiftCheck = json::parse(r.body)?;
     note.key = Some(req.key.clone());
     let id = r
         .retail
@@ -347,7 +348,7 @@ async fn gift_check(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError
         Some(id) => format!("gift code {id} valid"),
         None => "refused".into(),
     };
-    let body = views::GiftChecked {
+    let body = wire::GiftChecked {
         reason: id.is_none().then_some("invalid"),
         status: id.is_some().then_some("active"),
         valid: id.is_some(),
@@ -363,7 +364,7 @@ async fn gift_reissue(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceErr
         .reissue_giftcode(r.caller, r.name)
         .await?;
     note.detail = format!("gift code {} superseded by {}", r.name, c.id);
-    let body = views::GiftIssued {
+    let body = wire::GiftIssued {
         code: c.code,
         id: c.id,
         pin: c.pin,
@@ -391,7 +392,7 @@ async fn set_gift_state(
         .set_giftcode_state(r.caller, r.name, action)
         .await?;
     note.detail = format!("gift code {}: {action}", r.name);
-    let body = views::GiftState {
+    let body = wire::GiftState {
         id: r.name,
         status: state,
     };

@@ -10,6 +10,7 @@ pub mod cwt;
 pub mod giftcode;
 pub mod pos;
 pub mod qr;
+pub mod routes;
 
 use std::sync::Arc;
 
