@@ -27,6 +27,40 @@ pub fn hex_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// The inverse of [`hex_encode`]; either case is accepted, anything else is `None`.
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    // A table lookup per digit: every stored object reference passes through here at start-up.
+    const BAD: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut t = [BAD; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            t[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len() / 2);
+    for pair in b.chunks_exact(2) {
+        let (hi, lo) = (TABLE[usize::from(pair[0])], TABLE[usize::from(pair[1])]);
+        if hi == BAD || lo == BAD {
+            return None;
+        }
+        out.push(hi << 4 | lo);
+    }
+    Some(out)
+}
+
 /// Build a DER SubjectPublicKeyInfo from `CKA_EC_POINT`, which tokens return either raw or
 /// wrapped in a DER OCTET STRING (SoftHSM wraps). Told apart by length, since a raw P-256 point
 /// also starts with 0x04.

@@ -53,7 +53,7 @@ pub fn unwrap_export(transport_key: &[u8], wrapped: &[u8]) -> Result<Zeroizing<V
 /// bytes, as lower-case hex.
 pub fn hmac_kcv(material: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, material);
-    crate::registry::hex_encode(&ring::hmac::sign(&key, &[0u8; 32]).as_ref()[..3])
+    crate::encoding::hex_encode(&ring::hmac::sign(&key, &[0u8; 32]).as_ref()[..3])
 }
 
 #[cfg(test)]

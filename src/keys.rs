@@ -66,8 +66,52 @@ impl KeyName {
     }
 }
 
-fn is_name_byte(b: u8) -> bool {
+/// The characters of a key name's segments (and of the ids that become segments).
+pub fn is_name_byte(b: u8) -> bool {
     matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-')
+}
+
+/// Why a prefix action's prefix was refused.
+pub const WHOLE_SEGMENTS: &str = "prefix is required, ends with '/' (whole segments), and contains only a-z, 0-9, '.', '_', '-' and '/'";
+
+/// A prefix of key names, as listings, the status feed and prefix actions take it: name
+/// characters and `/`, at most a name's length plus its separator. Empty selects every key.
+/// Parsed where a request enters, so the layers below hold only well-formed prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        if s.len() > MAX_NAME_LEN + 1 || !s.bytes().all(|b| is_name_byte(b) || b == b'/') {
+            return Err(Invalid(
+                "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'".into(),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// A prefix an action on every key under it takes: whole segments (not empty, ending in
+    /// `/`), so "stores/1/" never also takes "stores/12/...".
+    pub fn parse_whole_segments(s: &str) -> Result<Self, Invalid> {
+        match Self::parse(s) {
+            Ok(p) if p.is_whole_segments() => Ok(p),
+            _ => Err(Invalid(WHOLE_SEGMENTS.into())),
+        }
+    }
+
+    pub fn is_whole_segments(&self) -> bool {
+        self.0.len() > 1 && self.0.ends_with('/')
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// Orders and hashes exactly as the string does, so maps keyed by name can be searched by `&str`.

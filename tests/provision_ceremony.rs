@@ -365,7 +365,7 @@ async fn a_blank_token_becomes_a_working_service() {
         .expect("transport key of terminal 01");
     let transport_01 = unwrap_export(
         &vendor_kek,
-        &tillkey::registry::hex_decode(t01["wrapped_key"].as_str().unwrap()).unwrap(),
+        &tillkey::encoding::hex_decode(t01["wrapped_key"].as_str().unwrap()).unwrap(),
     )
     .expect("the vendor unwraps the transport key");
 
@@ -378,7 +378,7 @@ async fn a_blank_token_becomes_a_working_service() {
     assert_eq!(k["name"], "stores/0100/pos/01/qr-paid");
     let material = unwrap_export(
         &transport_01,
-        &tillkey::registry::hex_decode(k["wrapped_key"].as_str().unwrap()).unwrap(),
+        &tillkey::encoding::hex_decode(k["wrapped_key"].as_str().unwrap()).unwrap(),
     )
     .expect("the terminal unwraps its working key");
     assert_eq!(Some(hmac_kcv(&material).as_str()), k["kcv"].as_str());

@@ -9,6 +9,7 @@ use super::query::{audit_query, list_query};
 use super::views;
 use super::{batch, batch_create};
 use crate::error::ServiceError;
+use crate::keys::KeyPrefix;
 use crate::service::{Executed, ImportRequest, LifecycleInput, LIST_PAGE};
 
 #[rustfmt::skip]
@@ -74,10 +75,19 @@ async fn get_key(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
 
 async fn list_keys(r: Req<'_>, _: &mut Note) -> Result<Outcome, ServiceError> {
     let q = list_query(r.query)?;
+    let names = |s: &str| {
+        KeyPrefix::parse(s).map_err(|_| {
+            ServiceError::invalid(
+                "prefix and page_token may contain only a-z, 0-9, '.', '_', '-' and '/'",
+            )
+        })
+    };
+    let prefix = names(&q.prefix)?;
+    let page_token = q.page_token.as_deref().map(names).transpose()?;
     let (keys, next) = r.svc.keys.list_keys(
         r.caller,
-        &q.prefix,
-        q.page_token.as_deref(),
+        &prefix,
+        page_token.as_ref(),
         q.page_size.unwrap_or(LIST_PAGE),
     )?;
     let body = views::KeyList {
@@ -145,15 +155,16 @@ async fn prefix_action(r: Req<'_>, note: &mut Note, revoke: bool) -> Result<Outc
     let req: json::PrefixAction = json::parse(r.body)?;
     note.key = Some(req.prefix.clone());
     note.detail = req.reason.clone().unwrap_or_default();
+    let prefix = KeyPrefix::parse_whole_segments(&req.prefix)?;
     let out = if revoke {
         r.svc
             .lifecycle
-            .revoke_prefix(r.caller, &req.prefix, req.reason.as_deref().unwrap_or(""))
+            .revoke_prefix(r.caller, &prefix, req.reason.as_deref().unwrap_or(""))
             .await?
     } else {
         r.svc
             .lifecycle
-            .rotate_prefix(r.caller, &req.prefix, req.reason.as_deref())
+            .rotate_prefix(r.caller, &prefix, req.reason.as_deref())
             .await?
     };
     note.detail = format!(
@@ -223,7 +234,8 @@ async fn import(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
 async fn status_list(r: Req<'_>, note: &mut Note) -> Result<Outcome, ServiceError> {
     let q = list_query(r.query)?;
     note.key = Some(q.prefix.clone());
-    let s = r.svc.status.status_list(r.caller, &q.prefix).await?;
+    let prefix = KeyPrefix::parse(&q.prefix)?;
+    let s = r.svc.status.status_list(r.caller, &prefix).await?;
     note.detail = format!("seq {}, {} entries", s.sequence, s.entries);
     let body = views::StatusListView {
         cose_sign1: json::encode(&s.cose),

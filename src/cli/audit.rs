@@ -8,8 +8,9 @@ use crate::audit::{self, Entry};
 use crate::backend::{self, KeyRef, ObjectRef, Purpose, Settings};
 use crate::config::{Config, Overrides};
 use crate::daemon::AUDIT_KEY;
+use crate::encoding::hex_decode;
 use crate::keys::{KeyName, KeyType};
-use crate::registry::{hex_decode, Registry};
+use crate::registry::Registry;
 
 async fn entries(config: &Config) -> Result<(Registry, Vec<Entry>), String> {
     let registry = Registry::open_for_reading(&config.registry_url)

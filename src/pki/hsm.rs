@@ -14,9 +14,9 @@ use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate};
 
 use crate::backend::{self, KeyRef, ObjectRef, Purpose, Settings, SharedBackend};
 use crate::config::{Config, Overrides};
+use crate::encoding::hex_decode;
 use crate::encoding::hex_encode;
 use crate::keys::KeyType;
-use crate::registry::hex_decode;
 
 /// File in the CA directory that says where the key is.
 pub const REFERENCE: &str = "ca-key.toml";

@@ -122,7 +122,7 @@ impl Authority {
             let (serial, at) = line
                 .split_once(' ')
                 .ok_or_else(|| format!("revoked.txt: bad line '{line}'"))?;
-            let serial = crate::registry::hex_decode(serial)
+            let serial = crate::encoding::hex_decode(serial)
                 .ok_or_else(|| format!("revoked.txt: bad serial '{serial}'"))?;
             let at: i64 = at
                 .trim()

@@ -42,7 +42,7 @@ impl Glob {
             }
             if !seg
                 .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'*'))
+                .all(|b| crate::keys::is_name_byte(b) || b == b'*')
             {
                 return Err(format!(
                     "'{}': key patterns use a-z, 0-9, '.', '_', '-', '*' and '/'",

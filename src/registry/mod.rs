@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+use crate::encoding::{hex_decode, hex_encode};
 use crate::keys::{KeyName, KeyType, Lifecycle};
 
 #[derive(Debug, thiserror::Error)]
@@ -500,40 +501,4 @@ fn to_i64(v: u64) -> i64 {
 
 fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-/// Kept here for the registry's callers; the one encoder is [`crate::encoding::hex_encode`].
-pub use crate::encoding::hex_encode;
-
-pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    // A table lookup per digit: every stored object reference passes through here at start-up.
-    const BAD: u8 = 0xff;
-    const TABLE: [u8; 256] = {
-        let mut t = [BAD; 256];
-        let mut i = 0;
-        while i < 10 {
-            t[b'0' as usize + i] = i as u8;
-            i += 1;
-        }
-        let mut i = 0;
-        while i < 6 {
-            t[b'a' as usize + i] = 10 + i as u8;
-            t[b'A' as usize + i] = 10 + i as u8;
-            i += 1;
-        }
-        t
-    };
-    let b = s.as_bytes();
-    if b.len() % 2 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len() / 2);
-    for pair in b.chunks_exact(2) {
-        let (hi, lo) = (TABLE[usize::from(pair[0])], TABLE[usize::from(pair[1])]);
-        if hi == BAD || lo == BAD {
-            return None;
-        }
-        out.push(hi << 4 | lo);
-    }
-    Some(out)
 }

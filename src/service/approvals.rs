@@ -194,7 +194,7 @@ impl Approvals {
         let id = self.core.random::<16>()?;
         let now = unix_now();
         let a = ApprovalRecord {
-            id: crate::registry::hex_encode(&id),
+            id: crate::encoding::hex_encode(&id),
             action: action.into(),
             key: name.to_string(),
             version,

@@ -16,7 +16,7 @@ use crate::audit::AuditLog;
 use crate::backend::KeyRef;
 use crate::encoding::hex_encode;
 use crate::error::ServiceError;
-use crate::keys::{KeyName, KeyType, VersionState};
+use crate::keys::{KeyName, KeyPrefix, KeyType, VersionState};
 use crate::policy::{Operation, PolicyHandle};
 use crate::registry::{KeyRecord, Registry, VersionRecord};
 
@@ -225,21 +225,14 @@ impl KeyCore {
         &self,
         caller: &Caller,
         op: Operation,
-        prefix: &str,
+        prefix: &KeyPrefix,
     ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
-        // Whole segments only: "stores/1/" must never also take "stores/12/...".
-        let valid = prefix.ends_with('/')
-            && prefix.len() > 1
-            && prefix.len() <= crate::keys::MAX_NAME_LEN + 1
-            && prefix
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'));
-        if !valid {
-            return Err(ServiceError::invalid(
-                "prefix is required, ends with '/' (whole segments), and contains only a-z, 0-9, '.', '_', '-' and '/'",
-            ));
+        if !prefix.is_whole_segments() {
+            return Err(ServiceError::invalid(crate::keys::WHOLE_SEGMENTS));
         }
-        let (keys, _) = self.registry.list(prefix, None, usize::MAX, |_| true);
+        let (keys, _) = self
+            .registry
+            .list(prefix.as_str(), None, usize::MAX, |_| true);
         if keys.is_empty() {
             // Only someone who may act on keys at all learns that a prefix is empty.
             if !self.policy.current().grants_any(&caller.identity, op) {

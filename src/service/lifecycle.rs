@@ -13,7 +13,7 @@ use super::versions::NewKeyChecked;
 use super::{unix_now, Caller};
 use crate::device::Device;
 use crate::error::ServiceError;
-use crate::keys::{parse_duration, KeyName, KeyType, Lifecycle, VersionState};
+use crate::keys::{parse_duration, KeyName, KeyPrefix, KeyType, Lifecycle, VersionState};
 use crate::policy::Operation;
 use crate::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
 
@@ -359,7 +359,7 @@ impl KeyLifecycle {
     pub async fn revoke_prefix(
         &self,
         caller: &Caller,
-        prefix: &str,
+        prefix: &KeyPrefix,
         reason: &str,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = check_reason(reason)?;
@@ -383,7 +383,7 @@ impl KeyLifecycle {
     pub async fn rotate_prefix(
         &self,
         caller: &Caller,
-        prefix: &str,
+        prefix: &KeyPrefix,
         reason: Option<&str>,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;

@@ -8,7 +8,7 @@ use super::{envelope, Caller, SignatureFormat, Signed, Verified, LIST_PAGE};
 use crate::backend::{KeyBackend, GCM_NONCE_LEN};
 use crate::encoding;
 use crate::error::ServiceError;
-use crate::keys::KeyType;
+use crate::keys::{KeyPrefix, KeyType};
 use crate::policy::Operation;
 use crate::registry::KeyRecord;
 
@@ -32,20 +32,11 @@ impl Operations {
     pub fn list_keys(
         &self,
         caller: &Caller,
-        prefix: &str,
-        page_token: Option<&str>,
+        prefix: &KeyPrefix,
+        page_token: Option<&KeyPrefix>,
         page_size: usize,
     ) -> Result<(Vec<Arc<KeyRecord>>, Option<String>), ServiceError> {
-        let name_chars = |s: &str| {
-            s.len() <= crate::keys::MAX_NAME_LEN + 1
-                && s.bytes()
-                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
-        };
-        if !name_chars(prefix) || !page_token.is_none_or(name_chars) {
-            return Err(ServiceError::invalid(
-                "prefix and page_token may contain only a-z, 0-9, '.', '_', '-' and '/'",
-            ));
-        }
+        let (prefix, page_token) = (prefix.as_str(), page_token.map(KeyPrefix::as_str));
         let policy = self.core.policy().current();
         let (keys, more) =
             self.core

@@ -13,7 +13,7 @@ use super::key_core::KeyCore;
 use super::{unix_now, Caller};
 use crate::backend::KeyRef;
 use crate::error::ServiceError;
-use crate::keys::{KeyName, KeyType, VersionState};
+use crate::keys::{KeyName, KeyPrefix, KeyType, VersionState};
 use crate::policy::Operation;
 use crate::statuslist::{StatusEntry, StatusList};
 
@@ -47,25 +47,19 @@ impl StatusFeed {
     pub async fn status_list(
         &self,
         caller: &Caller,
-        prefix: &str,
+        prefix: &KeyPrefix,
     ) -> Result<SignedStatus, ServiceError> {
-        if prefix.len() > crate::keys::MAX_NAME_LEN + 1
-            || !prefix
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
-        {
-            return Err(ServiceError::invalid(
-                "prefix may contain only a-z, 0-9, '.', '_', '-' and '/'",
-            ));
-        }
         let policy = self.core.policy().current();
         let visible = |name: &str| {
             policy.allows(&caller.identity, Operation::Verify, name)
                 || policy.allows(&caller.identity, Operation::Read, name)
         };
-        let (keys, _) = self.core.registry.list(prefix, None, usize::MAX, |k| {
-            !k.name.is_reserved() && visible(k.name.as_str())
-        });
+        let (keys, _) = self
+            .core
+            .registry
+            .list(prefix.as_str(), None, usize::MAX, |k| {
+                !k.name.is_reserved() && visible(k.name.as_str())
+            });
         let mut entries = Vec::new();
         for key in &keys {
             for v in &key.versions {
@@ -97,7 +91,7 @@ impl StatusFeed {
         let now = unix_now();
         let list = StatusList {
             issuer: "tillkey".into(),
-            prefix: prefix.to_owned(),
+            prefix: prefix.to_string(),
             sequence: self.core.audit().head(),
             issued_at: now,
             expires_at: now + STATUS_TTL,

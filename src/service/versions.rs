@@ -138,7 +138,7 @@ impl KeyCore {
                     key_type,
                     object: &v.object,
                 })?;
-                v.kcv = Some(crate::registry::hex_encode(&kcv));
+                v.kcv = Some(crate::encoding::hex_encode(&kcv));
                 Ok::<_, ServiceError>(v)
             })
             .await
@@ -196,7 +196,7 @@ fn attach_check_value(
         object: &v.object,
     }) {
         Ok(kcv) => {
-            v.kcv = Some(crate::registry::hex_encode(&kcv));
+            v.kcv = Some(crate::encoding::hex_encode(&kcv));
             Ok(())
         }
         Err(e) => {

@@ -16,10 +16,10 @@ pub use store::ChallengeStore;
 
 use std::sync::Arc;
 
+use crate::encoding::{hex_decode, hex_encode};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
-use crate::registry::{hex_decode, hex_encode};
 use crate::service::{unix_now, Caller, KeyCore, Operations};
 
 const CHALLENGE_LABEL: &[u8] = b"tillkey/challenge/v1\0";

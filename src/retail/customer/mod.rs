@@ -19,10 +19,10 @@ use coset::{iana, CoseSign1, TaggedCborSerializable};
 use std::sync::Arc;
 
 use crate::config::TokenSettings;
+use crate::encoding::hex_encode;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
-use crate::registry::hex_encode;
 use crate::service::{unix_now, Caller, KeyCore};
 pub use store::Device;
 
@@ -247,7 +247,7 @@ impl CustomerTokens {
         {
             return refuse(check, "the algorithm does not match the device key");
         }
-        let der = crate::registry::hex_decode(&device.public_key).unwrap_or_default();
+        let der = crate::encoding::hex_decode(&device.public_key).unwrap_or_default();
         let raw = if device.alg == "ed25519" {
             der.get(12..)
         } else {

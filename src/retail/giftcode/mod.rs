@@ -18,10 +18,10 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use crate::config::TokenSettings;
+use crate::encoding::hex_encode;
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::policy::Operation;
-use crate::registry::hex_encode;
 use crate::service::{unix_now, Caller, KeyCore};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";

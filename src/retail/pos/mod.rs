@@ -104,9 +104,7 @@ fn ttl(given: Option<u64>, default: u64) -> Result<i64, ServiceError> {
 
 fn check_fields(r: &PosRequest) -> Result<(), ServiceError> {
     let id = |what: &str, v: &str| {
-        let ok = (1..=32).contains(&v.len())
-            && v.bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
+        let ok = (1..=32).contains(&v.len()) && v.bytes().all(crate::keys::is_name_byte);
         if ok {
             Ok(())
         } else {
