@@ -321,8 +321,20 @@ pub fn rfc3339(unix: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Same bytes as a `json!` map of the same fields, which sorts its keys at every level:
+    /// what the answers' typed views are held to.
+    pub(crate) fn as_before<T: Serialize>(v: &T) {
+        let direct = serde_json::to_string(v).unwrap();
+        let sorted = serde_json::to_value(v).unwrap().to_string();
+        assert_eq!(direct, sorted);
+    }
+
+    pub(crate) fn s(v: &str) -> String {
+        v.to_owned()
+    }
 
     #[test]
     fn rfc3339_known_instants() {

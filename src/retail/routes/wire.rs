@@ -241,17 +241,7 @@ pub struct GiftState<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Same bytes as a `json!` map of the same fields, which sorts its keys at every level.
-    fn as_before<T: Serialize>(v: &T) {
-        let direct = serde_json::to_string(v).unwrap();
-        let sorted = serde_json::to_value(v).unwrap().to_string();
-        assert_eq!(direct, sorted);
-    }
-
-    fn s(v: &str) -> String {
-        v.to_owned()
-    }
+    use crate::api::json::tests::{as_before, s};
 
     #[test]
     fn retail_fields_keep_the_order_clients_saw() {
