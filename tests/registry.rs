@@ -135,3 +135,45 @@ async fn usage_counts_are_flushed_once_per_change() {
         6
     );
 }
+
+/// A SQLite registry serves one daemon: a second `open` of the same file is refused, with a
+/// message that says why and what to do instead, before it writes anything; closing the first
+/// frees the file.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Registry::open(&url(&dir)).await.unwrap();
+    first
+        .reserve(
+            &KeyName::parse("stores/1/in-creation").unwrap(),
+            KeyType::HmacSha256,
+            &Lifecycle::default(),
+            1000,
+            "t",
+        )
+        .await
+        .unwrap();
+    let refused = Registry::open(&url(&dir))
+        .await
+        .err()
+        .expect("a second open is refused");
+    let msg = refused.to_string();
+    assert!(
+        msg.contains("in use by another tillkeyd") && msg.contains("PostgreSQL"),
+        "{msg}"
+    );
+    // The refused open cleared nothing: the first one's key in creation is still reserved.
+    assert!(first
+        .reserve(
+            &KeyName::parse("stores/1/in-creation").unwrap(),
+            KeyType::HmacSha256,
+            &Lifecycle::default(),
+            1001,
+            "t",
+        )
+        .await
+        .is_err());
+    first.close().await;
+    let again = Registry::open(&url(&dir)).await.unwrap();
+    again.close().await;
+}

@@ -37,6 +37,9 @@ pub enum RegistryError {
     Sqlite(#[from] rusqlite::Error),
     #[error("loading the registry: {0}")]
     Load(String),
+    /// Another daemon holds the SQLite file (see [`Registry::open`]).
+    #[error("{0}")]
+    InUse(String),
 }
 
 const SCHEMA: &[&str] = &[
@@ -84,6 +87,33 @@ pub async fn create_tables(pool: &AnyPool, tables: &[&str]) -> Result<(), Regist
     Ok(())
 }
 
+/// An exclusive lock on `<file>.lock` beside the SQLite file, for as long as the returned file
+/// stays open. The lock (flock) is independent of SQLite's own locks and goes with the process.
+fn claim(db: &std::path::Path) -> Result<std::fs::File, RegistryError> {
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let path = db.with_file_name(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| RegistryError::Load(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RegistryError::InUse(format!(
+            "{} is in use by another tillkeyd (it holds {}): a SQLite registry serves one \
+             instance; run several instances on one PostgreSQL database ([registry] url)",
+            db.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(RegistryError::Load(format!(
+            "locking {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// A unique-key violation is `Exists`: the row was there already (or a concurrent insert won).
 pub(crate) fn unique(e: sqlx::Error) -> RegistryError {
     match e {
@@ -102,12 +132,25 @@ pub struct Registry {
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
     used: Mutex<Vec<(KeyName, u32, Arc<Usage>)>>,
+    /// A daemon's hold on its SQLite file, released by [`Registry::close`] or when the process
+    /// ends, however it ends.
+    claim: Mutex<Option<std::fs::File>>,
 }
 
 impl Registry {
-    /// Open for the daemon: create the schema if needed and clear half-created keys.
+    /// Open for the daemon (or a tool that writes, `provision init`): create the schema if
+    /// needed and clear half-created keys. A SQLite file is claimed for this process first: a
+    /// second daemon on the same file would keep its own index and audit head, and clear the
+    /// first one's keys in creation, so it is refused before it writes anything. Several
+    /// instances share PostgreSQL instead.
     pub async fn open(url: &str) -> Result<Self, RegistryError> {
-        Self::open_with(url, true).await
+        let claim = match load::sqlite_file(url) {
+            Some(path) => Some(claim(&path)?),
+            None => None,
+        };
+        let registry = Self::open_with(url, true).await?;
+        *registry.claim.lock().unwrap_or_else(|p| p.into_inner()) = claim;
+        Ok(registry)
     }
 
     /// Open for tools running beside the daemon (audit verification): no schema changes and no
@@ -166,6 +209,7 @@ impl Registry {
             index: RwLock::new(BTreeMap::new()),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
+            claim: Mutex::new(None),
         }
     }
 
@@ -181,15 +225,17 @@ impl Registry {
             }
         }
         self.pool.close().await;
+        // Released only now: until the pool is closed this process still writes the file.
+        self.claim.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// The database, shared with the audit trail.
     /// The database file when the registry is an SQLite file (the audit writer opens its own
     /// connection to it).
     pub fn sqlite_file(&self) -> Option<&std::path::Path> {
         self.sqlite_file.as_deref()
     }
 
+    /// The database, shared with the audit trail and the features' own tables.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -72,32 +72,18 @@ impl ChallengeStore {
 
     /// The next counter for (key, sender) on the sealing side: strictly increasing, durable.
     pub async fn next_counter(&self, key: &str, sender: &str) -> Result<i64, RegistryError> {
-        let mut tx = self.pool().begin().await?;
-        let current: Option<i64> = sqlx::query(
-            "SELECT value FROM counters WHERE key_name = $1 AND sender = $2 AND side = 'seal'",
+        // One statement: a read and a separate write hand the same value to concurrent seals
+        // under READ COMMITTED (PostgreSQL), however the transaction is wrapped.
+        let row = sqlx::query(
+            "INSERT INTO counters (key_name, sender, side, value) VALUES ($1, $2, 'seal', 1)
+             ON CONFLICT (key_name, sender, side) DO UPDATE SET value = counters.value + 1
+             RETURNING value",
         )
         .bind(key)
         .bind(sender)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| r.try_get("value"))
-        .transpose()?;
-        let next = current.unwrap_or(0) + 1;
-        if current.is_some() {
-            sqlx::query("UPDATE counters SET value = $1 WHERE key_name = $2 AND sender = $3 AND side = 'seal'")
-                .bind(next).bind(key).bind(sender).execute(&mut *tx).await?;
-        } else {
-            sqlx::query(
-                "INSERT INTO counters (key_name, sender, side, value) VALUES ($1, $2, 'seal', $3)",
-            )
-            .bind(key)
-            .bind(sender)
-            .bind(next)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(next)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get("value")?)
     }
 
     /// Accept `counter` on the opening side only if it is above every counter opened before.
