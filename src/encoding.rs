@@ -47,7 +47,7 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
         t
     };
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let mut out = Vec::with_capacity(b.len() / 2);

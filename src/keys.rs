@@ -342,7 +342,7 @@ pub fn parse_duration(s: &str) -> Result<u64, Invalid> {
 /// The inverse of [`parse_duration`], choosing the largest exact unit.
 pub fn format_duration(secs: u64) -> String {
     for (unit, scale) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs % scale == 0 {
+        if secs.is_multiple_of(scale) {
             return format!("{}{unit}", secs / scale);
         }
     }
