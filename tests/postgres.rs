@@ -28,22 +28,38 @@ impl Postgres {
             run(Command::new("chown").args(["postgres"]).arg(dir.path()));
         }
         let data = dir.path().join("data");
-        let port = free_port();
         run(as_server_user(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
             .args(["-A", "trust", "-U", "tillkey", "--no-sync"]));
-        run(as_server_user(&bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-                dir.path().display()
-            ))
-            .arg("-l")
-            .arg(dir.path().join("server.log"))
-            .args(["-w", "-t", "60", "start"]));
+        // A free port can be taken by someone else before the server binds it (the other
+        // tests here start clusters at the same time): try a few, and say why if none works.
+        let log = dir.path().join("server.log");
+        let mut port = 0;
+        for attempt in 1..=5 {
+            port = free_port();
+            let out = as_server_user(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+                    dir.path().display()
+                ))
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"])
+                .output()
+                .expect("pg_ctl");
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                attempt < 5,
+                "pg_ctl start failed 5 times; last server log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         run(as_server_user(&bin.join("createdb")).args([
             "-h",
             "127.0.0.1",
@@ -63,17 +79,23 @@ impl Postgres {
 
     /// One value from a query, through psql.
     fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .unwrap_or_else(|err| panic!("psql {sql}: {err}"))
+    }
+
+    /// A query's value, or what psql said when the server refused it.
+    fn try_query(&self, sql: &str) -> Result<String, String> {
         let out = as_server_user(&self.bin.join("psql"))
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "tillkey", "-d", "tillkey", "-At", "-c", sql])
+            .args(["-U", "tillkey", "-d", "tillkey", "-v", "ON_ERROR_STOP=1"])
+            .args(["-At", "-c", sql])
             .output()
             .expect("psql");
-        assert!(
-            out.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     fn url(&self) -> String {
@@ -286,5 +308,33 @@ async fn concurrent_seals_get_distinct_counters() {
     assert_eq!(
         pg.query("SELECT value FROM counters WHERE sender = 'atm-7' AND side = 'seal'"),
         (CLIENTS * EACH).to_string()
+    );
+}
+
+/// The same forward-only rule on PostgreSQL, where several instances write: the database refuses
+/// to move a revoked version back, whoever asks.
+#[tokio::test]
+async fn postgresql_refuses_to_move_a_revoked_version_back() {
+    let pg = Postgres::start();
+    let env = Env::on(Backend::Pkcs11);
+    use_registry(&env, &pg.url());
+    let d = env.start();
+    create(&d, "stores/7/mac", "hmac-sha256").await;
+    let mut officer = d.conn("officer").await;
+    let (s, k) = post(
+        &mut officer,
+        "/v1/keys/stores/7/mac:revoke",
+        json!({"reason": "leaked"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{k}");
+    let refused = pg.try_query(
+        "UPDATE key_versions SET state = 'active' WHERE name = 'stores/7/mac' AND version = 1",
+    );
+    let err = refused.expect_err("revoked -> active was accepted");
+    assert!(err.contains("only move forward"), "{err}");
+    assert_eq!(
+        pg.query("SELECT state FROM key_versions WHERE name = 'stores/7/mac'"),
+        "revoked"
     );
 }

@@ -2,7 +2,7 @@
 //! keys, the scheduler's agenda and batched inserts.
 
 use tillkey::backend::{Kdf, ObjectRef};
-use tillkey::keys::{KeyName, KeyType, Lifecycle};
+use tillkey::keys::{KeyName, KeyType, Lifecycle, VersionState};
 use tillkey::registry::{Derivation, KeyRecord, Registry, VersionRecord};
 
 fn url(dir: &tempfile::TempDir) -> String {
@@ -176,4 +176,47 @@ async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
     first.close().await;
     let again = Registry::open(&url(&dir)).await.unwrap();
     again.close().await;
+}
+
+/// A version's state only moves forward, and the database itself holds that: a stale writer
+/// (another instance, a hand-edited row) cannot turn a revoked or destroyed version back into
+/// one that signs or verifies.
+#[tokio::test]
+async fn the_database_refuses_to_move_a_version_state_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    r.insert_new_keys(vec![record("stores/1/a", 1000, None)])
+        .await
+        .unwrap();
+    let name = KeyName::parse("stores/1/a").unwrap();
+    let active = r.get(&name).unwrap();
+    let mut revoked = (*active).clone();
+    revoked.versions[0] =
+        revoked.versions[0].moved(VersionState::Revoked, 1001, "officer", Some("leak"));
+    let revoked = r.commit(&active, revoked).await.unwrap();
+    // A writer still holding the active copy: its "rotation" would make version 1 verify-only.
+    let mut stale = (*active).clone();
+    stale.versions[0] = stale.versions[0].moved(VersionState::VerifyOnly, 1002, "stale", None);
+    let err = r.commit(&revoked, stale).await.expect_err("refused");
+    assert!(err.to_string().contains("only move forward"), "{err}");
+    // Nor can anyone write the row directly.
+    for state in ["active", "verify-only", "retired"] {
+        let refused = sqlx::query("UPDATE key_versions SET state = $1 WHERE name = 'stores/1/a'")
+            .bind(state)
+            .execute(r.pool())
+            .await;
+        assert!(refused.is_err(), "revoked -> {state} was accepted");
+    }
+    // Forward still works: revoked -> destroyed.
+    sqlx::query("UPDATE key_versions SET state = 'destroyed' WHERE name = 'stores/1/a'")
+        .execute(r.pool())
+        .await
+        .unwrap();
+    r.close().await;
+    let r = Registry::open(&url(&dir)).await.unwrap();
+    assert_eq!(
+        r.get(&name).unwrap().versions[0].state,
+        VersionState::Destroyed
+    );
+    r.close().await;
 }

@@ -71,6 +71,47 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (name, version))",
 ];
 
+/// A version's state only moves forward (active, verify-only, retired, revoked, destroyed): the
+/// database refuses anything else, so no writer, however stale its copy of a key, can turn a
+/// revoked or destroyed version back into one that signs or verifies.
+const STATE_RANK: &str = "(CASE {} WHEN 'active' THEN 0 WHEN 'verify-only' THEN 1 \
+    WHEN 'retired' THEN 2 WHEN 'revoked' THEN 3 WHEN 'destroyed' THEN 4 ELSE -1 END)";
+const FORWARD_ONLY: &str = "key version states only move forward \
+    (active, verify-only, retired, revoked, destroyed)";
+
+/// The statements that install [`STATE_RANK`]'s rule as a trigger. (The ranks are parenthesized:
+/// PL/pgSQL would end an `IF` condition at the first `THEN` inside a bare `CASE`.)
+fn state_trigger(sqlite: bool) -> Vec<String> {
+    let rank = |side: &str| STATE_RANK.replace("{}", &format!("{side}.state"));
+    if sqlite {
+        vec![format!(
+            "CREATE TRIGGER IF NOT EXISTS key_versions_state_forward
+             BEFORE UPDATE OF state ON key_versions
+             WHEN {} < {}
+             BEGIN SELECT RAISE(ABORT, '{FORWARD_ONLY}'); END",
+            rank("NEW"),
+            rank("OLD")
+        )]
+    } else {
+        vec![
+            format!(
+                "CREATE OR REPLACE FUNCTION tillkey_state_forward() RETURNS trigger
+                 LANGUAGE plpgsql AS $$ BEGIN
+                 IF {} < {} THEN
+                   RAISE EXCEPTION 'version % of key %: {FORWARD_ONLY}', OLD.version, OLD.name;
+                 END IF;
+                 RETURN NEW; END $$",
+                rank("NEW"),
+                rank("OLD")
+            ),
+            "CREATE OR REPLACE TRIGGER key_versions_state_forward
+             BEFORE UPDATE OF state ON key_versions
+             FOR EACH ROW EXECUTE FUNCTION tillkey_state_forward()"
+                .to_owned(),
+        ]
+    }
+}
+
 /// Columns added after the first release, for databases made before them.
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("keys", "derive_from", "TEXT"),
@@ -188,6 +229,9 @@ impl Registry {
             sqlx::query(&stmt).execute(&pool).await?;
         }
         create_tables(&pool, &[approvals::SCHEMA]).await?;
+        for stmt in state_trigger(sqlite) {
+            sqlx::query(&stmt).execute(&pool).await?;
+        }
         for (table, column, ty) in ADDED_COLUMNS {
             let probe = format!("SELECT {column} FROM {table} LIMIT 1");
             if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {
