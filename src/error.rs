@@ -114,8 +114,13 @@ impl From<BackendError> for ServiceError {
 
 impl From<crate::registry::RegistryError> for ServiceError {
     fn from(e: crate::registry::RegistryError) -> Self {
-        Self::Internal {
-            detail: format!("registry: {e}"),
+        match e {
+            // The caller acted on a key another instance had just changed: its state is the
+            // database's again, and the same request may be sent again.
+            crate::registry::RegistryError::Conflict(_) => Self::FailedPrecondition(e.to_string()),
+            e => Self::Internal {
+                detail: format!("registry: {e}"),
+            },
         }
     }
 }

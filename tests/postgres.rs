@@ -338,3 +338,121 @@ async fn postgresql_refuses_to_move_a_revoked_version_back() {
         "revoked"
     );
 }
+
+/// Two registries on one database, as two instances hold it: a change made from a stale copy of
+/// a key is refused by the database (compare-and-set on each version's state, a version number
+/// taken once), and the stale registry reads the key again; so instance B can never turn A's
+/// revocation back into a version that signs, and two rotations at once make one new version.
+/// (Through the API this needs one audit trail across instances first: today the second
+/// daemon's audit writer collides with the first's sequence numbers, which issue 21 also asks
+/// to fix.)
+#[tokio::test]
+async fn a_change_from_a_stale_copy_is_refused_and_the_key_read_again() {
+    use tillkey::backend::ObjectRef;
+    use tillkey::keys::{KeyName, KeyType, Lifecycle, VersionState};
+    use tillkey::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
+
+    let pg = Postgres::start();
+    let a = Registry::open(&pg.url()).await.expect("A opens");
+    let name = KeyName::parse("stores/7/mac").unwrap();
+    let v1 = VersionRecord::new(1, 1000, "officer", ObjectRef(vec![1]), None);
+    a.insert_new_keys(vec![KeyRecord {
+        name: name.clone(),
+        key_type: KeyType::HmacSha256,
+        lifecycle: Lifecycle::default(),
+        created_at: 1000,
+        created_by: "officer".into(),
+        derive_from: None,
+        versions: vec![v1],
+    }])
+    .await
+    .expect("create");
+    // B opens now: it holds the key as version 1 active.
+    let b = Registry::open(&pg.url()).await.expect("B opens");
+    let at_a = a.get(&name).unwrap();
+    let at_b = b.get(&name).unwrap();
+
+    let mut revoked = (*at_a).clone();
+    revoked.versions[0] =
+        revoked.versions[0].moved(VersionState::Revoked, 1001, "officer", Some("leaked"));
+    a.commit(&at_a, revoked).await.expect("A revokes");
+
+    // B rotates from its stale copy: version 1 to verify-only, version 2 active.
+    let rotated = |from: &KeyRecord, object: u8| {
+        let mut r = from.clone();
+        for v in &mut r.versions {
+            if v.state == VersionState::Active {
+                *v = v.moved(VersionState::VerifyOnly, 1002, "officer", None);
+            }
+        }
+        r.versions.push(VersionRecord::new(
+            2,
+            1002,
+            "officer",
+            ObjectRef(vec![object]),
+            None,
+        ));
+        r
+    };
+    let err = b
+        .commit(&at_b, rotated(&at_b, 2))
+        .await
+        .expect_err("stale change refused");
+    assert!(matches!(err, RegistryError::Conflict(_)), "{err}");
+    assert_eq!(
+        pg.query("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM key_versions WHERE name = 'stores/7/mac'"),
+        "1:revoked"
+    );
+    // B has read the key again: version 1 is revoked there too.
+    let fresh = b.get(&name).unwrap();
+    assert_eq!(fresh.versions[0].state, VersionState::Revoked);
+    assert!(fresh.active().is_none());
+
+    // Both rotate the same key at once from the same copy: one new version, one conflict.
+    let mut replaced = (*fresh).clone();
+    replaced.versions.push(VersionRecord::new(
+        2,
+        1003,
+        "officer",
+        ObjectRef(vec![3]),
+        None,
+    ));
+    b.commit(&fresh, replaced)
+        .await
+        .expect("B rotates the revoked key");
+    a.reload(&name).await.expect("A reads again");
+    let (at_a, at_b) = (a.get(&name).unwrap(), b.get(&name).unwrap());
+    let (ra, rb) = tokio::join!(
+        a.commit(&at_a, rotated(&at_a, 4).with_version_number(3)),
+        b.commit(&at_b, rotated(&at_b, 5).with_version_number(3)),
+    );
+    assert!(
+        ra.is_ok() != rb.is_ok(),
+        "exactly one of two concurrent rotations wins: {:?} / {:?}",
+        ra.as_ref().err(),
+        rb.as_ref().err()
+    );
+    for loser in [ra.err(), rb.err()].into_iter().flatten() {
+        assert!(matches!(loser, RegistryError::Conflict(_)), "{loser}");
+    }
+    assert_eq!(
+        pg.query("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM key_versions WHERE name = 'stores/7/mac'"),
+        "1:revoked,2:verify-only,3:active"
+    );
+    a.close().await;
+    b.close().await;
+}
+
+/// Test helper: the rotation's new version under another number.
+trait WithVersion {
+    fn with_version_number(self, n: u32) -> Self;
+}
+
+impl WithVersion for tillkey::registry::KeyRecord {
+    fn with_version_number(mut self, n: u32) -> Self {
+        if let Some(v) = self.versions.last_mut() {
+            v.version = n;
+        }
+        self
+    }
+}

@@ -391,6 +391,26 @@ fn version_from_sqlite(
 async fn read_any(pool: &sqlx::AnyPool) -> Result<Loaded, RegistryError> {
     let keys = sqlx::query(KEYS).fetch_all(pool).await?;
     let versions = sqlx::query(VERSIONS).fetch_all(pool).await?;
+    from_rows(&keys, &versions)
+}
+
+/// One key as the database holds it now: what another writer (an instance, an operator) left.
+async fn read_one(pool: &sqlx::AnyPool, name: &str) -> Result<Loaded, RegistryError> {
+    let keys = sqlx::query(&KEYS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+    let versions = sqlx::query(&VERSIONS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+    from_rows(&keys, &versions)
+}
+
+fn from_rows(
+    keys: &[sqlx::any::AnyRow],
+    versions: &[sqlx::any::AnyRow],
+) -> Result<Loaded, RegistryError> {
     let keys = keys.iter().map(|r| {
         Ok(KeyCols {
             name: r.try_get("name")?,
@@ -426,6 +446,19 @@ async fn read_any(pool: &sqlx::AnyPool) -> Result<Loaded, RegistryError> {
 }
 
 impl Registry {
+    /// Read `name` again from the database and put what it holds now in the index (or drop the
+    /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale.
+    pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
+        let loaded = read_one(&self.pool, name.as_str()).await?;
+        match loaded.entries.into_iter().next() {
+            Some((_, rec)) => Ok(Some(self.publish(Arc::unwrap_or_clone(rec)))),
+            None => {
+                self.forget(name);
+                Ok(None)
+            }
+        }
+    }
+
     /// Fill the index. With `maintain`, keys reserved but never given a version (a crash
     /// between the two steps of a create) are dropped to free their names; they never served.
     pub(super) async fn load(&self, maintain: bool) -> Result<(), RegistryError> {

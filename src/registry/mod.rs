@@ -12,6 +12,10 @@ pub mod approvals;
 mod deadlines;
 mod load;
 mod records;
+mod schema;
+
+pub use schema::create_tables;
+use schema::{claim, state_trigger, ADDED_COLUMNS, SCHEMA};
 
 pub use records::{Derivation, KeyRecord, Usage, VersionRecord};
 
@@ -37,122 +41,13 @@ pub enum RegistryError {
     Sqlite(#[from] rusqlite::Error),
     #[error("loading the registry: {0}")]
     Load(String),
+    /// The key changed in the database since this index read it (another instance, or an
+    /// operator): nothing was written, and the index now holds the key as the database does.
+    #[error("key '{0}' was changed elsewhere meanwhile; nothing was changed here, retry")]
+    Conflict(String),
     /// Another daemon holds the SQLite file (see [`Registry::open`]).
     #[error("{0}")]
     InUse(String),
-}
-
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS keys (
-        name TEXT PRIMARY KEY,
-        key_type TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        rotation_period BIGINT,
-        verify_grace BIGINT NOT NULL,
-        max_operations BIGINT,
-        exportable BIGINT NOT NULL,
-        derive_from TEXT)",
-    "CREATE TABLE IF NOT EXISTS key_versions (
-        name TEXT NOT NULL REFERENCES keys(name),
-        version BIGINT NOT NULL,
-        state TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        state_changed_at BIGINT NOT NULL,
-        changed_by TEXT NOT NULL,
-        reason TEXT,
-        grace_until BIGINT,
-        operations BIGINT NOT NULL,
-        object_ref TEXT NOT NULL,
-        public_key TEXT,
-        kcv TEXT,
-        kdf TEXT,
-        master_version BIGINT,
-        PRIMARY KEY (name, version))",
-];
-
-/// A version's state only moves forward (active, verify-only, retired, revoked, destroyed): the
-/// database refuses anything else, so no writer, however stale its copy of a key, can turn a
-/// revoked or destroyed version back into one that signs or verifies.
-const STATE_RANK: &str = "(CASE {} WHEN 'active' THEN 0 WHEN 'verify-only' THEN 1 \
-    WHEN 'retired' THEN 2 WHEN 'revoked' THEN 3 WHEN 'destroyed' THEN 4 ELSE -1 END)";
-const FORWARD_ONLY: &str = "key version states only move forward \
-    (active, verify-only, retired, revoked, destroyed)";
-
-/// The statements that install [`STATE_RANK`]'s rule as a trigger. (The ranks are parenthesized:
-/// PL/pgSQL would end an `IF` condition at the first `THEN` inside a bare `CASE`.)
-fn state_trigger(sqlite: bool) -> Vec<String> {
-    let rank = |side: &str| STATE_RANK.replace("{}", &format!("{side}.state"));
-    if sqlite {
-        vec![format!(
-            "CREATE TRIGGER IF NOT EXISTS key_versions_state_forward
-             BEFORE UPDATE OF state ON key_versions
-             WHEN {} < {}
-             BEGIN SELECT RAISE(ABORT, '{FORWARD_ONLY}'); END",
-            rank("NEW"),
-            rank("OLD")
-        )]
-    } else {
-        vec![
-            format!(
-                "CREATE OR REPLACE FUNCTION tillkey_state_forward() RETURNS trigger
-                 LANGUAGE plpgsql AS $$ BEGIN
-                 IF {} < {} THEN
-                   RAISE EXCEPTION 'version % of key %: {FORWARD_ONLY}', OLD.version, OLD.name;
-                 END IF;
-                 RETURN NEW; END $$",
-                rank("NEW"),
-                rank("OLD")
-            ),
-            "CREATE OR REPLACE TRIGGER key_versions_state_forward
-             BEFORE UPDATE OF state ON key_versions
-             FOR EACH ROW EXECUTE FUNCTION tillkey_state_forward()"
-                .to_owned(),
-        ]
-    }
-}
-
-/// Columns added after the first release, for databases made before them.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("keys", "derive_from", "TEXT"),
-    ("key_versions", "kdf", "TEXT"),
-    ("key_versions", "master_version", "BIGINT"),
-];
-
-/// Create `tables` (each a `CREATE TABLE IF NOT EXISTS` statement) on the registry's database:
-/// how a feature that keeps its own tables beside the keys brings them up.
-pub async fn create_tables(pool: &AnyPool, tables: &[&str]) -> Result<(), RegistryError> {
-    for stmt in tables {
-        sqlx::query(stmt).execute(pool).await?;
-    }
-    Ok(())
-}
-
-/// An exclusive lock on `<file>.lock` beside the SQLite file, for as long as the returned file
-/// stays open. The lock (flock) is independent of SQLite's own locks and goes with the process.
-fn claim(db: &std::path::Path) -> Result<std::fs::File, RegistryError> {
-    let mut name = db.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
-    let path = db.with_file_name(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| RegistryError::Load(format!("{}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(RegistryError::InUse(format!(
-            "{} is in use by another tillkeyd (it holds {}): a SQLite registry serves one \
-             instance; run several instances on one PostgreSQL database ([registry] url)",
-            db.display(),
-            path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(RegistryError::Load(format!(
-            "locking {}: {e}",
-            path.display()
-        ))),
-    }
 }
 
 /// A unique-key violation is `Exists`: the row was there already (or a concurrent insert won).
@@ -418,12 +313,27 @@ impl Registry {
 
     /// Make `new` the record of its key: versions it adds are inserted, versions whose state
     /// changed are updated, changed settings are written; all in one transaction, and the index
-    /// changes only after it commits. Callers serialize changes to one key.
+    /// changes only after it commits. Callers serialize changes to one key in this process; the
+    /// database is the truth across processes: each version changes only from the state `old`
+    /// saw (compare-and-set), and a version number already taken is refused. When either finds
+    /// `old` stale, nothing is written, the key is read again and the answer is
+    /// [`RegistryError::Conflict`].
     pub async fn commit(
         &self,
         old: &KeyRecord,
         new: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
+        match self.write_change(old, &new).await {
+            Ok(()) => Ok(self.publish(new)),
+            Err(RegistryError::Conflict(_)) | Err(RegistryError::Exists) => {
+                self.reload(&new.name).await?;
+                Err(RegistryError::Conflict(new.name.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn write_change(&self, old: &KeyRecord, new: &KeyRecord) -> Result<(), RegistryError> {
         let mut tx = self.pool.begin().await?;
         if old.lifecycle != new.lifecycle {
             let l = &new.lifecycle;
@@ -437,10 +347,15 @@ impl Registry {
         }
         for v in &new.versions {
             match old.version(v.version) {
-                None => insert_version(&mut tx, &new.name, v).await?,
+                None => insert_version(&mut tx, &new.name, v)
+                    .await
+                    .map_err(|e| match e {
+                        RegistryError::Db(d) => unique(d),
+                        other => other,
+                    })?,
                 Some(o) if !o.same_state(v) => {
-                    sqlx::query(
-                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5, object_ref = $6 WHERE name = $7 AND version = $8",
+                    let res = sqlx::query(
+                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5, object_ref = $6 WHERE name = $7 AND version = $8 AND state = $9 AND state_changed_at = $10",
                     )
                     .bind(v.state.as_str())
                     .bind(v.state_changed_at)
@@ -450,17 +365,29 @@ impl Registry {
                     .bind(hex_encode(&v.object.0))
                     .bind(new.name.as_str())
                     .bind(i64::from(v.version))
+                    .bind(o.state.as_str())
+                    .bind(o.state_changed_at)
                     .execute(&mut *tx)
                     .await?;
+                    if res.rows_affected() != 1 {
+                        return Err(RegistryError::Conflict(new.name.to_string()));
+                    }
                 }
                 Some(_) => {}
             }
         }
         tx.commit().await?;
-        Ok(self.publish(new))
+        Ok(())
     }
 
-    fn publish(&self, rec: KeyRecord) -> Arc<KeyRecord> {
+    fn forget(&self, name: &KeyName) {
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name.as_str());
+    }
+
+    pub(crate) fn publish(&self, rec: KeyRecord) -> Arc<KeyRecord> {
         let rec = Arc::new(rec);
         // Deadlines first: a scheduler pass that sees the new record due finds it in the index.
         let mut deadlines = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
