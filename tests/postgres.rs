@@ -456,3 +456,49 @@ impl WithVersion for tillkey::registry::KeyRecord {
         self
     }
 }
+
+/// Usage counts from two instances add up in the database: each flush adds what its instance
+/// counted since its last flush, so neither overwrites the other's operations.
+#[tokio::test]
+async fn usage_counts_from_two_instances_add_up() {
+    use tillkey::backend::ObjectRef;
+    use tillkey::keys::{KeyName, KeyType, Lifecycle};
+    use tillkey::registry::{KeyRecord, Registry, VersionRecord};
+
+    let pg = Postgres::start();
+    let a = Registry::open(&pg.url()).await.expect("A opens");
+    let name = KeyName::parse("stores/7/mac").unwrap();
+    a.insert_new_keys(vec![KeyRecord {
+        name: name.clone(),
+        key_type: KeyType::HmacSha256,
+        lifecycle: Lifecycle::default(),
+        created_at: 1000,
+        created_by: "officer".into(),
+        derive_from: None,
+        versions: vec![VersionRecord::new(
+            1,
+            1000,
+            "officer",
+            ObjectRef(vec![1]),
+            None,
+        )],
+    }])
+    .await
+    .expect("create");
+    let b = Registry::open(&pg.url()).await.expect("B opens");
+    let (ka, kb) = (a.get(&name).unwrap(), b.get(&name).unwrap());
+    for _ in 0..5 {
+        a.count_use(&name, &ka.versions[0], 1);
+    }
+    b.count_use(&name, &kb.versions[0], 7);
+    a.flush_usage().await.expect("A flushes");
+    b.flush_usage().await.expect("B flushes");
+    a.count_use(&name, &ka.versions[0], 1);
+    a.flush_usage().await.expect("A flushes again");
+    assert_eq!(
+        pg.query("SELECT operations FROM key_versions WHERE name = 'stores/7/mac'"),
+        "13"
+    );
+    a.close().await;
+    b.close().await;
+}

@@ -453,11 +453,14 @@ impl Registry {
         }
         let written = async {
             let mut tx = self.pool.begin().await?;
-            for (name, version, ops, _) in &changed {
+            // Increments, not the count this process holds: instances sharing the database
+            // each add their own operations, and none overwrites another's.
+            for (name, version, ops, u) in &changed {
+                let delta = ops.saturating_sub(u.persisted.load(Ordering::Relaxed));
                 sqlx::query(
-                    "UPDATE key_versions SET operations = $1 WHERE name = $2 AND version = $3",
+                    "UPDATE key_versions SET operations = operations + $1 WHERE name = $2 AND version = $3",
                 )
-                .bind(to_i64(*ops))
+                .bind(to_i64(delta))
                 .bind(name.as_str())
                 .bind(i64::from(*version))
                 .execute(&mut *tx)
