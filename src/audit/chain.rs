@@ -119,10 +119,10 @@ impl Entry {
     /// Insert a whole group commit with one statement: one round trip to the database, and
     /// atomic without an explicit transaction. `numbered` placeholders (`$1`) are for
     /// PostgreSQL; SQLite gets plain `?`, which it binds without looking names up.
-    pub async fn insert_all(
+    pub async fn insert_all<'c>(
         rows: &[Entry],
         numbered: bool,
-        pool: &sqlx::AnyPool,
+        db: impl sqlx::Executor<'c, Database = sqlx::Any>,
     ) -> Result<(), sqlx::Error> {
         let mut sql = String::with_capacity(160 + rows.len() * COLUMNS * 5);
         sql.push_str(
@@ -159,7 +159,7 @@ impl Entry {
                 .bind(e.prev.as_str())
                 .bind(e.mac.as_str());
         }
-        q.execute(pool).await?;
+        q.execute(db).await?;
         Ok(())
     }
 }

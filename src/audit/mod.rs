@@ -51,6 +51,15 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
     prev TEXT NOT NULL,
     mac TEXT NOT NULL)";
 
+/// The head of the one chain that every instance on a shared database (PostgreSQL) appends to:
+/// each group commit locks this row, chains on it, and moves it in the same transaction, so
+/// instances take turns and never write the same sequence number; a dead instance's lock goes
+/// with its connection.
+pub const HEAD_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit_head (
+    id BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL)";
+
 /// What a caller records; the writer adds sequence, time, chain and MAC.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -124,6 +133,9 @@ impl AuditLog {
                     .map_err(|e| format!("audit store: {e}"))?
                     .backend_name()
                     != "SQLite";
+                if numbered {
+                    start_shared_head(&pool, next_seq - 1, &prev).await?;
+                }
                 Store::Sqlx {
                     pool,
                     numbered,
@@ -236,10 +248,28 @@ impl Store {
                 numbered,
                 runtime,
             } => runtime
-                .block_on(Entry::insert_all(entries, *numbered, pool))
+                .block_on(Entry::insert_all(entries, *numbered, &*pool))
                 .map_err(|e| e.to_string()),
         }
     }
+}
+
+/// Make the shared chain's head row if this is the first instance on the database, from the
+/// newest entry (`seq`, `hash`) already there.
+async fn start_shared_head(pool: &AnyPool, seq: u64, hash: &str) -> Result<(), String> {
+    sqlx::query(HEAD_SCHEMA)
+        .execute(pool)
+        .await
+        .map_err(|e| format!("audit head table: {e}"))?;
+    sqlx::query(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .bind(hash)
+    .execute(pool)
+    .await
+    .map_err(|e| format!("audit head: {e}"))?;
+    Ok(())
 }
 
 struct Writer {
@@ -260,9 +290,20 @@ impl Writer {
         let mut batch = Vec::with_capacity(BATCH);
         while let Some(open) = group::gather(&rx, &self.admitted, &Linger::DEFAULT, &mut batch) {
             let closed = Instant::now();
-            let stored = self
-                .entries(&batch)
-                .and_then(|(entries, last)| store.insert(&entries).map(|()| (entries, last)));
+            let stored = match &store {
+                Store::Sqlx {
+                    pool,
+                    numbered: true,
+                    runtime,
+                } => runtime.block_on(self.append_shared(&batch, pool)),
+                _ => self
+                    .entries(&batch, self.next_seq, self.prev.clone())
+                    .and_then(|(entries, last)| {
+                        store
+                            .insert(&entries)
+                            .map(|()| (self.next_seq, entries, last))
+                    }),
+            };
             self.metrics
                 .group(batch.len(), open, closed.elapsed(), stored.is_ok());
             self.finish(&mut batch, stored);
@@ -271,9 +312,12 @@ impl Writer {
 
     /// The batch's entries chained on from the last durable one, the last sealed by one MAC in
     /// the token (see `chain`), with the hash the next batch chains on.
-    fn entries(&self, batch: &[Pending]) -> Result<(Vec<Entry>, String), String> {
-        let first = self.next_seq;
-        let mut prev = self.prev.clone();
+    fn entries(
+        &self,
+        batch: &[Pending],
+        first: u64,
+        mut prev: String,
+    ) -> Result<(Vec<Entry>, String), String> {
         let at_ms = now_ms();
         let mut entries = Vec::with_capacity(batch.len());
         for (i, p) in batch.iter().enumerate() {
@@ -309,11 +353,45 @@ impl Writer {
         Ok((entries, prev))
     }
 
+    /// A group on the shared chain: in one transaction, lock the head row, chain the entries on
+    /// it (sealed in the token while the row is held), insert them and move the head. Another
+    /// instance's group waits for the lock; none can take the same sequence numbers.
+    async fn append_shared(
+        &self,
+        batch: &[Pending],
+        pool: &AnyPool,
+    ) -> Result<(u64, Vec<Entry>, String), String> {
+        let db = |e: sqlx::Error| format!("audit store: {e}");
+        let mut tx = pool.begin().await.map_err(db)?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let seq: i64 = head.try_get("seq").map_err(db)?;
+        let first = u64::try_from(seq).map_err(|_| "audit head: negative sequence".to_owned())? + 1;
+        let (entries, last) = self.entries(batch, first, head.try_get("hash").map_err(db)?)?;
+        Entry::insert_all(&entries, true, &mut *tx)
+            .await
+            .map_err(db)?;
+        let last_seq = i64::try_from(first + entries.len() as u64 - 1).unwrap_or(i64::MAX);
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(last_seq)
+            .bind(last.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok((first, entries, last))
+    }
+
     /// After the store answered: on success the chain advances, on failure it stays and
     /// readiness says why; every request of the batch gets its receipt or the error.
-    fn finish(&mut self, batch: &mut Vec<Pending>, stored: Result<(Vec<Entry>, String), String>) {
-        let first = self.next_seq;
-        let result = stored.map(|(entries, last)| {
+    fn finish(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        stored: Result<(u64, Vec<Entry>, String), String>,
+    ) {
+        let result = stored.map(|(first, entries, last)| {
             self.next_seq = first + entries.len() as u64;
             self.prev = last;
             self.head.store(self.next_seq - 1, Ordering::SeqCst);
