@@ -113,8 +113,11 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     );
     let tls = crate::tls::server_config(&config.tls).map_err(Startup::Config)?;
 
+    // A second daemon on a SQLite registry is refused before it touches the device.
+    let claim = Registry::claim(&config.registry_url)
+        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     let device = open_device(settings).await?;
-    let state = Arc::new(open_services(&config, &device, policy, tls).await?);
+    let state = Arc::new(open_services(&config, &device, policy, tls, claim).await?);
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -220,8 +223,9 @@ async fn open_services(
     device: &Arc<Device>,
     policy: Policy,
     tls: Arc<rustls::ServerConfig>,
+    claim: Option<crate::registry::Claim>,
 ) -> Result<AppState, Startup> {
-    let registry = Registry::open(&config.registry_url)
+    let registry = Registry::open_claimed(&config.registry_url, claim)
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     tracing::info!(keys = registry.len(), "registry loaded");

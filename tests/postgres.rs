@@ -282,6 +282,45 @@ async fn a_change_from_a_stale_copy_is_refused_and_the_key_read_again() {
         pg.query("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM key_versions WHERE name = 'stores/7/mac'"),
         "1:revoked,2:verify-only,3:active"
     );
+
+    // The whole key is compared, not only the versions a change touches: after B rotates
+    // (3 verify-only, 4 active), A's stale copy may not revoke version 2, which B left alone,
+    // nor change the settings; either would publish A's copy with 3 still active.
+    a.reload(&name).await.expect("A reads again");
+    b.reload(&name).await.expect("B reads again");
+    let (at_a, at_b) = (a.get(&name).unwrap(), b.get(&name).unwrap());
+    b.commit(&at_b, rotated(&at_b, 6).with_version_number(4))
+        .await
+        .expect("B rotates");
+    let mut revoke_2 = (*at_a).clone();
+    revoke_2.versions[1] =
+        revoke_2.versions[1].moved(VersionState::Revoked, 1004, "officer", Some("audit"));
+    let err = a
+        .commit(&at_a, revoke_2)
+        .await
+        .expect_err("stale copy refused");
+    assert!(matches!(err, RegistryError::Conflict(_)), "{err}");
+    let fresh = a.get(&name).unwrap();
+    assert_eq!(
+        fresh.active().map(|v| v.version),
+        Some(4),
+        "A read the key again"
+    );
+    let mut settings = (*at_a).clone();
+    settings.lifecycle.max_operations = Some(10);
+    let err = a
+        .commit(&at_a, settings)
+        .await
+        .expect_err("stale settings refused");
+    assert!(matches!(err, RegistryError::Conflict(_)), "{err}");
+    assert_eq!(
+        pg.query("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM key_versions WHERE name = 'stores/7/mac'"),
+        "1:revoked,2:verify-only,3:verify-only,4:active"
+    );
+    assert_eq!(
+        pg.query("SELECT coalesce(max_operations, -1) FROM keys WHERE name = 'stores/7/mac'"),
+        "-1"
+    );
     a.close().await;
     b.close().await;
 }

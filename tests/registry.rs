@@ -194,7 +194,8 @@ async fn the_database_refuses_to_move_a_version_state_back() {
     revoked.versions[0] =
         revoked.versions[0].moved(VersionState::Revoked, 1001, "officer", Some("leak"));
     let revoked = r.commit(&active, revoked).await.unwrap();
-    // A writer still holding the active copy: its "rotation" would make version 1 verify-only.
+    // A writer that reads the revoked row and still writes version 1 back to verify-only (as a
+    // stale rotation would): the trigger refuses it whatever the writer compared first.
     let mut stale = (*active).clone();
     stale.versions[0] = stale.versions[0].moved(VersionState::VerifyOnly, 1002, "stale", None);
     let err = r.commit(&revoked, stale).await.expect_err("refused");

@@ -13,7 +13,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::backend::{DerivedCacheStats, Health, KeyBackend, KeyRef, ObjectRef, SharedBackend};
+use crate::backend::{
+    BackendResult, DerivedCacheStats, Health, KeyBackend, KeyRef, ObjectRef, SharedBackend,
+};
 use crate::error::ServiceError;
 use crate::keys::KeyType;
 
@@ -176,9 +178,13 @@ impl Device {
         .await
     }
 
-    /// Run `f` here, on a thread that is not an async worker (the audit writer, a CLI tool):
-    /// such a thread may wait on the device.
-    pub fn call_blocking<T>(&self, f: impl FnOnce(&dyn KeyBackend) -> T) -> T {
+    /// Run `f` here, on a thread that is not an async worker (the audit writer's own thread):
+    /// such a thread may wait on the device. Test builds refuse it on an async worker.
+    pub(crate) fn call_blocking<T>(
+        &self,
+        f: impl FnOnce(&dyn KeyBackend) -> BackendResult<T>,
+    ) -> BackendResult<T> {
+        crate::backend::refuse_async_worker(self.backend.kind(), "call_blocking")?;
         f(&*self.backend)
     }
 

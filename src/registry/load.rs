@@ -10,6 +10,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use sqlx::Row;
@@ -395,16 +396,43 @@ async fn read_any(pool: &sqlx::AnyPool) -> Result<Loaded, RegistryError> {
 }
 
 /// One key as the database holds it now: what another writer (an instance, an operator) left.
-async fn read_one(pool: &sqlx::AnyPool, name: &str) -> Result<Loaded, RegistryError> {
+/// Both reads see one snapshot, so a change committed between them cannot tear the record.
+async fn read_one(pool: &sqlx::AnyPool, name: &str, sqlite: bool) -> Result<Loaded, RegistryError> {
+    let mut tx = pool.begin().await?;
+    if !sqlite {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+    }
     let keys = sqlx::query(&KEYS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
         .bind(name)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
     let versions = sqlx::query(&VERSIONS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
         .bind(name)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+    tx.commit().await?;
     from_rows(&keys, &versions)
+}
+
+/// Carry this process's use counts over to a key read again: the database has what every
+/// instance flushed; this process also has uses it has not flushed yet, which the cap must
+/// still see. Each version keeps its counter (still queued for the next flush), raised by what
+/// the others flushed since this process last wrote.
+fn keep_usage(old: &KeyRecord, fresh: &mut KeyRecord) {
+    for v in &mut fresh.versions {
+        if let Some(o) = old.version(v.version) {
+            let in_db = v.operations.load(AtomicOrdering::Relaxed);
+            let ours = o.operations.persisted.load(AtomicOrdering::Relaxed);
+            o.operations
+                .fetch_add(in_db.saturating_sub(ours), AtomicOrdering::Relaxed);
+            o.operations
+                .persisted
+                .store(in_db.max(ours), AtomicOrdering::Relaxed);
+            v.operations = o.operations.clone();
+        }
+    }
 }
 
 fn from_rows(
@@ -449,9 +477,15 @@ impl Registry {
     /// Read `name` again from the database and put what it holds now in the index (or drop the
     /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale.
     pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
-        let loaded = read_one(&self.pool, name.as_str()).await?;
+        let loaded = read_one(&self.pool, name.as_str(), self.is_sqlite).await?;
         match loaded.entries.into_iter().next() {
-            Some((_, rec)) => Ok(Some(self.publish(Arc::unwrap_or_clone(rec)))),
+            Some((_, rec)) => {
+                let mut rec = Arc::unwrap_or_clone(rec);
+                if let Some(old) = self.get(name) {
+                    keep_usage(&old, &mut rec);
+                }
+                Ok(Some(self.publish(rec)))
+            }
             None => {
                 self.forget(name);
                 Ok(None)

@@ -9,6 +9,7 @@
 
 pub mod approvals;
 
+mod change;
 mod deadlines;
 mod load;
 mod records;
@@ -58,6 +59,9 @@ pub(crate) fn unique(e: sqlx::Error) -> RegistryError {
     }
 }
 
+/// A process's hold on a SQLite registry file (see [`Registry::claim`]).
+pub struct Claim(std::fs::File);
+
 pub struct Registry {
     pool: AnyPool,
     is_sqlite: bool,
@@ -80,12 +84,22 @@ impl Registry {
     /// first one's keys in creation, so it is refused before it writes anything. Several
     /// instances share PostgreSQL instead.
     pub async fn open(url: &str) -> Result<Self, RegistryError> {
-        let claim = match load::sqlite_file(url) {
-            Some(path) => Some(claim(&path)?),
-            None => None,
-        };
+        Self::open_claimed(url, Self::claim(url)?).await
+    }
+
+    /// The claim [`Registry::open`] takes, on its own: the daemon takes it before anything
+    /// else (before the device, whose opening can disturb another daemon's objects, as a TPM
+    /// owner flushing loaded objects does). Nothing to claim for PostgreSQL.
+    pub fn claim(url: &str) -> Result<Option<Claim>, RegistryError> {
+        load::sqlite_file(url)
+            .map(|path| claim(&path).map(Claim))
+            .transpose()
+    }
+
+    /// [`Registry::open`] with a claim already taken by [`Registry::claim`].
+    pub async fn open_claimed(url: &str, claim: Option<Claim>) -> Result<Self, RegistryError> {
         let registry = Self::open_with(url, true).await?;
-        *registry.claim.lock().unwrap_or_else(|p| p.into_inner()) = claim;
+        *registry.claim.lock().unwrap_or_else(|p| p.into_inner()) = claim.map(|c| c.0);
         Ok(registry)
     }
 
@@ -326,58 +340,15 @@ impl Registry {
         match self.write_change(old, &new).await {
             Ok(()) => Ok(self.publish(new)),
             Err(RegistryError::Conflict(_)) | Err(RegistryError::Exists) => {
-                self.reload(&new.name).await?;
+                // The answer is the conflict either way; a failed read leaves the stale copy,
+                // which the next change finds stale again.
+                if let Err(e) = self.reload(&new.name).await {
+                    tracing::warn!(key = %new.name, error = %e, "could not read a changed key again");
+                }
                 Err(RegistryError::Conflict(new.name.to_string()))
             }
             Err(e) => Err(e),
         }
-    }
-
-    async fn write_change(&self, old: &KeyRecord, new: &KeyRecord) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await?;
-        if old.lifecycle != new.lifecycle {
-            let l = &new.lifecycle;
-            sqlx::query("UPDATE keys SET rotation_period = $1, verify_grace = $2, max_operations = $3 WHERE name = $4")
-                .bind(l.rotation_period.map(to_i64))
-                .bind(to_i64(l.verify_grace))
-                .bind(l.max_operations.map(to_i64))
-                .bind(new.name.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        for v in &new.versions {
-            match old.version(v.version) {
-                None => insert_version(&mut tx, &new.name, v)
-                    .await
-                    .map_err(|e| match e {
-                        RegistryError::Db(d) => unique(d),
-                        other => other,
-                    })?,
-                Some(o) if !o.same_state(v) => {
-                    let res = sqlx::query(
-                        "UPDATE key_versions SET state = $1, state_changed_at = $2, changed_by = $3, reason = $4, grace_until = $5, object_ref = $6 WHERE name = $7 AND version = $8 AND state = $9 AND state_changed_at = $10",
-                    )
-                    .bind(v.state.as_str())
-                    .bind(v.state_changed_at)
-                    .bind(&*v.changed_by)
-                    .bind(v.reason.as_deref())
-                    .bind(v.grace_until)
-                    .bind(hex_encode(&v.object.0))
-                    .bind(new.name.as_str())
-                    .bind(i64::from(v.version))
-                    .bind(o.state.as_str())
-                    .bind(o.state_changed_at)
-                    .execute(&mut *tx)
-                    .await?;
-                    if res.rows_affected() != 1 {
-                        return Err(RegistryError::Conflict(new.name.to_string()));
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     fn forget(&self, name: &KeyName) {
@@ -451,6 +422,9 @@ impl Registry {
         if changed.is_empty() {
             return Ok(0);
         }
+        // Rows in key and version order, as a change locks them (`still_as`): two transactions
+        // that lock in one order cannot deadlock.
+        changed.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
         let written = async {
             let mut tx = self.pool.begin().await?;
             // Increments, not the count this process holds: instances sharing the database

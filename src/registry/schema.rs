@@ -107,7 +107,8 @@ pub(super) fn claim(db: &std::path::Path) -> Result<std::fs::File, RegistryError
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(RegistryError::InUse(format!(
             "{} is in use by another tillkeyd (it holds {}): a SQLite registry serves one \
-             instance; run several instances on one PostgreSQL database ([registry] url)",
+             process at a time; stop that one first, or run several instances on one \
+             PostgreSQL database ([registry] url)",
             db.display(),
             path.display()
         ))),

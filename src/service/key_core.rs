@@ -182,7 +182,7 @@ impl KeyCore {
         self.claim_active_uses(name, op, allowed, 1).await
     }
 
-    /// [`Service::claim_active`] for `uses` operations at once (a batch): all of them go to one
+    /// [`KeyCore::claim_active`] for `uses` operations at once (a batch): all of them go to one
     /// version, so a version that cannot take them all is rotated first.
     pub(crate) async fn claim_active_uses(
         &self,

@@ -1,7 +1,7 @@
 //! Changes to keys: creation, rotation, revocation and settings (the scheduler, which makes the
 //! timed ones, is in `scheduler`).
 //!
-//! Every change goes through [`Service::changes`], one lock for all keys: officer actions and
+//! Every change goes through [`KeyCore::changes`](super::KeyCore), one lock for all keys: officer actions and
 //! scheduled rotations are rare next to signing, and one lock keeps the database and the index in
 //! step without per-key bookkeeping. Signing never takes it.
 
@@ -372,10 +372,26 @@ impl KeyLifecycle {
             versions: 0,
         };
         for key in keys {
-            let (new, n) = revoked(&key, None, reason, &caller.identity);
-            self.core.registry.commit(&key, new).await?;
+            // A key another instance changed meanwhile is read again and revoked from there:
+            // a revocation after a leak must not stop half-way for a routine change.
+            let mut attempt = key;
+            let mut tries = 0;
+            let n = loop {
+                let (new, n) = revoked(&attempt, None, reason, &caller.identity);
+                match self.core.registry.commit(&attempt, new).await {
+                    Ok(_) => break n,
+                    Err(RegistryError::Conflict(_)) if tries < 3 => {
+                        tries += 1;
+                        attempt = self.core.lookup(&attempt.name)?;
+                    }
+                    Err(RegistryError::Conflict(_)) => {
+                        return Err(partial(&out, "revoked", attempt.name.as_str()))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             out.versions += n;
-            out.keys.push(key.name.to_string());
+            out.keys.push(attempt.name.to_string());
         }
         Ok(out)
     }
@@ -396,9 +412,17 @@ impl KeyLifecycle {
             versions: 0,
         };
         for key in keys {
-            self.core
+            match self
+                .core
                 .rotate_locked(&key, &caller.identity, reason)
-                .await?;
+                .await
+            {
+                Ok(_) => {}
+                Err(ServiceError::FailedPrecondition(_)) => {
+                    return Err(partial(&out, "rotated", key.name.as_str()))
+                }
+                Err(e) => return Err(e),
+            }
             out.versions += 1;
             out.keys.push(key.name.to_string());
         }
@@ -418,6 +442,17 @@ impl KeyLifecycle {
         new.lifecycle = settings.apply(key.lifecycle, key.key_type, false)?;
         Ok(self.core.registry.commit(&key, new).await?)
     }
+}
+
+/// A prefix action stopped at `at` by another instance's change: says which keys it had
+/// already changed, since those stay changed.
+fn partial(done: &PrefixOutcome, verb: &str, at: &str) -> ServiceError {
+    ServiceError::FailedPrecondition(format!(
+        "key '{at}' was changed elsewhere meanwhile and was not {verb}; {} keys under the \
+         prefix before it were {verb} ({}); retry to finish",
+        done.keys.len(),
+        done.keys.join(", ")
+    ))
 }
 
 fn check_reason(reason: &str) -> Result<&str, ServiceError> {

@@ -125,7 +125,8 @@ impl Operations {
             version: v.version,
             nonce,
         };
-        let (aad, plaintext) = (header.aad(aad), plaintext.to_vec());
+        // The device needs it owned; the copy is wiped when the call is done.
+        let (aad, plaintext) = (header.aad(aad), zeroize::Zeroizing::new(plaintext.to_vec()));
         let version = v.version;
         let sealed = self
             .core
@@ -173,7 +174,7 @@ impl Operations {
     }
 }
 
-/// Verify with a key already authorized by [`Service::verifying_key`].
+/// Verify with a key already authorized by [`Operations::verifying_key`].
 pub(crate) fn verify_with(
     backend: &dyn KeyBackend,
     key: &KeyRecord,

@@ -2,7 +2,7 @@
 //! elapsed, a verify-only version retires when its grace ends, usage counts reach the database,
 //! and a failed audit store is probed until it takes writes again. The daemon runs a pass on a
 //! timer; each change takes the same lock and leaves the same audit entry as an officer's.
-//! (Rotation on usage happens where the usage is counted, in `lifecycle`.)
+//! (Rotation on usage happens where the usage is counted: `KeyCore::rotate_exhausted`.)
 
 use super::lifecycle::{SCHEDULER, SERVICE};
 use super::{unix_now, KeyLifecycle};
