@@ -6,15 +6,14 @@
 
 mod common;
 
-use common::postgres::{use_registry, Postgres};
+use common::postgres::{env_on, Postgres};
 use common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn two_instances_write_one_audit_chain_that_verifies() {
     let pg = Postgres::start();
-    let env = Env::on(Backend::Pkcs11);
-    use_registry(&env, &pg.url());
+    let env = env_on(&pg);
     let a = env.start();
     create(&a, "stores/9/mac", "hmac-sha256").await;
     create(&a, "stores/9/ec", "ecdsa-p256").await;
@@ -71,8 +70,7 @@ async fn two_instances_write_one_audit_chain_that_verifies() {
 #[tokio::test]
 async fn a_change_from_a_stale_instance_is_refused_and_the_key_read_again() {
     let pg = Postgres::start();
-    let env = Env::on(Backend::Pkcs11);
-    use_registry(&env, &pg.url());
+    let env = env_on(&pg);
     let a = env.start();
     create(&a, "stores/9/mac", "hmac-sha256").await;
     // B starts after the key exists: it holds version 1 as active.

@@ -5,15 +5,14 @@
 
 mod common;
 
-use common::postgres::{use_registry, Postgres};
+use common::postgres::{env_on, Postgres};
 use common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn keys_versions_and_the_audit_trail_live_in_postgresql() {
     let pg = Postgres::start();
-    let env = Env::on(Backend::Pkcs11);
-    use_registry(&env, &pg.url());
+    let env = env_on(&pg);
 
     let d = env.start();
     create(&d, "stores/7/mac", "hmac-sha256").await;
@@ -113,8 +112,7 @@ async fn keys_versions_and_the_audit_trail_live_in_postgresql() {
 #[tokio::test]
 async fn concurrent_seals_get_distinct_counters() {
     let pg = Postgres::start();
-    let env = Env::on(Backend::Pkcs11);
-    use_registry(&env, &pg.url());
+    let env = env_on(&pg);
     let d = env.start();
     create(&d, "stores/1212/atm/dispense", "aes256-gcm").await;
     const CLIENTS: usize = 8;
@@ -159,8 +157,7 @@ async fn concurrent_seals_get_distinct_counters() {
 #[tokio::test]
 async fn postgresql_refuses_to_move_a_revoked_version_back() {
     let pg = Postgres::start();
-    let env = Env::on(Backend::Pkcs11);
-    use_registry(&env, &pg.url());
+    let env = env_on(&pg);
     let d = env.start();
     create(&d, "stores/7/mac", "hmac-sha256").await;
     let mut officer = d.conn("officer").await;
@@ -192,24 +189,15 @@ async fn postgresql_refuses_to_move_a_revoked_version_back() {
 #[tokio::test]
 async fn a_change_from_a_stale_copy_is_refused_and_the_key_read_again() {
     use tillkey::backend::ObjectRef;
-    use tillkey::keys::{KeyName, KeyType, Lifecycle, VersionState};
+    use tillkey::keys::{KeyName, VersionState};
     use tillkey::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
 
     let pg = Postgres::start();
     let a = Registry::open(&pg.url()).await.expect("A opens");
     let name = KeyName::parse("stores/7/mac").unwrap();
-    let v1 = VersionRecord::new(1, 1000, "officer", ObjectRef(vec![1]), None);
-    a.insert_new_keys(vec![KeyRecord {
-        name: name.clone(),
-        key_type: KeyType::HmacSha256,
-        lifecycle: Lifecycle::default(),
-        created_at: 1000,
-        created_by: "officer".into(),
-        derive_from: None,
-        versions: vec![v1],
-    }])
-    .await
-    .expect("create");
+    a.insert_new_keys(vec![one_version_key(&name)])
+        .await
+        .expect("create");
     // B opens now: it holds the key as version 1 active.
     let b = Registry::open(&pg.url()).await.expect("B opens");
     let at_a = a.get(&name).unwrap();
@@ -343,30 +331,15 @@ impl WithVersion for tillkey::registry::KeyRecord {
 /// counted since its last flush, so neither overwrites the other's operations.
 #[tokio::test]
 async fn usage_counts_from_two_instances_add_up() {
-    use tillkey::backend::ObjectRef;
-    use tillkey::keys::{KeyName, KeyType, Lifecycle};
-    use tillkey::registry::{KeyRecord, Registry, VersionRecord};
+    use tillkey::keys::KeyName;
+    use tillkey::registry::Registry;
 
     let pg = Postgres::start();
     let a = Registry::open(&pg.url()).await.expect("A opens");
     let name = KeyName::parse("stores/7/mac").unwrap();
-    a.insert_new_keys(vec![KeyRecord {
-        name: name.clone(),
-        key_type: KeyType::HmacSha256,
-        lifecycle: Lifecycle::default(),
-        created_at: 1000,
-        created_by: "officer".into(),
-        derive_from: None,
-        versions: vec![VersionRecord::new(
-            1,
-            1000,
-            "officer",
-            ObjectRef(vec![1]),
-            None,
-        )],
-    }])
-    .await
-    .expect("create");
+    a.insert_new_keys(vec![one_version_key(&name)])
+        .await
+        .expect("create");
     let b = Registry::open(&pg.url()).await.expect("B opens");
     let (ka, kb) = (a.get(&name).unwrap(), b.get(&name).unwrap());
     for _ in 0..5 {
@@ -383,4 +356,26 @@ async fn usage_counts_from_two_instances_add_up() {
     );
     a.close().await;
     b.close().await;
+}
+
+/// An HMAC key with version 1 active, as an officer's create leaves it.
+fn one_version_key(name: &tillkey::keys::KeyName) -> tillkey::registry::KeyRecord {
+    use tillkey::backend::ObjectRef;
+    use tillkey::keys::{KeyType, Lifecycle};
+    use tillkey::registry::{KeyRecord, VersionRecord};
+    KeyRecord {
+        name: name.clone(),
+        key_type: KeyType::HmacSha256,
+        lifecycle: Lifecycle::default(),
+        created_at: 1000,
+        created_by: "officer".into(),
+        derive_from: None,
+        versions: vec![VersionRecord::new(
+            1,
+            1000,
+            "officer",
+            ObjectRef(vec![1]),
+            None,
+        )],
+    }
 }

@@ -160,3 +160,10 @@ pub fn use_registry(env: &Env, url: &str) {
     assert!(config.contains(sqlite), "dev-env config changed: {config}");
     write(&path, config.replace(sqlite, &format!("url = \"{url}\"")));
 }
+
+/// A fresh environment (SoftHSM token, PKI, config) whose registry is `pg`.
+pub fn env_on(pg: &Postgres) -> Env {
+    let env = Env::on(super::Backend::Pkcs11);
+    use_registry(&env, &pg.url());
+    env
+}
