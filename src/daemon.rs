@@ -135,6 +135,7 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let scheduler = tokio::spawn(schedule(state.clone(), stop_rx.clone()));
+    let feed = tokio::spawn(follow_changes(state.clone(), stop_rx.clone()));
     let drain = std::time::Duration::from_secs(config.drain_timeout);
     let api_task = tokio::spawn(api::serve_api(
         api_listener,
@@ -181,6 +182,7 @@ async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
     let _ = api_task.await;
     let _ = admin_task.await;
     let _ = scheduler.await;
+    let _ = feed.await;
     state.service.core.shutdown().await;
     // Unloads what a TPM would otherwise keep loaded after this process; nothing for PKCS#11.
     device.close();
@@ -284,6 +286,33 @@ async fn open_services(
 /// How often rotation periods, grace windows and usage counts are checked; durations of a few
 /// seconds therefore work (and tests watch whole cycles).
 const SCHEDULER_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often an instance on a shared database reads the other instances' changes: well inside
+/// `registry::MAX_BEHIND`, so one slow poll does not stop it serving.
+const FOLLOW_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+
+async fn follow_changes(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(FOLLOW_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match state.service.core.catch_up().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("caught up with the other instances' changes again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(detail = e.internal_detail().unwrap_or(""), "cannot read the other instances' changes; key operations stop within a second");
+                }
+                Err(_) => {}
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
 
 async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SCHEDULER_TICK);

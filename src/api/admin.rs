@@ -46,13 +46,20 @@ async fn answer(
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => {
-            // Ready only while both the token answers and the audit trail accepts writes.
+            // Ready only while the token answers, the audit trail accepts writes and the
+            // registry has caught up with the other instances (on a shared database).
             let backend = match state.service.core.device().health() {
                 Health::Ready => None,
                 Health::NotReady(reason) => Some(reason),
             };
             let audit = state.service.core.audit().failure();
-            if backend.is_none() && audit.is_none() {
+            let registry = state
+                .service
+                .core
+                .current()
+                .err()
+                .and_then(|e| e.internal_detail().map(str::to_owned));
+            if backend.is_none() && audit.is_none() && registry.is_none() {
                 (
                     StatusCode::OK,
                     "application/json",
@@ -65,6 +72,9 @@ async fn answer(
                 }
                 if let Some(r) = audit {
                     v["audit"] = r.into();
+                }
+                if let Some(r) = registry {
+                    v["registry"] = r.into();
                 }
                 (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -58,6 +58,9 @@ impl Registry {
                 Some(_) => {}
             }
         }
+        if self.feed.is_some() {
+            super::feed::record(&mut tx, &new.name).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -11,10 +11,12 @@ pub mod approvals;
 
 mod change;
 mod deadlines;
+mod feed;
 mod load;
 mod records;
 mod schema;
 
+pub use feed::MAX_BEHIND;
 pub use schema::create_tables;
 use schema::{claim, state_trigger, ADDED_COLUMNS, SCHEMA};
 
@@ -75,6 +77,8 @@ pub struct Registry {
     /// A daemon's hold on its SQLite file, released by [`Registry::close`] or when the process
     /// ends, however it ends.
     claim: Mutex<Option<std::fs::File>>,
+    /// Other instances' changes (PostgreSQL only; see `feed`).
+    feed: Option<feed::Feed>,
 }
 
 impl Registry {
@@ -149,7 +153,12 @@ impl Registry {
                     .await?;
             }
         }
-        let registry = Self::empty(pool, url);
+        let mut registry = Self::empty(pool, url);
+        if !sqlite {
+            create_tables(&registry.pool, &[feed::SCHEMA]).await?;
+            let high = feed::high_water(&registry.pool).await?;
+            registry.feed = Some(feed::Feed::starting_at(high));
+        }
         registry.load(true).await?;
         Ok(registry)
     }
@@ -163,6 +172,7 @@ impl Registry {
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
             claim: Mutex::new(None),
+            feed: None,
         }
     }
 
@@ -294,6 +304,9 @@ impl Registry {
             for v in &rec.versions {
                 insert_version(&mut tx, &rec.name, v).await?;
             }
+            if self.feed.is_some() {
+                feed::record(&mut tx, &rec.name).await?;
+            }
             fresh.push(Some(rec));
         }
         tx.commit().await?;
@@ -320,6 +333,9 @@ impl Registry {
         let mut tx = self.pool.begin().await?;
         for v in &rec.versions {
             insert_version(&mut tx, &rec.name, v).await?;
+        }
+        if self.feed.is_some() {
+            feed::record(&mut tx, &rec.name).await?;
         }
         tx.commit().await?;
         Ok(self.publish(rec))

@@ -18,7 +18,7 @@ use crate::encoding::hex_encode;
 use crate::error::ServiceError;
 use crate::keys::{KeyName, KeyPrefix, KeyType, VersionState};
 use crate::policy::{Operation, PolicyHandle};
-use crate::registry::{KeyRecord, Registry, VersionRecord};
+use crate::registry::{KeyRecord, Registry, VersionRecord, MAX_BEHIND};
 
 /// Actor recorded for changes the daemon makes on its own.
 pub const SCHEDULER: &str = "tillkeyd:scheduler";
@@ -128,6 +128,27 @@ impl KeyCore {
             .await
     }
 
+    /// Read again what other instances changed (see `registry::feed`); the daemon calls this
+    /// a few times a second.
+    pub async fn catch_up(&self) -> Result<usize, ServiceError> {
+        Ok(self.registry.catch_up().await?)
+    }
+
+    /// Fail closed: an instance that has not caught up with the other instances' changes for
+    /// longer than [`MAX_BEHIND`] may hold a revoked version as usable, so it serves no key
+    /// until it has.
+    pub fn current(&self) -> Result<(), ServiceError> {
+        match self.registry.behind() {
+            Some(behind) if behind > MAX_BEHIND => Err(ServiceError::Unavailable {
+                detail: format!(
+                    "the registry has not caught up with other instances' changes for {} ms",
+                    behind.as_millis()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Final work at shutdown: persist usage counts, then close the database.
     pub async fn shutdown(&self) {
         if let Err(e) = self.registry.flush_usage().await {
@@ -142,6 +163,7 @@ impl KeyCore {
         op: Operation,
         name: &str,
     ) -> Result<KeyName, ServiceError> {
+        self.current()?;
         let name = KeyName::parse(name)?;
         if name.is_reserved() {
             return Err(ServiceError::PermissionDenied(format!(

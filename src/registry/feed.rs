@@ -1,0 +1,130 @@
+//! How an instance learns of the changes other instances make to keys (PostgreSQL only: a
+//! SQLite registry serves one process). Every change writes a row to `key_changes` in its own
+//! transaction; each instance polls for rows it has not seen and reads those keys again.
+//!
+//! Sequence numbers are handed out when a row is inserted, not when its transaction commits, so
+//! a row can appear below one already seen. Each poll therefore looks back over the last
+//! [`LOOKBACK`] numbers and skips the rows it has seen; a number still missing after that is a
+//! transaction that rolled back (or one open for longer than the window) and is left behind.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+
+use super::{Registry, RegistryError};
+use crate::keys::KeyName;
+
+pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS key_changes (
+    seq BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL)";
+
+/// How far below the highest number seen each poll looks again.
+const LOOKBACK: i64 = 1000;
+
+/// How long an instance may go without a successful poll before it stops serving keys.
+pub const MAX_BEHIND: Duration = Duration::from_secs(1);
+
+/// What this instance has read of the change log.
+pub(super) struct Feed {
+    seen: Mutex<Seen>,
+    /// When the last poll succeeded (or the registry was loaded).
+    current_at: Mutex<Instant>,
+}
+
+#[derive(Default)]
+struct Seen {
+    high: i64,
+    /// Numbers seen within [`LOOKBACK`] of `high`.
+    recent: BTreeSet<i64>,
+}
+
+impl Feed {
+    /// Everything up to `high` is in the index already (it was loaded after `high` was read).
+    pub(super) fn starting_at(high: i64) -> Self {
+        Self {
+            seen: Mutex::new(Seen {
+                high,
+                recent: BTreeSet::new(),
+            }),
+            current_at: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// The highest change number now: read before the index is loaded, so no change is missed.
+pub(super) async fn high_water(pool: &sqlx::AnyPool) -> Result<i64, RegistryError> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS high FROM key_changes")
+        .fetch_one(pool)
+        .await?;
+    Ok(row.try_get("high")?)
+}
+
+/// Record that `name` changed, in the transaction that changes it.
+pub(super) async fn record(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    name: &KeyName,
+) -> Result<(), RegistryError> {
+    sqlx::query("INSERT INTO key_changes (name) VALUES ($1)")
+        .bind(name.as_str())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+impl Registry {
+    /// Read again every key changed elsewhere since the last call; the number of keys read.
+    /// Nothing to do on SQLite.
+    pub async fn catch_up(&self) -> Result<usize, RegistryError> {
+        let Some(feed) = &self.feed else {
+            return Ok(0);
+        };
+        let started = Instant::now();
+        let floor = feed.seen.lock().unwrap_or_else(|p| p.into_inner()).high - LOOKBACK;
+        let rows = sqlx::query("SELECT seq, name FROM key_changes WHERE seq > $1 ORDER BY seq")
+            .bind(floor)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut fresh = Vec::new();
+        {
+            let seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &rows {
+                let seq: i64 = r.try_get("seq")?;
+                if seq > seen.high || !seen.recent.contains(&seq) {
+                    fresh.push((seq, r.try_get::<String, _>("name")?));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (_, name) in &fresh {
+            if names.insert(name.clone()) {
+                if let Ok(name) = KeyName::parse(name) {
+                    self.reload(&name).await?;
+                }
+            }
+        }
+        let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (seq, _) in &fresh {
+            seen.recent.insert(*seq);
+            seen.high = seen.high.max(*seq);
+        }
+        let keep_from = seen.high - LOOKBACK;
+        seen.recent = seen.recent.split_off(&keep_from);
+        drop(seen);
+        // Current as of when this poll started: what committed after it is the next poll's.
+        *feed.current_at.lock().unwrap_or_else(|p| p.into_inner()) = started;
+        Ok(names.len())
+    }
+
+    /// How long since the index last caught up with the database; `None` when nothing else
+    /// writes it (SQLite).
+    pub fn behind(&self) -> Option<Duration> {
+        self.feed.as_ref().map(|f| {
+            f.current_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        })
+    }
+}
