@@ -168,3 +168,78 @@ async fn changes_on_one_instance_reach_the_other_within_a_second() {
     }
     assert_eq!(b.admin_get("/readyz").0, 200);
 }
+
+/// An instance cut off from the database stops serving keys and says why on /readyz once it
+/// has not caught up for over a second, and serves again by itself when the database is back.
+#[tokio::test]
+async fn an_instance_cut_off_from_the_database_stops_serving_and_recovers_by_itself() {
+    use std::time::{Duration, Instant};
+
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let d = env.start();
+    create(&d, "stores/9/mac", "hmac-sha256").await;
+    let sign = |c| async move {
+        let mut c: tillkey::client::Connection = c;
+        let r = post(
+            &mut c,
+            "/v1/keys/stores/9/mac:sign",
+            json!({"message": b64(b"pay")}),
+        )
+        .await;
+        (c, r)
+    };
+    let (svc, (s, _)) = sign(d.conn("service").await).await;
+    assert_eq!(s, 200);
+
+    pg.stop();
+    let cut = Instant::now();
+    d.wait_for(
+        "readyz to name the registry",
+        Duration::from_secs(10),
+        || {
+            let (s, body) = d.admin_get("/readyz");
+            s == 503 && body.contains("registry")
+        },
+    );
+    let named = cut.elapsed();
+    // Refused at most 1 s after the last poll that succeeded, which was before the cut (the
+    // margin is for a loaded machine's scheduling, not for the daemon).
+    assert!(named <= Duration::from_secs(2), "{named:?}");
+    let (mut svc, r) = sign(svc).await;
+    assert_error(&r, 503, "unavailable");
+    eprintln!(
+        "readyz named the registry after {} ms; a request was refused after {} ms",
+        named.as_millis(),
+        cut.elapsed().as_millis()
+    );
+
+    pg.start_again();
+    let back = Instant::now();
+    d.wait_for("the daemon to serve again", Duration::from_secs(30), || {
+        d.admin_get("/readyz").0 == 200
+    });
+    let mut served = false;
+    for _ in 0..50 {
+        let r = post(
+            &mut svc,
+            "/v1/keys/stores/9/mac:sign",
+            json!({"message": b64(b"pay")}),
+        )
+        .await;
+        if r.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        svc = d.conn("service").await;
+    }
+    assert!(
+        served,
+        "the daemon did not sign again after the database came back"
+    );
+    eprintln!(
+        "serving again {} ms after the database returned",
+        back.elapsed().as_millis()
+    );
+}

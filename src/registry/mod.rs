@@ -115,8 +115,11 @@ impl Registry {
 
     async fn open_with(url: &str, maintain: bool) -> Result<Self, RegistryError> {
         sqlx::any::install_default_drivers();
+        // A database that has gone away fails requests (and their audit entries) in seconds
+        // rather than sqlx's default 30 s wait for a connection.
         let pool = AnyPoolOptions::new()
             .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await?;
         if !maintain {

@@ -72,6 +72,31 @@ impl Postgres {
         }
     }
 
+    /// Stop the server now, as a crash or a cut network would look to its clients.
+    pub fn stop(&self) {
+        run(as_server_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]));
+    }
+
+    /// Start the stopped server again on its port.
+    pub fn start_again(&self) {
+        let dir = self.data.parent().expect("cluster directory");
+        run(as_server_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+                self.port,
+                dir.display()
+            ))
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"]));
+    }
+
     /// One value from a query, through psql.
     pub fn query(&self, sql: &str) -> String {
         self.try_query(sql)
