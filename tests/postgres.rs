@@ -183,9 +183,8 @@ async fn postgresql_refuses_to_move_a_revoked_version_back() {
 /// a key is refused by the database (compare-and-set on each version's state, a version number
 /// taken once), and the stale registry reads the key again; so instance B can never turn A's
 /// revocation back into a version that signs, and two rotations at once make one new version.
-/// (Through the API this needs one audit trail across instances first: today the second
-/// daemon's audit writer collides with the first's sequence numbers, which issue 21 also asks
-/// to fix.)
+/// (Two registries make the stale copy deterministic; through the API, with the change feed
+/// running, see `tests/cluster.rs`.)
 #[tokio::test]
 async fn a_change_from_a_stale_copy_is_refused_and_the_key_read_again() {
     use tillkey::backend::ObjectRef;
