@@ -60,14 +60,15 @@ pub async fn verify(config_path: &Path) -> Result<bool, String> {
     backend.close();
     match outcome? {
         Ok(report) => {
-            println!(
+            out!(
                 "audit trail intact: {} entries, head {}",
-                report.entries, report.head
+                report.entries,
+                report.head
             );
             Ok(true)
         }
         Err(fault) => {
-            println!("audit trail BROKEN: {fault}");
+            out!("audit trail BROKEN: {fault}");
             Ok(false)
         }
     }
@@ -78,7 +79,7 @@ pub async fn export(config_path: &Path) -> Result<(), String> {
     let config = load(config_path)?;
     let (_, entries) = entries(&config).await?;
     for e in entries {
-        println!("{}", e.to_json());
+        out!("{}", e.to_json());
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ pub async fn run(config_path: &Path, so_pin_file: Option<&Path>) -> Result<bool,
         "service_keys": keys,
         "import_wrapping_key": import,
     });
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );

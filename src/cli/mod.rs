@@ -3,6 +3,17 @@
 //! Over 600 lines because it holds the whole clap command tree beside its one dispatch
 //! (`call`), which reads best next to the commands it serves.
 
+/// `println!` for the CLI's results: a reader that stops early (`tillkey audit export | head`)
+/// ends the output quietly (exit 0) instead of std's panic on a closed pipe.
+macro_rules! out {
+    () => {
+        $crate::cli::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+
 pub mod audit;
 pub mod bench;
 mod init;
@@ -374,7 +385,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pki(PkiCommand::Dev { dir }) => crate::pki::dev(&dir).map(|()| {
-            println!("development PKI written to {}", dir.display());
+            out!("development PKI written to {}", dir.display());
             true
         }),
         Command::Pki(PkiCommand::Ca { dir, name, days, hsm }) => crate::pki::create_ca(&dir, &name, days, hsm.as_deref())
@@ -383,14 +394,14 @@ pub fn main() -> ExitCode {
                 ca.write_crl(&dir)
             })
             .map(|()| {
-                println!("CA written to {}", dir.display());
+                out!("CA written to {}", dir.display());
                 true
             }),
         Command::Pki(PkiCommand::Issue { dir, out, uri, cn, dns, ip, days }) => {
             issue(&dir, &out, uri.as_deref(), &cn, &dns, &ip, days).map(|()| true)
         }
         Command::Pki(PkiCommand::Revoke { dir, cert }) => crate::pki::revoke(&dir, &cert).map(|serial| {
-            println!("revoked serial {serial}; send tillkeyd SIGHUP (systemctl reload tillkeyd) to apply");
+            out!("revoked serial {serial}; send tillkeyd SIGHUP (systemctl reload tillkeyd) to apply");
             true
         }),
         Command::Bench(args) => bench::run(args).map(|()| true),
@@ -457,7 +468,7 @@ fn issue(
         .and_then(|n| n.to_str())
         .ok_or("--out needs a file name")?;
     crate::pki::write_pair(parent, name, &issued)?;
-    println!("wrote {0}.crt and {0}.key", out.display());
+    out!("wrote {0}.crt and {0}.key", out.display());
     Ok(())
 }
 
@@ -466,6 +477,22 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
+}
+
+/// Write one line of results to standard output (see `out!`).
+pub(crate) fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("tillkey: writing to standard output: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Run one API call, print the JSON answer; `Ok(false)` when the server said no.
@@ -533,7 +560,7 @@ async fn call(cmd: Command) -> Result<bool, String> {
         .call(method, &path, body.as_ref())
         .await
         .map_err(|e| e.to_string())?;
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&answer).unwrap_or_default()
     );

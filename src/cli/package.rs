@@ -176,7 +176,7 @@ pub async fn request(
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let text = serde_json::to_string_pretty(&wanted).map_err(|e| e.to_string())?;
     std::fs::write(out.join(PENDING), text).map_err(|e| format!("{PENDING}: {e}"))?;
-    println!(
+    out!(
         "{} exports requested; a second officer runs: tillkey provision package approve --dir {}",
         wanted.len(),
         out.display()
@@ -241,7 +241,7 @@ pub async fn approve(conn: &Conn, dir: &Path) -> Result<bool, String> {
     }
     // Approvals execute once; keeping the list would only invite a confusing second run.
     std::fs::rename(&path, dir.join("approved.json")).map_err(|e| format!("{PENDING}: {e}"))?;
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "packages": packages.len(),

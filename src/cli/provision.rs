@@ -190,7 +190,7 @@ pub async fn enrol(
         "failures": failures,
         "seconds": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
     });
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );

@@ -49,7 +49,7 @@ pub fn serve(args: FloorArgs) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        println!("{port}");
+        out!("{port}");
         let (stop, stopped) = watch::channel(false);
         std::thread::spawn(move || {
             let _ = std::io::stdin().read_to_end(&mut Vec::new());

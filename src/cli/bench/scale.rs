@@ -92,13 +92,13 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
     let derived_held = scrape::series(&metrics, "tillkey_derived_keys{what=\"held\"}");
     let rss_kib = s.pid.and_then(rss_kib);
     let db = registry_bytes(&s.config.registry_url);
-    println!(
+    out!(
         "scale: {} clients over mTLS vs {} raw token threads; {} s measured after {} s warm-up; {}-byte messages",
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size
     );
-    println!("| what | raw ops/s | daemon ops/s | p50 ms | p99 ms | errors |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    println!(
+    out!("| what | raw ops/s | daemon ops/s | p50 ms | p99 ms | errors |");
+    out!("|---|---:|---:|---:|---:|---:|");
+    out!(
         "| HMAC, 1 stored key | {:.0} | {:.0} | {:.2} | {:.2} | {} |",
         raw_stored.per_second(),
         stored_load.ops_per_s,
@@ -106,7 +106,7 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
         stored_load.p99_ms,
         stored_load.errors
     );
-    println!(
+    out!(
         "| HMAC, {hot} derived keys (daemon: cached; raw: derive+HMAC+destroy each) | {:.0} | {:.0} | {:.2} | {:.2} | {} |",
         raw_derived.per_second(),
         derived_load.ops_per_s,
@@ -115,7 +115,7 @@ pub(super) fn run(s: &Setup<'_>, hot: usize) -> Result<(), String> {
         derived_load.errors
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-    println!(
+    out!(
         "registered keys: {}; derived keys held in the token: {}; daemon RSS: {} KiB; registry on disk: {} bytes; {hot} derived keys created in {make_s:.1} s",
         opt(keys),
         opt(derived_held),

@@ -6,14 +6,14 @@ use super::{BenchArgs, Row};
 pub fn print(rows: &[Row], args: &BenchArgs) {
     let opt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
-    println!(
+    out!(
         "{} clients over mTLS vs {} raw backend threads; {} s measured after {} s warm-up; {}-byte messages; batches of {}",
         args.clients, args.raw_threads, args.seconds, args.warmup, args.message_size, args.batch_size
     );
-    println!(
+    out!(
         "| phase | raw ops/s | daemon ops/s | ratio (target) | ceiling: front / audited / CPU | p50 ms | p99 ms | mean ms at raw rate | errors | raw CPU us/op | daemon CPU us/op | client CPU us/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    out!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let ratio = match (r.ratio, r.target_ratio) {
             (Some(ratio), Some(t)) => format!("{ratio:.2} (>= {t:.2})"),
@@ -25,7 +25,7 @@ pub fn print(rows: &[Row], args: &BenchArgs) {
                 format!("{} / {} / {}", opt(front, 2), opt(audited, 2), opt(cpu, 2))
             }
         };
-        println!(
+        out!(
             "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             r.phase,
             opt(r.raw_ops_per_s, 0),
@@ -46,14 +46,18 @@ pub fn print(rows: &[Row], args: &BenchArgs) {
         .filter_map(|r| Some((r, r.daemon_cpu_us_by_thread?)))
         .collect();
     if !split.is_empty() {
-        println!();
-        println!("Daemon CPU us/op by thread (the floor server's in tls-floor):");
-        println!("| phase | async workers | device threads | audit writer | other |");
-        println!("|---|---:|---:|---:|---:|");
+        out!();
+        out!("Daemon CPU us/op by thread (the floor server's in tls-floor):");
+        out!("| phase | async workers | device threads | audit writer | other |");
+        out!("|---|---:|---:|---:|---:|");
         for (r, t) in split {
-            println!(
+            out!(
                 "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                r.phase, t.workers, t.device, t.audit, t.other
+                r.phase,
+                t.workers,
+                t.device,
+                t.audit,
+                t.other
             );
         }
     }
@@ -62,14 +66,18 @@ pub fn print(rows: &[Row], args: &BenchArgs) {
         .filter_map(|r| Some((r, r.audit_commits?)))
         .collect();
     if !commits.is_empty() {
-        println!();
-        println!("Audit group commits in the daemon windows (each request waits for its group to be held open, then written):");
-        println!("| phase | commits/s | entries per commit | held open ms | write ms |");
-        println!("|---|---:|---:|---:|---:|");
+        out!();
+        out!("Audit group commits in the daemon windows (each request waits for its group to be held open, then written):");
+        out!("| phase | commits/s | entries per commit | held open ms | write ms |");
+        out!("|---|---:|---:|---:|---:|");
         for (r, c) in commits {
-            println!(
+            out!(
                 "| {} | {:.0} | {:.1} | {:.3} | {:.3} |",
-                r.phase, c.per_s, c.entries_per_commit, c.open_ms, c.write_ms
+                r.phase,
+                c.per_s,
+                c.entries_per_commit,
+                c.open_ms,
+                c.write_ms
             );
         }
     }
