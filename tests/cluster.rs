@@ -243,3 +243,74 @@ async fn an_instance_cut_off_from_the_database_stops_serving_and_recovers_by_its
         back.elapsed().as_millis()
     );
 }
+
+/// Timed rotations are one instance's work: with two instances, only the lease holder rotates;
+/// when it stops, the other takes over within the lease's term; and the keys end with one new
+/// version per period, never two.
+#[tokio::test]
+async fn one_instance_runs_the_scheduler_and_another_takes_over() {
+    use std::time::Duration;
+
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    let mut officer = a.conn("officer").await;
+    for i in 0..3 {
+        let (s, k) = post(
+            &mut officer,
+            "/v1/keys",
+            json!({"name": format!("stores/9/pos/{i}/mac"), "type": "hmac-sha256", "rotation_period": "2s"}),
+        )
+        .await;
+        assert_eq!(s, 201, "{k}");
+    }
+    drop(officer);
+    let b = env.start();
+    let rotations = |d: &Daemon| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains("rotated: rotation_period elapsed"))
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (by_a, by_b) = (rotations(&a), rotations(&b));
+    assert!(
+        (by_a == 0) != (by_b == 0),
+        "both or neither rotated: A {by_a}, B {by_b}"
+    );
+    // No version number twice, no gap: each rotation the one holder made is in the database.
+    let versions: u64 = pg
+        .query("SELECT count(*) FROM key_versions WHERE name LIKE 'stores/9/pos/%'")
+        .parse()
+        .expect("count");
+    assert_eq!(versions as usize, 3 + by_a + by_b);
+
+    // The lease row names the instance that rotated (holders are host/pid/random).
+    let (holder, other) = if by_a > 0 { (a, b) } else { (b, a) };
+    let held_by = |pid: u32| {
+        pg.query("SELECT holder FROM leases WHERE name = 'scheduler'")
+            .split('/')
+            .nth(1)
+            .map(str::to_owned)
+            == Some(pid.to_string())
+    };
+    assert!(
+        held_by(holder.pid()),
+        "{}",
+        pg.query("SELECT holder FROM leases")
+    );
+
+    // The holder stops; the other takes the lease within its 5 s term and rotates.
+    assert!(holder.stop().success());
+    let before = rotations(&other);
+    other.wait_for(
+        "the other instance to rotate",
+        Duration::from_secs(10),
+        || rotations(&other) > before,
+    );
+    assert!(
+        held_by(other.pid()),
+        "{}",
+        pg.query("SELECT holder FROM leases")
+    );
+}

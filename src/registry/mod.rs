@@ -12,6 +12,7 @@ pub mod approvals;
 mod change;
 mod deadlines;
 mod feed;
+mod lease;
 mod load;
 mod records;
 mod schema;
@@ -61,6 +62,20 @@ pub(crate) fn unique(e: sqlx::Error) -> RegistryError {
     }
 }
 
+/// Names this process among instances: the host and process id, for people reading the
+/// leases table, plus a random part, so a restarted process is a new holder.
+fn instance_id() -> String {
+    let mut r = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}/{}/{}",
+        host.trim(),
+        std::process::id(),
+        crate::encoding::hex_encode(&r)
+    )
+}
+
 /// A process's hold on a SQLite registry file (see [`Registry::claim`]).
 pub struct Claim(std::fs::File);
 
@@ -79,6 +94,8 @@ pub struct Registry {
     claim: Mutex<Option<std::fs::File>>,
     /// Other instances' changes (PostgreSQL only; see `feed`).
     feed: Option<feed::Feed>,
+    /// This process among the instances on a shared database (for leases).
+    instance: String,
 }
 
 impl Registry {
@@ -158,7 +175,7 @@ impl Registry {
         }
         let mut registry = Self::empty(pool, url);
         if !sqlite {
-            create_tables(&registry.pool, &[feed::SCHEMA]).await?;
+            create_tables(&registry.pool, &[feed::SCHEMA, lease::SCHEMA]).await?;
             let high = feed::high_water(&registry.pool).await?;
             registry.feed = Some(feed::Feed::starting_at(high));
         }
@@ -176,6 +193,7 @@ impl Registry {
             used: Mutex::new(Vec::new()),
             claim: Mutex::new(None),
             feed: None,
+            instance: instance_id(),
         }
     }
 

@@ -9,13 +9,36 @@ use super::{unix_now, KeyLifecycle};
 use crate::error::ServiceError;
 use crate::keys::VersionState;
 
+/// How long the scheduler lease lasts without renewal; the pass renews it every second, so
+/// another instance takes over within this after the holder stops.
+const LEASE_TERM_MS: i64 = 5_000;
+
 impl KeyLifecycle {
     /// One pass of the scheduler: rotate keys whose period has elapsed, retire verify-only
     /// versions whose grace has ended, persist usage counts. Failures are logged and retried on
     /// the next pass.
     pub async fn tick(&self) {
         let now = unix_now();
-        for name in self.core.registry.due(now) {
+        // Timed changes are one instance's work (the lease); the audit probe and the usage
+        // flush below are every instance's own.
+        let lead = match self
+            .core
+            .registry
+            .hold_lease("scheduler", LEASE_TERM_MS)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the scheduler lease; skipping this pass");
+                false
+            }
+        };
+        let due = if lead {
+            self.core.registry.due(now)
+        } else {
+            Vec::new()
+        };
+        for name in due {
             let _guard = self.core.changes.lock().await;
             let Some(current) = self.core.registry.get(&name) else {
                 continue;
