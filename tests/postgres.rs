@@ -188,17 +188,12 @@ async fn postgresql_refuses_to_move_a_revoked_version_back() {
 #[tokio::test]
 async fn a_change_from_a_stale_copy_is_refused_and_the_key_read_again() {
     use tillkey::backend::ObjectRef;
-    use tillkey::keys::{KeyName, VersionState};
-    use tillkey::registry::{KeyRecord, Registry, RegistryError, VersionRecord};
+    use tillkey::keys::VersionState;
+    use tillkey::registry::{KeyRecord, RegistryError, VersionRecord};
 
     let pg = Postgres::start();
-    let a = Registry::open(&pg.url()).await.expect("A opens");
-    let name = KeyName::parse("stores/7/mac").unwrap();
-    a.insert_new_keys(vec![one_version_key(&name)])
-        .await
-        .expect("create");
-    // B opens now: it holds the key as version 1 active.
-    let b = Registry::open(&pg.url()).await.expect("B opens");
+    // B opens after the key exists: it holds it as version 1 active.
+    let (a, b, name) = two_registries_with_a_key(&pg).await;
     let at_a = a.get(&name).unwrap();
     let at_b = b.get(&name).unwrap();
 
@@ -330,16 +325,8 @@ impl WithVersion for tillkey::registry::KeyRecord {
 /// counted since its last flush, so neither overwrites the other's operations.
 #[tokio::test]
 async fn usage_counts_from_two_instances_add_up() {
-    use tillkey::keys::KeyName;
-    use tillkey::registry::Registry;
-
     let pg = Postgres::start();
-    let a = Registry::open(&pg.url()).await.expect("A opens");
-    let name = KeyName::parse("stores/7/mac").unwrap();
-    a.insert_new_keys(vec![one_version_key(&name)])
-        .await
-        .expect("create");
-    let b = Registry::open(&pg.url()).await.expect("B opens");
+    let (a, b, name) = two_registries_with_a_key(&pg).await;
     let (ka, kb) = (a.get(&name).unwrap(), b.get(&name).unwrap());
     for _ in 0..5 {
         a.count_use(&name, &ka.versions[0], 1);
@@ -377,4 +364,22 @@ fn one_version_key(name: &tillkey::keys::KeyName) -> tillkey::registry::KeyRecor
             None,
         )],
     }
+}
+
+/// Two registries on `pg`, as two instances hold it: A makes `stores/7/mac`, then B opens.
+async fn two_registries_with_a_key(
+    pg: &Postgres,
+) -> (
+    tillkey::registry::Registry,
+    tillkey::registry::Registry,
+    tillkey::keys::KeyName,
+) {
+    use tillkey::registry::Registry;
+    let a = Registry::open(&pg.url()).await.expect("A opens");
+    let name = tillkey::keys::KeyName::parse("stores/7/mac").unwrap();
+    a.insert_new_keys(vec![one_version_key(&name)])
+        .await
+        .expect("create");
+    let b = Registry::open(&pg.url()).await.expect("B opens");
+    (a, b, name)
 }
