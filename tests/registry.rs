@@ -128,12 +128,7 @@ async fn usage_counts_are_flushed_once_per_change() {
     r.close().await;
     let r = Registry::open(&url(&dir)).await.unwrap();
     let k = r.get(&name).unwrap();
-    assert_eq!(
-        k.versions[0]
-            .operations
-            .load(std::sync::atomic::Ordering::Relaxed),
-        6
-    );
+    assert_eq!(k.versions[0].operations.count(), 6);
 }
 
 /// A SQLite registry serves one daemon: a second `open` of the same file is refused, with a

@@ -243,7 +243,7 @@ impl KeyView {
                     changed_by: v.changed_by.to_string(),
                     reason: v.reason.clone(),
                     grace_until: v.grace_until.map(rfc3339),
-                    operations: v.operations.load(std::sync::atomic::Ordering::Relaxed),
+                    operations: v.operations.count(),
                     kcv: v.kcv.clone(),
                     public_key_pem: v
                         .public_key_der

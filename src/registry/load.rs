@@ -420,16 +420,13 @@ async fn read_one(pool: &sqlx::AnyPool, name: &str, sqlite: bool) -> Result<Load
 /// instance flushed; this process also has uses it has not flushed yet, which the cap must
 /// still see. Each version keeps its counter (still queued for the next flush), raised by what
 /// the others flushed since this process last wrote.
+/// Carry this process's count of each version over to a fresh read of its key: the database's
+/// count becomes the base, and operations not yet flushed stay to be flushed.
 fn keep_usage(old: &KeyRecord, fresh: &mut KeyRecord) {
     for v in &mut fresh.versions {
         if let Some(o) = old.version(v.version) {
-            let in_db = v.operations.load(AtomicOrdering::Relaxed);
-            let ours = o.operations.persisted.load(AtomicOrdering::Relaxed);
-            o.operations
-                .fetch_add(in_db.saturating_sub(ours), AtomicOrdering::Relaxed);
-            o.operations
-                .persisted
-                .store(in_db.max(ours), AtomicOrdering::Relaxed);
+            let in_db = v.operations.base.load(AtomicOrdering::Relaxed);
+            o.operations.base.store(in_db, AtomicOrdering::Relaxed);
             v.operations = o.operations.clone();
         }
     }

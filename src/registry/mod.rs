@@ -9,6 +9,7 @@
 
 pub mod approvals;
 
+mod cap;
 mod change;
 mod deadlines;
 mod feed;
@@ -89,6 +90,8 @@ pub struct Registry {
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
     used: Mutex<Vec<(KeyName, u32, Arc<Usage>)>>,
+    /// Versions with operations leased to this process (see `cap`).
+    leases: cap::Leases,
     /// A daemon's hold on its SQLite file, released by [`Registry::close`] or when the process
     /// ends, however it ends.
     claim: Mutex<Option<std::fs::File>>,
@@ -191,6 +194,7 @@ impl Registry {
             index: RwLock::new(BTreeMap::new()),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
+            leases: Default::default(),
             claim: Mutex::new(None),
             feed: None,
             instance: instance_id(),
@@ -200,6 +204,9 @@ impl Registry {
     /// Close every connection; SQLite then checkpoints its write-ahead log into the database
     /// file, so a stopped daemon leaves one self-contained file behind.
     pub async fn close(&self) {
+        if let Err(e) = self.return_leases().await {
+            tracing::warn!(error = %e, "could not return unspent max_operations leases; those operations are lost to their versions");
+        }
         if self.is_sqlite {
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&self.pool)
@@ -417,10 +424,9 @@ impl Registry {
     }
 
     /// Count `uses` operations on `v` of `name`, queueing the version for the next usage flush.
-    /// Returns the count before them.
-    pub fn count_use(&self, name: &KeyName, v: &VersionRecord, uses: u64) -> u64 {
-        let before = v.operations.fetch_add(uses, Ordering::Relaxed);
+    pub fn count_use(&self, name: &KeyName, v: &VersionRecord, uses: u64) {
         let u = &v.operations;
+        u.unflushed.fetch_add(uses, Ordering::Relaxed);
         if !u.queued.load(Ordering::Relaxed) && !u.queued.swap(true, Ordering::AcqRel) {
             self.used.lock().unwrap_or_else(|p| p.into_inner()).push((
                 name.clone(),
@@ -428,7 +434,6 @@ impl Registry {
                 u.clone(),
             ));
         }
-        before
     }
 
     /// Every key: a snapshot of the whole index, O(keys). The scheduler uses [`Registry::due`]
@@ -443,17 +448,17 @@ impl Registry {
     }
 
     /// Write operation counts that changed since the last flush. Counts are kept in memory on
-    /// the hot path; a crash loses at most the operations since the last flush. Only versions
-    /// used since the last flush are visited.
+    /// the hot path; a crash loses at most the operations since the last flush (a cap does not
+    /// depend on them: see `cap`). Only versions used since the last flush are visited.
     pub async fn flush_usage(&self) -> Result<usize, RegistryError> {
         let queued = std::mem::take(&mut *self.used.lock().unwrap_or_else(|p| p.into_inner()));
         let mut changed = Vec::new();
         for (name, version, u) in queued {
-            // Unqueue before reading, so an operation from now on queues the version again.
+            // Unqueue before taking the count, so an operation from now on queues it again.
             u.queued.store(false, Ordering::Release);
-            let now = u.load(Ordering::Relaxed);
-            if now != u.persisted.load(Ordering::Relaxed) {
-                changed.push((name, version, now, u));
+            let delta = u.unflushed.swap(0, Ordering::AcqRel);
+            if delta > 0 {
+                changed.push((name, version, delta, u));
             }
         }
         if changed.is_empty() {
@@ -464,14 +469,11 @@ impl Registry {
         changed.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
         let written = async {
             let mut tx = self.pool.begin().await?;
-            // Increments, not the count this process holds: instances sharing the database
-            // each add their own operations, and none overwrites another's.
-            for (name, version, ops, u) in &changed {
-                let delta = ops.saturating_sub(u.persisted.load(Ordering::Relaxed));
+            for (name, version, delta, _) in &changed {
                 sqlx::query(
                     "UPDATE key_versions SET operations = operations + $1 WHERE name = $2 AND version = $3",
                 )
-                .bind(to_i64(delta))
+                .bind(to_i64(*delta))
                 .bind(name.as_str())
                 .bind(i64::from(*version))
                 .execute(&mut *tx)
@@ -480,19 +482,20 @@ impl Registry {
             tx.commit().await
         }
         .await;
-        if let Err(e) = written {
-            // Queue them again for the next attempt.
-            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, version, _, u) in changed {
+        let failed = written.is_err();
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, version, delta, u) in &changed {
+            if failed {
+                // Back into the count and the queue for the next attempt.
+                u.unflushed.fetch_add(*delta, Ordering::AcqRel);
                 if !u.queued.swap(true, Ordering::AcqRel) {
-                    used.push((name, version, u));
+                    used.push((name.clone(), *version, u.clone()));
                 }
+            } else {
+                u.base.fetch_add(*delta, Ordering::AcqRel);
             }
-            return Err(e.into());
         }
-        for (_, _, ops, u) in &changed {
-            u.persisted.store(*ops, Ordering::Relaxed);
-        }
+        written?;
         Ok(changed.len())
     }
 }
@@ -515,7 +518,7 @@ async fn insert_version(
     .bind(&*v.changed_by)
     .bind(v.reason.as_deref())
     .bind(v.grace_until)
-    .bind(to_i64(v.operations.load(Ordering::Relaxed)))
+    .bind(to_i64(v.operations.count()))
     .bind(hex_encode(&v.object.0))
     .bind(v.public_key_der.as_deref().map(hex_encode))
     .bind(v.kcv.as_deref())

@@ -1,6 +1,6 @@
 //! A key and its versions as the registry holds them: what every layer above reads.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::{Kdf, ObjectRef};
@@ -26,9 +26,8 @@ pub struct VersionRecord {
     pub kcv: Option<String>,
     /// For a version derived from a master key: which master version and KDF made it.
     pub derivation: Option<Derivation>,
-    /// Operations performed (sign, MAC, encrypt), readable as an `AtomicU64`. Shared by every
-    /// snapshot of this version and written to the database by [`Registry::flush_usage`], not on
-    /// every operation.
+    /// Operations performed (sign, MAC, encrypt). Shared by every snapshot of this version and
+    /// written to the database by [`Registry::flush_usage`], not on every operation.
     pub operations: Arc<Usage>,
 }
 
@@ -40,29 +39,37 @@ pub struct Derivation {
     pub kdf: Kdf,
 }
 
-/// Use count of one version, with what the database last saw and whether it waits in the
-/// flush queue (so a flush visits only versions used since the last one).
+/// Use count of one version: the database's count when this process last read or wrote it,
+/// plus this process's operations not yet written (flushed as increments, so instances sharing
+/// the database each add their own and none overwrites another's). Every operation is in
+/// exactly one flush; the sum shown between flushes may lag other instances'.
 #[derive(Debug, Default)]
 pub struct Usage {
-    pub(super) count: AtomicU64,
-    pub(super) persisted: AtomicU64,
+    pub(super) base: AtomicU64,
+    pub(super) unflushed: AtomicU64,
+    /// Whether the version waits in the flush queue (so a flush visits only versions used
+    /// since the last one).
     pub(super) queued: AtomicBool,
+    /// Operations of a capped version this process has leased, and performed under those
+    /// leases (see `cap`).
+    pub(super) granted: AtomicU64,
+    pub(super) spent: AtomicU64,
+    pub(super) leasing: tokio::sync::Mutex<()>,
 }
 
 impl Usage {
     pub(super) fn new(count: u64) -> Self {
         Self {
-            count: AtomicU64::new(count),
-            persisted: AtomicU64::new(count),
-            queued: AtomicBool::new(false),
+            base: AtomicU64::new(count),
+            ..Default::default()
         }
     }
-}
 
-impl std::ops::Deref for Usage {
-    type Target = AtomicU64;
-    fn deref(&self) -> &AtomicU64 {
-        &self.count
+    /// Operations performed, as far as this process knows.
+    pub fn count(&self) -> u64 {
+        self.base
+            .load(Ordering::Relaxed)
+            .saturating_add(self.unflushed.load(Ordering::Relaxed))
     }
 }
 

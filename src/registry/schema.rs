@@ -80,6 +80,8 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("keys", "derive_from", "TEXT"),
     ("key_versions", "kdf", "TEXT"),
     ("key_versions", "master_version", "BIGINT"),
+    // Operations of the version's `max_operations` leased to processes (see `cap`).
+    ("key_versions", "leased", "BIGINT NOT NULL DEFAULT 0"),
 ];
 
 /// Create `tables` (each a `CREATE TABLE IF NOT EXISTS` statement) on the registry's database:

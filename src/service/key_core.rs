@@ -213,7 +213,9 @@ impl KeyCore {
         allowed: impl Fn(KeyType) -> bool,
         uses: u64,
     ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
-        for _ in 0..3 {
+        // Each pass either claims or finds the version at its cap and sees it rotated (here or
+        // by another instance); only a key rotated this often by others runs out of passes.
+        for _ in 0..8 {
             let key = self.lookup(name)?;
             require(allowed(key.key_type), op, &key)?;
             if key.lifecycle.max_operations.is_some_and(|max| uses > max) {
@@ -222,19 +224,19 @@ impl KeyCore {
                 )));
             }
             let v = active(&key)?;
-            let used = self.registry.count_use(name, v, uses);
-            match key.lifecycle.max_operations {
-                Some(max) if used + uses > max => {
-                    v.operations
-                        .fetch_sub(uses, std::sync::atomic::Ordering::Relaxed);
-                    let version = v.version;
-                    self.rotate_exhausted(name, version).await?;
-                }
-                _ => {
-                    let v = Box::new(v.clone());
-                    return Ok((key, v));
+            if let Some(max) = key.lifecycle.max_operations {
+                // The count this process knows (which catches a cap just lowered here), then
+                // the cap across instances: a lease of operations from the database.
+                let known = v.operations.count();
+                let room = known.saturating_add(uses) <= max
+                    && self.registry.take_capped(name, v, uses, max).await?;
+                if !room {
+                    self.rotate_exhausted(name, v.version).await?;
+                    continue;
                 }
             }
+            self.registry.count_use(name, v, uses);
+            return Ok((key.clone(), Box::new(v.clone())));
         }
         Err(ServiceError::Unavailable {
             detail: format!("key '{name}' kept reaching max_operations while rotating"),
@@ -344,13 +346,21 @@ impl KeyCore {
         let _guard = self.changes.lock().await;
         let key = self.lookup(name)?;
         if key.active().is_some_and(|v| v.version == version) {
-            let new = self
+            match self
                 .rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
-                .await?;
-            tracing::info!(key = %name, version, "rotated: max_operations reached");
-            let v = new.active().map(|v| v.version);
-            self.audit_own("rotate", name, v, "max_operations reached")
-                .await;
+                .await
+            {
+                Ok(new) => {
+                    tracing::info!(key = %name, version, "rotated: max_operations reached");
+                    let v = new.active().map(|v| v.version);
+                    self.audit_own("rotate", name, v, "max_operations reached")
+                        .await;
+                }
+                // Another instance changed the key first (most likely rotating it at the same
+                // cap); the registry has read it again, and the caller tries with that.
+                Err(ServiceError::FailedPrecondition(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

@@ -140,6 +140,10 @@ impl Pkcs11Backend {
 
     /// Run `f` on a pooled session, classifying failures once. A stale handle is looked up again
     /// once; a fatal error tears the connection down.
+    ///
+    /// A missing object is looked for again, alone on the token and after a pause (see
+    /// [`MISSING_PAUSES`]): another process sharing the token (an instance of a cluster) may
+    /// have just made it.
     fn with_session<T>(
         &self,
         what: &str,
@@ -150,6 +154,26 @@ impl Pkcs11Backend {
         if self.waits_on_device {
             super::refuse_async_worker("pkcs11", what)?;
         }
+        let mut result = self.attempt(what, object, &f);
+        if !EXCLUSIVE.with(Cell::get) {
+            for pause in MISSING_PAUSES {
+                let Err(Failure::Missing(conn)) = &result else {
+                    break;
+                };
+                conn.forget_handles(Some(&object.0));
+                std::thread::sleep(pause);
+                result = self.exclusively(|| self.attempt(what, object, &f));
+            }
+        }
+        result.map_err(|e| e.into_backend(what, object))
+    }
+
+    fn attempt<T>(
+        &self,
+        what: &str,
+        object: &ObjectRef,
+        f: &impl Fn(&Connection, &Session) -> Result<T, OpError>,
+    ) -> Result<T, Failure> {
         // Shared with other calls, excluded while a token object is written (unless this thread
         // is the writer).
         let _shared = if EXCLUSIVE.with(Cell::get) {
@@ -186,15 +210,11 @@ impl Pkcs11Backend {
             }
             Err(OpError::Refused(msg)) => {
                 conn.give_session(session);
-                Err(BackendError::InvalidInput(msg))
+                Err(BackendError::InvalidInput(msg).into())
             }
             Err(OpError::ObjectMissing) => {
                 conn.give_session(session);
-                Err(BackendError::Failed(format!(
-                    "pkcs11 {what}: token '{}' holds no object with id {}",
-                    conn.token_label,
-                    object_label()
-                )))
+                Err(Failure::Missing(conn))
             }
             Err(OpError::Ck(e)) => {
                 let err = translate(&e, what, &conn.token_label, &object_label());
@@ -204,7 +224,7 @@ impl Pkcs11Backend {
                 } else {
                     conn.give_session(session);
                 }
-                Err(err)
+                Err(err.into())
             }
         }
     }
@@ -214,6 +234,49 @@ impl Pkcs11Backend {
             "{what} is not an operation of {} keys",
             key_type.as_str()
         ))
+    }
+}
+
+/// Pauses before looking again for an object the token says it does not hold. Measured with
+/// three instances on one SoftHSM token rotating a key every few hundred milliseconds: an
+/// object another process had made and committed was sometimes missing from this process's
+/// searches for up to about 200 ms (SoftHSM notices other processes' writes lazily), never
+/// longer. An object that is really gone costs its request about a second.
+const MISSING_PAUSES: [std::time::Duration; 7] = {
+    use std::time::Duration;
+    [
+        Duration::from_millis(5),
+        Duration::from_millis(20),
+        Duration::from_millis(50),
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+        Duration::from_millis(250),
+        Duration::from_millis(300),
+    ]
+};
+
+/// How one attempt at a call failed: the object was not found on the connection, or otherwise.
+enum Failure {
+    Missing(Arc<Connection>),
+    Other(BackendError),
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Self::Other(e)
+    }
+}
+
+impl Failure {
+    fn into_backend(self, what: &str, object: &ObjectRef) -> BackendError {
+        match self {
+            Self::Other(e) => e,
+            Self::Missing(conn) => BackendError::Failed(format!(
+                "pkcs11 {what}: token '{}' holds no object with id {}",
+                conn.token_label,
+                encoding::hex_encode(&object.0)
+            )),
+        }
     }
 }
 
