@@ -150,6 +150,7 @@ impl BackendConfig {
 struct RawRegistry {
     sqlite: Option<PathBuf>,
     url: Option<String>,
+    migrate_at_start: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +189,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// sqlx connection URL of the registry database.
     pub registry_url: String,
+    /// Whether the daemon migrates the database's schema at start or requires it migrated.
+    pub registry_schema: crate::registry::Schema,
     pub policy_dir: PathBuf,
     pub log_format: LogFormat,
     /// Seconds a dual-control approval stays open.
@@ -308,6 +311,16 @@ impl Config {
         let mut backend = raw.backend;
         backend.resolve_paths(base);
 
+        // One process owns a SQLite file, so it may as well migrate it; instances sharing
+        // PostgreSQL leave that to `tillkey db migrate`, run once per upgrade.
+        let registry_schema = match raw
+            .registry
+            .migrate_at_start
+            .unwrap_or(raw.registry.sqlite.is_some())
+        {
+            true => crate::registry::Schema::Migrate,
+            false => crate::registry::Schema::RequireLatest,
+        };
         let registry_url = registry_url(raw.registry, base)?;
 
         let policy_dir = base.join(raw.policy.dir);
@@ -345,6 +358,7 @@ impl Config {
             tls,
             backend,
             registry_url,
+            registry_schema,
             policy_dir,
             log_format: raw.log.format.unwrap_or_default(),
         })

@@ -227,7 +227,7 @@ async fn open_services(
     tls: Arc<rustls::ServerConfig>,
     claim: Option<crate::registry::Claim>,
 ) -> Result<AppState, Startup> {
-    let registry = Registry::open_claimed(&config.registry_url, claim)
+    let registry = Registry::open_claimed(&config.registry_url, claim, config.registry_schema)
         .await
         .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
     tracing::info!(keys = registry.len(), "registry loaded");
@@ -271,9 +271,7 @@ async fn open_services(
         audit,
         config.approval_ttl,
     );
-    let retail = Retail::open(service.core.clone(), config.tokens)
-        .await
-        .map_err(|e| Startup::Unavailable(format!("registry: {e}")))?;
+    let retail = Retail::new(service.core.clone(), config.tokens);
     Ok(AppState {
         service,
         retail,

@@ -37,29 +37,6 @@ const BATCH: usize = 512;
 /// Requests waiting for the writer before new ones are refused.
 const QUEUE: usize = 8192;
 
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
-    seq BIGINT PRIMARY KEY,
-    at_ms BIGINT NOT NULL,
-    identity TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    key_name TEXT NOT NULL,
-    version BIGINT,
-    outcome TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    audit_key_version BIGINT NOT NULL,
-    prev TEXT NOT NULL,
-    mac TEXT NOT NULL)";
-
-/// The head of the one chain that every instance on a shared database (PostgreSQL) appends to:
-/// each group commit locks this row, chains on it, and moves it in the same transaction, so
-/// instances take turns and never write the same sequence number; a dead instance's lock goes
-/// with its connection.
-pub const HEAD_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit_head (
-    id BIGINT PRIMARY KEY,
-    seq BIGINT NOT NULL,
-    hash TEXT NOT NULL)";
-
 /// What a caller records; the writer adds sequence, time, chain and MAC.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -102,17 +79,6 @@ impl AuditLog {
         key: AuditKey,
         metrics: AuditMetrics,
     ) -> Result<Self, String> {
-        // On SQLite `seq` is the rowid itself: one b-tree per insert instead of the table and a
-        // separate primary-key index (existing stores keep the table they have).
-        let schema = if sqlite_file.is_some() {
-            SCHEMA.replacen("seq BIGINT PRIMARY KEY", "seq INTEGER PRIMARY KEY", 1)
-        } else {
-            SCHEMA.to_owned()
-        };
-        sqlx::query(&schema)
-            .execute(&pool)
-            .await
-            .map_err(|e| format!("audit table: {e}"))?;
         let last = sqlx::query("SELECT * FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&pool)
             .await
@@ -255,12 +221,11 @@ impl Store {
 }
 
 /// Make the shared chain's head row if this is the first instance on the database, from the
-/// newest entry (`seq`, `hash`) already there.
+/// newest entry (`seq`, `hash`) already there. The head is the one chain every instance on a
+/// shared database (PostgreSQL) appends to: each group commit locks this row, chains on it,
+/// and moves it in the same transaction, so instances take turns and never write the same
+/// sequence number; a dead instance's lock goes with its connection.
 async fn start_shared_head(pool: &AnyPool, seq: u64, hash: &str) -> Result<(), String> {
-    sqlx::query(HEAD_SCHEMA)
-        .execute(pool)
-        .await
-        .map_err(|e| format!("audit head table: {e}"))?;
     sqlx::query(
         "INSERT INTO audit_head (id, seq, hash) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
     )

@@ -16,6 +16,7 @@ macro_rules! out {
 
 pub mod audit;
 pub mod bench;
+mod db;
 mod init;
 mod package;
 pub mod provision;
@@ -112,6 +113,24 @@ enum Command {
     /// Check or export the tamper-evident audit trail (reads the store and the token directly).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The registry database's schema (reads the configuration's [registry]).
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Apply the schema migrations this build has that the database lacks (PostgreSQL: once
+    /// per upgrade, before the new daemons start; safe to run from several hosts at once).
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the database's schema version; exits 1 unless it is this build's.
+    Version {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -424,6 +443,12 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Export { config }) => {
             runtime().and_then(|rt| rt.block_on(audit::export(&config)).map(|()| true))
         }
+        Command::Db(DbCommand::Migrate { config }) => {
+            runtime().and_then(|rt| rt.block_on(db::migrate(&config)))
+        }
+        Command::Db(DbCommand::Version { config }) => {
+            runtime().and_then(|rt| rt.block_on(db::version(&config)))
+        }
         other => runtime().and_then(|rt| rt.block_on(call(other))),
     };
     match result {
@@ -552,6 +577,7 @@ async fn call(cmd: Command) -> Result<bool, String> {
         | Command::Bench(_)
         | Command::BenchFloor(_)
         | Command::Audit(_)
+        | Command::Db(_)
         | Command::Provision(_) => return Err("not an API call".into()),
     };
     let body = body.map(strip_nulls);

@@ -4,20 +4,6 @@ use sqlx::Row;
 
 use super::{Registry, RegistryError};
 
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS approvals (
-    id TEXT PRIMARY KEY,
-    action TEXT NOT NULL,
-    key_name TEXT NOT NULL,
-    version BIGINT,
-    params TEXT NOT NULL,
-    requested_by TEXT NOT NULL,
-    requested_at BIGINT NOT NULL,
-    expires_at BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    decided_by TEXT,
-    decided_at BIGINT,
-    result TEXT)";
-
 #[derive(Debug, Clone)]
 pub struct ApprovalRecord {
     pub id: String,

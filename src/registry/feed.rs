@@ -16,10 +16,6 @@ use sqlx::Row;
 use super::{Registry, RegistryError};
 use crate::keys::KeyName;
 
-pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS key_changes (
-    seq BIGSERIAL PRIMARY KEY,
-    name TEXT NOT NULL)";
-
 /// How far below the highest number seen each poll looks again.
 const LOOKBACK: i64 = 1000;
 

@@ -7,11 +7,6 @@ use sqlx::Row;
 
 use super::{Registry, RegistryError};
 
-pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires_at TIMESTAMPTZ NOT NULL)";
-
 impl Registry {
     /// Take or renew the lease `name` for `term_ms` if it is free, expired or already this
     /// instance's; whether this instance holds it now. On SQLite this instance is the only one.

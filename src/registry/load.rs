@@ -490,8 +490,28 @@ impl Registry {
         }
     }
 
-    /// Fill the index. With `maintain`, keys reserved but never given a version (a crash
-    /// between the two steps of a create) are dropped to free their names; they never served.
+    /// Drop keys reserved more than `age_s` seconds ago and still without a version: creates
+    /// that died half-way (a create takes seconds). The scheduler's lease holder calls this, so
+    /// one instance does it for all.
+    pub async fn drop_stale_reservations(&self, age_s: i64) -> Result<u64, RegistryError> {
+        let cutoff = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            - age_s;
+        let done = sqlx::query(
+            "DELETE FROM keys WHERE created_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM key_versions v WHERE v.name = keys.name)",
+        )
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Fill the index. With `maintain`, on SQLite (one process), keys reserved but never given
+    /// a version (a crash between the two steps of a create) are dropped to free their names;
+    /// they never served. On a shared database a reservation may be another instance's create
+    /// in progress: those are left to [`Registry::drop_stale_reservations`].
     pub(super) async fn load(&self, maintain: bool) -> Result<(), RegistryError> {
         let loaded = match &self.sqlite_file {
             // Read on the calling thread, which blocks it: the registry is read once, before
@@ -506,7 +526,7 @@ impl Registry {
         let index: BTreeMap<KeyName, Arc<KeyRecord>> = loaded.entries.into_iter().collect();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
         *self.deadlines.lock().unwrap_or_else(|p| p.into_inner()) = deadlines;
-        if maintain && !loaded.orphans.is_empty() {
+        if maintain && self.is_sqlite && !loaded.orphans.is_empty() {
             for name in &loaded.orphans {
                 self.release(name).await?;
             }

@@ -15,12 +15,12 @@ mod deadlines;
 mod feed;
 mod lease;
 mod load;
+pub mod migrations;
 mod records;
 mod schema;
 
 pub use feed::MAX_BEHIND;
-pub use schema::create_tables;
-use schema::{claim, state_trigger, ADDED_COLUMNS, SCHEMA};
+use schema::claim;
 
 pub use records::{Derivation, KeyRecord, Usage, VersionRecord};
 
@@ -50,6 +50,9 @@ pub enum RegistryError {
     /// operator): nothing was written, and the index now holds the key as the database does.
     #[error("key '{0}' was changed elsewhere meanwhile; nothing was changed here, retry")]
     Conflict(String),
+    /// The database's schema is not the version this build needs (see `migrations`).
+    #[error("{0}")]
+    Schema(String),
     /// Another daemon holds the SQLite file (see [`Registry::open`]).
     #[error("{0}")]
     InUse(String),
@@ -75,6 +78,15 @@ fn instance_id() -> String {
         std::process::id(),
         crate::encoding::hex_encode(&r)
     )
+}
+
+/// What opening the registry does about the database's schema (see `migrations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// Apply the migrations this build has that the database lacks.
+    Migrate,
+    /// Refuse a database that is not at this build's version.
+    RequireLatest,
 }
 
 /// A process's hold on a SQLite registry file (see [`Registry::claim`]).
@@ -108,7 +120,7 @@ impl Registry {
     /// first one's keys in creation, so it is refused before it writes anything. Several
     /// instances share PostgreSQL instead.
     pub async fn open(url: &str) -> Result<Self, RegistryError> {
-        Self::open_claimed(url, Self::claim(url)?).await
+        Self::open_claimed(url, Self::claim(url)?, Schema::Migrate).await
     }
 
     /// The claim [`Registry::open`] takes, on its own: the daemon takes it before anything
@@ -120,9 +132,13 @@ impl Registry {
             .transpose()
     }
 
-    /// [`Registry::open`] with a claim already taken by [`Registry::claim`].
-    pub async fn open_claimed(url: &str, claim: Option<Claim>) -> Result<Self, RegistryError> {
-        let registry = Self::open_with(url, true).await?;
+    /// [`Registry::open`] with a claim already taken by [`Registry::claim`], doing `schema`.
+    pub async fn open_claimed(
+        url: &str,
+        claim: Option<Claim>,
+        schema: Schema,
+    ) -> Result<Self, RegistryError> {
+        let registry = Self::open_with(url, Some(schema)).await?;
         *registry.claim.lock().unwrap_or_else(|p| p.into_inner()) = claim.map(|c| c.0);
         Ok(registry)
     }
@@ -130,10 +146,20 @@ impl Registry {
     /// Open for tools running beside the daemon (audit verification): no schema changes and no
     /// clean-up that could race the daemon.
     pub async fn open_for_reading(url: &str) -> Result<Self, RegistryError> {
-        Self::open_with(url, false).await
+        Self::open_with(url, None).await
     }
 
-    async fn open_with(url: &str, maintain: bool) -> Result<Self, RegistryError> {
+    /// `tillkey db migrate`: bring the database's schema to this build's version, and nothing
+    /// else (no keys are read). A SQLite file is claimed as by a daemon.
+    pub async fn migrate(url: &str) -> Result<migrations::Applied, RegistryError> {
+        let _claim = Self::claim(url)?;
+        let pool = Self::connect(url).await?;
+        let done = migrations::migrate(&pool, url.starts_with("sqlite:")).await;
+        pool.close().await;
+        done
+    }
+
+    async fn connect(url: &str) -> Result<AnyPool, RegistryError> {
         sqlx::any::install_default_drivers();
         // A database that has gone away fails requests (and their audit entries) in seconds
         // rather than sqlx's default 30 s wait for a connection.
@@ -142,43 +168,34 @@ impl Registry {
             .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await?;
-        if !maintain {
-            let registry = Self::empty(pool, url);
-            registry.load(false).await?;
-            return Ok(registry);
-        }
         if url.starts_with("sqlite:") {
             sqlx::query("PRAGMA journal_mode=WAL")
                 .execute(&pool)
                 .await?;
         }
+        Ok(pool)
+    }
+
+    /// `schema` is `None` for tools that only read.
+    async fn open_with(url: &str, schema: Option<Schema>) -> Result<Self, RegistryError> {
+        let pool = Self::connect(url).await?;
+        let Some(schema) = schema else {
+            let registry = Self::empty(pool, url);
+            registry.load(false).await?;
+            return Ok(registry);
+        };
         let sqlite = url.starts_with("sqlite:");
-        for stmt in SCHEMA {
-            // SQLite: store key rows in name order (the primary key is the table), so the
-            // start-up read in name order is a sequential scan with no index lookups, and the
-            // name is stored once instead of in the table and again in its index.
-            let stmt = if sqlite {
-                format!("{stmt} WITHOUT ROWID")
-            } else {
-                (*stmt).to_owned()
-            };
-            sqlx::query(&stmt).execute(&pool).await?;
-        }
-        create_tables(&pool, &[approvals::SCHEMA]).await?;
-        for stmt in state_trigger(sqlite) {
-            sqlx::query(&stmt).execute(&pool).await?;
-        }
-        for (table, column, ty) in ADDED_COLUMNS {
-            let probe = format!("SELECT {column} FROM {table} LIMIT 1");
-            if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {
-                sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
-                    .execute(&pool)
-                    .await?;
+        match schema {
+            Schema::Migrate => {
+                let done = migrations::migrate(&pool, sqlite).await?;
+                if done.from != done.to {
+                    tracing::info!(from = done.from, to = done.to, "database schema migrated");
+                }
             }
+            Schema::RequireLatest => migrations::require_latest(&pool).await?,
         }
         let mut registry = Self::empty(pool, url);
         if !sqlite {
-            create_tables(&registry.pool, &[feed::SCHEMA, lease::SCHEMA]).await?;
             let high = feed::high_water(&registry.pool).await?;
             registry.feed = Some(feed::Feed::starting_at(high));
         }

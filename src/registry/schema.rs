@@ -1,38 +1,6 @@
-//! The registry's tables, the rule the database enforces on version states, and a daemon's claim
-//! on a SQLite file.
-
-use sqlx::AnyPool;
+//! The rule the database enforces on version states, and a daemon's claim on a SQLite file.
 
 use super::RegistryError;
-
-pub(super) const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS keys (
-        name TEXT PRIMARY KEY,
-        key_type TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        rotation_period BIGINT,
-        verify_grace BIGINT NOT NULL,
-        max_operations BIGINT,
-        exportable BIGINT NOT NULL,
-        derive_from TEXT)",
-    "CREATE TABLE IF NOT EXISTS key_versions (
-        name TEXT NOT NULL REFERENCES keys(name),
-        version BIGINT NOT NULL,
-        state TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        state_changed_at BIGINT NOT NULL,
-        changed_by TEXT NOT NULL,
-        reason TEXT,
-        grace_until BIGINT,
-        operations BIGINT NOT NULL,
-        object_ref TEXT NOT NULL,
-        public_key TEXT,
-        kcv TEXT,
-        kdf TEXT,
-        master_version BIGINT,
-        PRIMARY KEY (name, version))",
-];
 
 /// A version's state only moves forward (active, verify-only, retired, revoked, destroyed): the
 /// database refuses anything else, so no writer, however stale its copy of a key, can turn a
@@ -73,24 +41,6 @@ pub(super) fn state_trigger(sqlite: bool) -> Vec<String> {
                 .to_owned(),
         ]
     }
-}
-
-/// Columns added after the first release, for databases made before them.
-pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("keys", "derive_from", "TEXT"),
-    ("key_versions", "kdf", "TEXT"),
-    ("key_versions", "master_version", "BIGINT"),
-    // Operations of the version's `max_operations` leased to processes (see `cap`).
-    ("key_versions", "leased", "BIGINT NOT NULL DEFAULT 0"),
-];
-
-/// Create `tables` (each a `CREATE TABLE IF NOT EXISTS` statement) on the registry's database:
-/// how a feature that keeps its own tables beside the keys brings them up.
-pub async fn create_tables(pool: &AnyPool, tables: &[&str]) -> Result<(), RegistryError> {
-    for stmt in tables {
-        sqlx::query(stmt).execute(pool).await?;
-    }
-    Ok(())
 }
 
 /// An exclusive lock on `<file>.lock` beside the SQLite file, for as long as the returned file

@@ -15,7 +15,6 @@ pub mod routes;
 use std::sync::Arc;
 
 use crate::config::TokenSettings;
-use crate::registry::RegistryError;
 use crate::service::KeyCore;
 
 /// Every retail flow, each holding the key core and its own store.
@@ -27,26 +26,22 @@ pub struct Retail {
 }
 
 impl Retail {
-    /// The flows on the key core's database, their tables made if missing.
-    pub async fn open(core: Arc<KeyCore>, settings: TokenSettings) -> Result<Self, RegistryError> {
+    /// The flows on the key core's database.
+    pub fn new(core: Arc<KeyCore>, settings: TokenSettings) -> Self {
         let pool = core.pool().clone();
-        Ok(Self {
-            pos: pos::PosTokens::new(core.clone(), pos::PurchaseStore::open(pool.clone()).await?),
+        Self {
+            pos: pos::PosTokens::new(core.clone(), pos::PurchaseStore::new(pool.clone())),
             customers: customer::CustomerTokens::new(
                 core.clone(),
-                customer::CustomerStore::open(pool.clone()).await?,
+                customer::CustomerStore::new(pool.clone()),
                 settings,
             ),
             challenges: challenge::Challenges::new(
                 core.clone(),
-                challenge::ChallengeStore::open(pool.clone()).await?,
+                challenge::ChallengeStore::new(pool.clone()),
             ),
-            giftcodes: giftcode::GiftCodes::new(
-                core,
-                giftcode::GiftCodeStore::open(pool).await?,
-                settings,
-            ),
-        })
+            giftcodes: giftcode::GiftCodes::new(core, giftcode::GiftCodeStore::new(pool), settings),
+        }
     }
 }
 

@@ -23,11 +23,16 @@ pub use super::key_core::{SCHEDULER, SERVICE};
 /// settings; and the scheduler's timed changes.
 pub struct KeyLifecycle {
     pub(super) core: Arc<KeyCore>,
+    /// When the scheduler last cleared stale reservations (unix seconds).
+    pub(super) swept_at: std::sync::atomic::AtomicI64,
 }
 
 impl KeyLifecycle {
     pub fn new(core: Arc<KeyCore>) -> Self {
-        Self { core }
+        Self {
+            core,
+            swept_at: Default::default(),
+        }
     }
 }
 

@@ -13,7 +13,30 @@ use crate::keys::VersionState;
 /// another instance takes over within this after the holder stops.
 const LEASE_TERM_MS: i64 = 5_000;
 
+/// A key reserved this long ago and still without a version is a create that died half-way
+/// (creates take seconds); the lease holder clears such names once a minute.
+const STALE_RESERVATION_S: i64 = 600;
+const SWEEP_EVERY_S: i64 = 60;
+
 impl KeyLifecycle {
+    async fn sweep_reservations(&self, now: i64) {
+        use std::sync::atomic::Ordering;
+        if now - self.swept_at.load(Ordering::Relaxed) < SWEEP_EVERY_S {
+            return;
+        }
+        self.swept_at.store(now, Ordering::Relaxed);
+        match self
+            .core
+            .registry
+            .drop_stale_reservations(STALE_RESERVATION_S)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(count = n, "dropped keys reserved but never generated"),
+            Err(e) => tracing::warn!(error = %e, "could not clear stale key reservations"),
+        }
+    }
+
     /// One pass of the scheduler: rotate keys whose period has elapsed, retire verify-only
     /// versions whose grace has ended, persist usage counts. Failures are logged and retried on
     /// the next pass.
@@ -33,6 +56,9 @@ impl KeyLifecycle {
                 false
             }
         };
+        if lead {
+            self.sweep_reservations(now).await;
+        }
         let due = if lead {
             self.core.registry.due(now)
         } else {

@@ -177,13 +177,39 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// Point the environment's config at `url` instead of its SQLite file.
+/// Point the environment's config at `url` instead of its SQLite file, and bring that
+/// database's schema to this build's with `tillkey db migrate`, as an operator does (daemons on
+/// PostgreSQL do not migrate at start).
 pub fn use_registry(env: &Env, url: &str) {
+    point_at(env, url);
+    let (ok, out) = db(env, "migrate");
+    assert!(ok, "tillkey db migrate: {out}");
+}
+
+/// Only point the environment's config at `url`.
+pub fn point_at(env: &Env, url: &str) {
     let path = env.path("tillkeyd.toml");
     let config = std::fs::read_to_string(&path).expect("config");
     let sqlite = "sqlite = \"registry.db\"";
     assert!(config.contains(sqlite), "dev-env config changed: {config}");
     write(&path, config.replace(sqlite, &format!("url = \"{url}\"")));
+}
+
+/// `tillkey db CMD --config` on the environment's config: success, and what it printed.
+pub fn db(env: &Env, cmd: &str) -> (bool, String) {
+    let out = std::process::Command::new(super::TILLKEY)
+        .args(["db", cmd, "--config"])
+        .arg(env.path("tillkeyd.toml"))
+        .output()
+        .expect("run tillkey db");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A fresh environment (SoftHSM token, PKI, config) whose registry is `pg`.

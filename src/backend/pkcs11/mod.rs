@@ -11,6 +11,7 @@ mod derive;
 mod errors;
 mod exchange;
 pub mod init;
+mod missing;
 mod settings;
 mod templates;
 pub mod uri;
@@ -29,6 +30,7 @@ pub use self::bench_key::BenchKey;
 use self::connection::Connection;
 use self::errors::OpError;
 use self::errors::{is_auth_failure, severity, translate, Severity};
+use self::missing::{Failure, MISSING_PAUSES};
 pub use self::settings::{read_pin, Pkcs11Settings};
 use self::templates::Template;
 pub use self::uri::TokenSelector;
@@ -234,49 +236,6 @@ impl Pkcs11Backend {
             "{what} is not an operation of {} keys",
             key_type.as_str()
         ))
-    }
-}
-
-/// Pauses before looking again for an object the token says it does not hold. Measured with
-/// three instances on one SoftHSM token rotating a key every few hundred milliseconds: an
-/// object another process had made and committed was sometimes missing from this process's
-/// searches for up to about 200 ms (SoftHSM notices other processes' writes lazily), never
-/// longer. An object that is really gone costs its request about a second.
-const MISSING_PAUSES: [std::time::Duration; 7] = {
-    use std::time::Duration;
-    [
-        Duration::from_millis(5),
-        Duration::from_millis(20),
-        Duration::from_millis(50),
-        Duration::from_millis(100),
-        Duration::from_millis(200),
-        Duration::from_millis(250),
-        Duration::from_millis(300),
-    ]
-};
-
-/// How one attempt at a call failed: the object was not found on the connection, or otherwise.
-enum Failure {
-    Missing(Arc<Connection>),
-    Other(BackendError),
-}
-
-impl From<BackendError> for Failure {
-    fn from(e: BackendError) -> Self {
-        Self::Other(e)
-    }
-}
-
-impl Failure {
-    fn into_backend(self, what: &str, object: &ObjectRef) -> BackendError {
-        match self {
-            Self::Other(e) => e,
-            Self::Missing(conn) => BackendError::Failed(format!(
-                "pkcs11 {what}: token '{}' holds no object with id {}",
-                conn.token_label,
-                encoding::hex_encode(&object.0)
-            )),
-        }
     }
 }
 

@@ -3,26 +3,16 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::registry::{create_tables, unique, RegistryError};
-
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS challenges (
-        id TEXT PRIMARY KEY, key_name TEXT NOT NULL, subject TEXT NOT NULL, challenge TEXT NOT NULL,
-        expires_at BIGINT NOT NULL, used_at BIGINT)",
-    "CREATE TABLE IF NOT EXISTS counters (
-        key_name TEXT NOT NULL, sender TEXT NOT NULL, side TEXT NOT NULL, value BIGINT NOT NULL,
-        PRIMARY KEY (key_name, sender, side))",
-];
+use crate::registry::{unique, RegistryError};
 
 pub struct ChallengeStore {
     pool: AnyPool,
 }
 
 impl ChallengeStore {
-    /// The store on the registry's database, its tables made if missing.
-    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
-        create_tables(&pool, SCHEMA).await?;
-        Ok(Self { pool })
+    /// The store on the registry's database (its tables are made by the migrations).
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
     }
 
     fn pool(&self) -> &AnyPool {

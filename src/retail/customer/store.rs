@@ -3,19 +3,7 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::registry::{create_tables, unique, RegistryError};
-
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS otps (
-        idx TEXT PRIMARY KEY, key_name TEXT NOT NULL, subject TEXT NOT NULL,
-        expires_at BIGINT NOT NULL, redeemed_at BIGINT)",
-    "CREATE TABLE IF NOT EXISTS devices (
-        id TEXT PRIMARY KEY, realm TEXT NOT NULL, subject TEXT NOT NULL, alg TEXT NOT NULL,
-        public_key TEXT NOT NULL, state TEXT NOT NULL, created_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS nonces (
-        device TEXT NOT NULL, nonce TEXT NOT NULL, expires_at BIGINT NOT NULL,
-        PRIMARY KEY (device, nonce))",
-];
+use crate::registry::{unique, RegistryError};
 
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -32,10 +20,9 @@ pub struct CustomerStore {
 }
 
 impl CustomerStore {
-    /// The store on the registry's database, its tables made if missing.
-    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
-        create_tables(&pool, SCHEMA).await?;
-        Ok(Self { pool })
+    /// The store on the registry's database (its tables are made by the migrations).
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
     }
 
     fn pool(&self) -> &AnyPool {

@@ -3,12 +3,7 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::registry::{create_tables, unique, RegistryError};
-
-const SCHEMA: &[&str] = &["CREATE TABLE IF NOT EXISTS giftcodes (
-        id TEXT PRIMARY KEY, key_name TEXT NOT NULL, code_idx TEXT NOT NULL UNIQUE, pin_idx TEXT,
-        state TEXT NOT NULL, failed_pins BIGINT NOT NULL, created_at BIGINT NOT NULL,
-        superseded_by TEXT)"];
+use crate::registry::{unique, RegistryError};
 
 #[derive(Debug, Clone)]
 pub struct GiftCode {
@@ -24,10 +19,9 @@ pub struct GiftCodeStore {
 }
 
 impl GiftCodeStore {
-    /// The store on the registry's database, its tables made if missing.
-    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
-        create_tables(&pool, SCHEMA).await?;
-        Ok(Self { pool })
+    /// The store on the registry's database (its tables are made by the migrations).
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
     }
 
     fn pool(&self) -> &AnyPool {

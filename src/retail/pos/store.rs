@@ -4,19 +4,7 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::registry::{create_tables, RegistryError};
-
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS purchases (
-    store TEXT NOT NULL,
-    pos TEXT NOT NULL,
-    purchase TEXT NOT NULL,
-    amount BIGINT NOT NULL,
-    currency TEXT NOT NULL,
-    payment_ref TEXT NOT NULL,
-    paid_token TEXT NOT NULL,
-    issued_at BIGINT NOT NULL,
-    consumed_at BIGINT,
-    PRIMARY KEY (store, pos, purchase))";
+use crate::registry::RegistryError;
 
 #[derive(Debug, Clone)]
 pub struct PurchaseRecord {
@@ -32,10 +20,9 @@ pub struct PurchaseStore {
 }
 
 impl PurchaseStore {
-    /// The store on the registry's database, its table made if missing.
-    pub async fn open(pool: AnyPool) -> Result<Self, RegistryError> {
-        create_tables(&pool, &[SCHEMA]).await?;
-        Ok(Self { pool })
+    /// The store on the registry's database (its tables are made by the migrations).
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
     }
 
     fn pool(&self) -> &AnyPool {
