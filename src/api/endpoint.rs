@@ -2,6 +2,8 @@
 //! handler is given and what it answers. This module imports no other part of `api`, so every
 //! feature area can depend on it without the areas depending on each other.
 
+use std::borrow::Cow;
+
 use futures_util::future::BoxFuture;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
@@ -102,7 +104,8 @@ pub struct Outcome {
     pub status: StatusCode,
     pub body: Vec<u8>,
     pub version: Option<u32>,
-    pub content_type: &'static str,
+    /// Borrowed for the handlers' fixed types; owned for an answer read back from storage.
+    pub content_type: Cow<'static, str>,
 }
 
 /// What the audit entry and the log record about a request beyond its path, filled in by the
@@ -133,6 +136,6 @@ pub fn ok<T: Serialize>(
         status,
         body,
         version,
-        content_type: "application/json",
+        content_type: Cow::Borrowed("application/json"),
     })
 }
