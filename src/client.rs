@@ -169,12 +169,30 @@ impl Connection {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+        self.send(method, path, &[], body).await
+    }
+
+    /// Like [`Connection::call_with_headers`], with request headers of its own (an
+    /// `Idempotency-Key`); values are raw bytes, so tests can send malformed ones.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &[u8])],
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
         self.sender.ready().await?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.host)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            let value = hyper::header::HeaderValue::from_bytes(value)
+                .map_err(|e| ClientError::Setup(format!("header {name}: {e}")))?;
+            req = req.header(*name, value);
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         let resp = self.sender.send_request(req).await?;

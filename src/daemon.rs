@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::api::idempotency::Idempotency;
 use crate::api::{self, AppState};
 use crate::audit::{AuditKey, AuditLog};
 use crate::backend::{self, OpenedDevice, Purpose, Settings};
@@ -272,10 +273,12 @@ async fn open_services(
         config.approval_ttl,
     );
     let retail = Retail::new(service.core.clone(), config.tokens);
+    let idempotency = Idempotency::new(service.core.pool().clone());
     Ok(AppState {
         service,
         retail,
         metrics,
+        idempotency,
         max_body_bytes: config.max_body_bytes,
         tls: RwLock::new(tls),
     })
@@ -312,12 +315,19 @@ async fn follow_changes(state: Arc<AppState>, mut shutdown: watch::Receiver<bool
     }
 }
 
+/// How often Idempotency-Keys past their retention are deleted: they only take space, so
+/// rarely, on every instance (a delete another instance already did costs nothing).
+const IDEMPOTENCY_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn schedule(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SCHEDULER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut expiry = tokio::time::interval(IDEMPOTENCY_EXPIRY_TICK);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => state.service.lifecycle.tick().await,
+            _ = expiry.tick() => state.idempotency.expire().await,
             _ = shutdown.changed() => return,
         }
     }

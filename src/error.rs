@@ -93,7 +93,29 @@ impl ServiceError {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Self::InvalidArgument(msg.into())
     }
+
+    /// The outcome (`ok` or a [`code`](Self::code)) spelled `name`, as the `&'static str`
+    /// audit entries and metrics take: a stored answer's outcome read back from the database.
+    pub fn known_outcome(name: &str) -> Option<&'static str> {
+        OUTCOMES.iter().copied().find(|o| *o == name)
+    }
 }
+
+/// `ok` and every value of [`ServiceError::code`].
+const OUTCOMES: &[&str] = &[
+    "ok",
+    "invalid_argument",
+    "permission_denied",
+    "not_found",
+    "already_exists",
+    "failed_precondition",
+    "payload_too_large",
+    "unsupported_operation",
+    "method_not_allowed",
+    "rate_limited",
+    "unavailable",
+    "internal",
+];
 
 impl From<crate::keys::Invalid> for ServiceError {
     fn from(e: crate::keys::Invalid) -> Self {
@@ -122,5 +144,37 @@ impl From<crate::registry::RegistryError> for ServiceError {
                 detail: format!("registry: {e}"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_a_known_outcome() {
+        let all = [
+            ServiceError::invalid(""),
+            ServiceError::PermissionDenied(String::new()),
+            ServiceError::NotFound(String::new()),
+            ServiceError::AlreadyExists(String::new()),
+            ServiceError::FailedPrecondition(String::new()),
+            ServiceError::PayloadTooLarge { limit: 0 },
+            ServiceError::UnsupportedOperation(String::new()),
+            ServiceError::MethodNotAllowed { allow: "" },
+            ServiceError::RateLimited,
+            ServiceError::Unavailable {
+                detail: String::new(),
+            },
+            ServiceError::Internal {
+                detail: String::new(),
+            },
+        ];
+        for e in &all {
+            assert_eq!(ServiceError::known_outcome(e.code()), Some(e.code()));
+        }
+        assert_eq!(OUTCOMES.len(), all.len() + 1);
+        assert_eq!(ServiceError::known_outcome("ok"), Some("ok"));
+        assert_eq!(ServiceError::known_outcome("nonsense"), None);
     }
 }

@@ -2,6 +2,8 @@
 //! handler is given and what it answers. This module imports no other part of `api`, so every
 //! feature area can depend on it without the areas depending on each other.
 
+use std::borrow::Cow;
+
 use futures_util::future::BoxFuture;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
@@ -9,6 +11,9 @@ use serde::Serialize;
 use crate::audit::Admission;
 use crate::error::ServiceError;
 use crate::service::{Caller, Service};
+
+/// The audit sequence number of the request's entry: a receipt tying the answer to the trail.
+pub const RECEIPT_HEADER: &str = "x-tillkey-receipt";
 
 /// One endpoint, declared once: routing, the audit and metrics label, body reading and the
 /// OpenAPI conformance test all read this, so they cannot drift apart.
@@ -102,7 +107,8 @@ pub struct Outcome {
     pub status: StatusCode,
     pub body: Vec<u8>,
     pub version: Option<u32>,
-    pub content_type: &'static str,
+    /// Borrowed for the handlers' fixed types; owned for an answer read back from storage.
+    pub content_type: Cow<'static, str>,
 }
 
 /// What the audit entry and the log record about a request beyond its path, filled in by the
@@ -133,6 +139,6 @@ pub fn ok<T: Serialize>(
         status,
         body,
         version,
-        content_type: "application/json",
+        content_type: Cow::Borrowed("application/json"),
     })
 }

@@ -5,6 +5,7 @@ mod batch;
 mod batch_create;
 pub mod endpoint;
 mod handlers;
+pub mod idempotency;
 pub mod json;
 mod query;
 mod routes;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub service: Service,
     pub retail: crate::retail::Retail,
     pub metrics: Metrics,
+    /// Answers kept for retries under an `Idempotency-Key`.
+    pub idempotency: idempotency::Idempotency,
     pub max_body_bytes: usize,
     /// Swapped whole on reload; each new connection takes the config in force.
     pub tls: RwLock<Arc<ServerConfig>>,

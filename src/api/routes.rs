@@ -4,6 +4,7 @@
 //! `:`, so the method is whatever follows the last colon. The endpoints themselves are declared
 //! in the areas' tables (see [`super::endpoints`]).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,16 +19,14 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use ring::rand::SecureRandom;
 
-use super::endpoint::{Endpoint, Note, Outcome, Req};
+use super::endpoint::{Endpoint, Note, Outcome, Req, RECEIPT_HEADER};
+use super::idempotency::{self, Answer, Standing, Step};
 use super::AppState;
 use crate::audit;
 use crate::error::ServiceError;
 use crate::logging::Throttle;
 use crate::metrics::{OperationLabel, RequestLabels};
 use crate::service::Caller;
-
-/// The audit sequence number of the request's entry: a receipt tying the answer to the trail.
-pub const RECEIPT_HEADER: &str = "x-tillkey-receipt";
 
 /// Every endpoint with the `Allow` value of its path, built on first use: `Allow` lists every
 /// method on the path, and the error carries it as a `&'static str`.
@@ -80,6 +79,7 @@ pub async fn handle(
         request_id: request_id.clone(),
         ..Default::default()
     };
+    let mut standing = Standing::None;
 
     let result = match (routed, state.service.core.audit().failing()) {
         (Err(e), _) => Err(e),
@@ -92,8 +92,17 @@ pub async fn handle(
                 state.service.core.audit().failure().unwrap_or_default()
             ),
         }),
-        (Ok((endpoint, name)), false) => {
-            run(&state, &caller, endpoint, name, &parts, body, &mut note).await
+        (Ok(routed), false) => {
+            run(
+                &state,
+                &caller,
+                routed,
+                &parts,
+                body,
+                &mut note,
+                &mut standing,
+            )
+            .await
         }
     };
 
@@ -105,7 +114,7 @@ pub async fn handle(
         key: key.clone(),
         version: result.as_ref().ok().and_then(|o| o.version),
         outcome: match &result {
-            Ok(_) => "ok",
+            Ok(_) => standing.replayed_outcome().unwrap_or("ok"),
             Err(e) => e.code(),
         },
         request_id: request_id.clone(),
@@ -124,34 +133,34 @@ pub async fn handle(
 
     let elapsed = started.elapsed();
     let mut allow = None;
-    let mut content_type = "application/json";
+    let mut content_type: Cow<'static, str> = "application/json".into();
     let (status, body, version, outcome) = match result {
         Ok(o) => {
             content_type = o.content_type;
-            (o.status, o.body, o.version, "ok")
+            let outcome = standing.replayed_outcome().unwrap_or("ok");
+            (o.status, o.body, o.version, outcome)
         }
         Err(e) => {
             if let ServiceError::MethodNotAllowed { allow: a } = e {
                 allow = Some(a);
             }
-            if let Some(detail) = e.internal_detail() {
-                let unavailable = matches!(e, ServiceError::Unavailable { .. });
-                // An outage fails every request the same way: report it once a second.
-                if !unavailable {
-                    tracing::error!(request_id = %request_id, detail, "request failed inside the service");
-                } else if let Some(held_back) = UNAVAILABLE_LOG.admit() {
-                    tracing::error!(request_id = %request_id, detail, held_back, "request failed inside the service");
-                }
-                let kind = if unavailable { "unavailable" } else { "failed" };
-                state
-                    .metrics
-                    .backend_errors
-                    .get_or_create(&crate::metrics::BackendErrorLabel { kind })
-                    .inc();
-            }
+            report(&state, &request_id, &e);
             (e.status(), e.to_json(), None, e.code())
         }
     };
+    // Kept for the key's retries once the receipt is known (or the key released on a 5xx).
+    if let Standing::Claimed(claim) = &standing {
+        let answer = Answer {
+            status,
+            content_type: &content_type,
+            body: &body,
+            receipt,
+            outcome,
+            key: &key,
+            version,
+        };
+        state.idempotency.settle(claim, answer).await;
+    }
     // The operations log: who did what to which key, never bodies, signatures or secrets.
     tracing::info!(
         target: "tillkey::request",
@@ -175,11 +184,7 @@ pub async fn handle(
         .latency
         .get_or_create(&OperationLabel { operation })
         .observe(elapsed.as_secs_f64());
-    let mut resp = respond(status, body, &request_id);
-    if content_type != "application/json" {
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    }
+    let mut resp = respond(status, body, &content_type, &request_id);
     if let Some(a) = allow {
         resp.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static(a));
@@ -188,24 +193,63 @@ pub async fn handle(
         resp.headers_mut()
             .insert(RECEIPT_HEADER, HeaderValue::from(seq));
     }
+    standing.mark(resp.headers_mut());
     Ok(resp)
 }
 
-/// Read the body if the endpoint takes one, then run its handler.
+/// A failure inside the service goes to the log (with the request id, as the client sees
+/// only a generic message) and to the backend error metric.
+fn report(state: &AppState, request_id: &str, e: &ServiceError) {
+    let Some(detail) = e.internal_detail() else {
+        return;
+    };
+    let unavailable = matches!(e, ServiceError::Unavailable { .. });
+    // An outage fails every request the same way: report it once a second.
+    if !unavailable {
+        tracing::error!(request_id = %request_id, detail, "request failed inside the service");
+    } else if let Some(held_back) = UNAVAILABLE_LOG.admit() {
+        tracing::error!(request_id = %request_id, detail, held_back, "request failed inside the service");
+    }
+    let kind = if unavailable { "unavailable" } else { "failed" };
+    state
+        .metrics
+        .backend_errors
+        .get_or_create(&crate::metrics::BackendErrorLabel { kind })
+        .inc();
+}
+
+/// Read the body if the endpoint takes one, claim its `Idempotency-Key` if it has one (or
+/// answer with the key's stored answer), then run its handler.
 async fn run(
     state: &AppState,
     caller: &Caller,
-    endpoint: &Endpoint,
-    name: &str,
+    (endpoint, name): (&Endpoint, &str),
     parts: &hyper::http::request::Parts,
     body: Incoming,
     note: &mut Note,
+    standing: &mut Standing,
 ) -> Result<Outcome, ServiceError> {
     let body = if endpoint.reads_body {
         read_body(&parts.headers, body, state.max_body_bytes).await?
     } else {
         Bytes::new()
     };
+    let query = parts.uri.query().unwrap_or("");
+    if let Some(key) = idempotency::key(&parts.method, &parts.headers)? {
+        let print = idempotency::fingerprint(&parts.method, parts.uri.path(), query, &body);
+        match state
+            .idempotency
+            .begin(&caller.identity, &key, &print)
+            .await?
+        {
+            Step::Run(claim) => *standing = Standing::Claimed(claim),
+            Step::Replay(stored) => {
+                let (outcome, replayed) = stored.replay(note);
+                *standing = replayed;
+                return Ok(outcome);
+            }
+        }
+    }
     // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
     // taken once the body is in (a client slow to send it must not hold up the group).
     note.admission = Some(state.service.core.audit().admit());
@@ -214,7 +258,7 @@ async fn run(
         retail: &state.retail,
         caller,
         name,
-        query: parts.uri.query().unwrap_or(""),
+        query,
         body: &body,
     };
     // A bug must cost one request a 500, not the connection its answer.
@@ -275,11 +319,20 @@ async fn read_body(
     Ok(Bytes::from(buf))
 }
 
-fn respond(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    body: Vec<u8>,
+    content_type: &str,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let json = HeaderValue::from_static("application/json");
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(content_type).unwrap_or(json),
+    );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);

@@ -64,6 +64,20 @@ const MIGRATIONS: &[Migration] = &[
             ]
         },
     },
+    Migration {
+        version: 3,
+        what: "answers kept for Idempotency-Key retries",
+        steps: |_| {
+            vec![
+                sql("CREATE TABLE idempotency (
+                    identity TEXT NOT NULL, idem_key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+                    created_at BIGINT NOT NULL, status BIGINT, content_type TEXT, body TEXT,
+                    receipt BIGINT, outcome TEXT, key_name TEXT, version BIGINT,
+                    PRIMARY KEY (identity, idem_key))"),
+                sql("CREATE INDEX idempotency_created_at ON idempotency (created_at)"),
+            ]
+        },
+    },
 ];
 
 /// The schema as it stood when migrations were first numbered. Every statement tolerates

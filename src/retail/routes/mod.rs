@@ -55,7 +55,7 @@ fn issued(
             status: StatusCode::OK,
             body: crate::retail::qr::svg(&t.text)?.into_bytes(),
             version: None,
-            content_type: "image/svg+xml",
+            content_type: "image/svg+xml".into(),
         });
     }
     let body = wire::TokenIssued {
