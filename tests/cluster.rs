@@ -409,3 +409,50 @@ async fn max_operations_holds_across_instances_and_never_refuses() {
         );
     }
 }
+
+/// The gift-code check throttle (a burst of 20 per client identity, then 5 a second) is one
+/// bucket for the cluster, kept in the database: a client spreading checks over two instances
+/// gets no more than from one. (Each instance with its own bucket would allow twice the burst.)
+#[tokio::test]
+async fn the_gift_code_throttle_is_shared_by_instances() {
+    use std::time::Instant;
+
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, "stores/9/giftcodes/pepper", "hmac-sha256").await;
+    let b = env.start();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for d in [&a, &b] {
+        let client = d.client("service");
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.expect("connect");
+            let mut allowed = 0;
+            for _ in 0..30 {
+                let r = post(
+                    &mut c,
+                    "/v1/giftcodes:check",
+                    json!({"key": "stores/9/giftcodes/pepper", "code": "AAAA-BBBB-CCCC-DDDD"}),
+                )
+                .await;
+                match r.0 {
+                    200 => allowed += 1,
+                    _ => assert_error(&r, 429, "rate_limited"),
+                }
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.expect("client");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = 20 + (5.0 * elapsed).ceil() as u32;
+    assert!(
+        allowed <= bound,
+        "{allowed} of 60 checks allowed in {elapsed:.2} s; one shared bucket allows {bound}"
+    );
+    assert!(allowed >= 20, "{allowed}");
+}

@@ -657,3 +657,117 @@ async fn clock_window_and_pin_attempts_follow_the_configuration() {
     .await;
     assert_eq!(v["valid"], true, "{v}");
 }
+
+/// PIN attempts are claimed in the database before a PIN is compared: of ten checks of a
+/// fresh code at the same moment, exactly `giftcode_pin_attempts` wrong PINs are compared, the
+/// code locks with that count and stays locked, even for the right PIN sent among them; a
+/// right PIN that wins an attempt starts the count again, but never unlocks a locked code.
+#[tokio::test]
+async fn pin_attempts_hold_when_checks_of_one_code_arrive_at_once() {
+    const LIMIT: usize = 3;
+    let env = Env::new();
+    let config = std::fs::read_to_string(env.path("tillkeyd.toml")).unwrap();
+    write(
+        &env.path("tillkeyd.toml"),
+        format!("{config}\n[tokens]\ngiftcode_pin_attempts = {LIMIT}\n"),
+    );
+    let d = env.start();
+    let key = "stores/1212/giftcodes/pepper";
+    create(&d, key, "hmac-sha256").await;
+    let client = d.client("service");
+    let db = env.path("registry.db");
+    let row = |id: &str| {
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg(format!(
+                "SELECT state || ':' || failed_pins FROM giftcodes WHERE id = '{id}'"
+            ))
+            .output()
+            .expect("sqlite3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let compared = |id: &str| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains("wrong gift-code PIN") && l.contains(id))
+            .count()
+    };
+    // Ten checks at once, the right PIN (if any) at `right`; the answers in order.
+    let burst = |code: String, pin: String, right: Option<usize>| {
+        let client = client.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for i in 0..10 {
+                let pin = if Some(i) == right {
+                    pin.clone()
+                } else {
+                    "000000".into()
+                };
+                let body = json!({"key": key, "code": code, "pin": pin});
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = client.connect().await.expect("connect");
+                    let (s, v) = post(&mut c, "/v1/giftcodes:check", body).await;
+                    assert_eq!(s, 200, "{v}");
+                    v["valid"] == true
+                }));
+            }
+            let mut valid = Vec::new();
+            for t in tasks {
+                valid.push(t.await.expect("check"));
+            }
+            valid
+        }
+    };
+    let mut svc = d.conn("service").await;
+    let issue = || async {
+        let (s, g) = post(
+            &mut client.connect().await.expect("connect"),
+            "/v1/giftcodes:issue",
+            json!({"key": key, "pin": true}),
+        )
+        .await;
+        assert_eq!(s, 201, "{g}");
+        let field = |f: &str| g[f].as_str().expect("field").to_owned();
+        (field("id"), field("code"), field("pin"))
+    };
+
+    // Only wrong PINs: exactly LIMIT are compared, and the code locks with that count.
+    let (id, code, pin) = issue().await;
+    let valid = burst(code.clone(), pin.clone(), None).await;
+    assert!(valid.iter().all(|v| !v));
+    assert_eq!(compared(&id), LIMIT);
+    assert_eq!(row(&id), format!("locked:{LIMIT}"));
+    let (_, v) = post(
+        &mut svc,
+        "/v1/giftcodes:check",
+        json!({"key": key, "code": code, "pin": pin}),
+    )
+    .await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(row(&id), format!("locked:{LIMIT}"));
+
+    // The right PIN among wrong ones: never more than LIMIT compared before it or after a
+    // lock, and a locked code keeps its count (the defect: locked with its count reset to 0).
+    for right in [0, 3, 6, 9] {
+        tokio::time::sleep(Duration::from_secs(2)).await; // the per-client throttle refills
+        let (id, code, pin) = issue().await;
+        let valid = burst(code, pin, Some(right)).await;
+        let state = row(&id);
+        let wrong = compared(&id);
+        if valid[right] {
+            // Its attempt came within the first LIMIT; the count restarted with it.
+            assert!(wrong <= 2 * LIMIT, "{wrong} wrong PINs compared");
+        } else {
+            // Either it found every attempt taken, or it held one of them and the wrong ones
+            // locked the code before it could restart the count: locked either way.
+            assert!(wrong == LIMIT || wrong == LIMIT - 1, "{wrong}: {state}");
+            assert_eq!(state, format!("locked:{LIMIT}"));
+        }
+        assert!(
+            !state.starts_with("locked") || state == format!("locked:{LIMIT}"),
+            "{state}"
+        );
+        assert!(valid.iter().enumerate().all(|(i, v)| !v || i == right));
+    }
+}

@@ -78,6 +78,16 @@ const MIGRATIONS: &[Migration] = &[
             ]
         },
     },
+    Migration {
+        version: 4,
+        what: "per-identity throttles shared by instances",
+        steps: |_| {
+            vec![sql(
+                "CREATE TABLE throttles (
+                name TEXT PRIMARY KEY, tokens BIGINT NOT NULL, at_ms BIGINT NOT NULL)",
+            )]
+        },
+    },
 ];
 
 /// The schema as it stood when migrations were first numbered. Every statement tolerates

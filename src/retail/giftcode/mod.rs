@@ -11,10 +11,6 @@ mod store;
 
 pub use store::GiftCodeStore;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
-
 use std::sync::Arc;
 
 use crate::config::TokenSettings;
@@ -27,32 +23,9 @@ use crate::service::{unix_now, Caller, KeyCore};
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const CODE_LABEL: &[u8] = b"tillkey/giftcode/v1\0";
 const PIN_LABEL: &[u8] = b"tillkey/giftpin/v1\0";
-/// Checks per client identity: a burst, then this many per second.
-const BURST: f64 = 20.0;
-const PER_SECOND: f64 = 5.0;
-
-/// Token buckets per client identity.
-#[derive(Default)]
-pub struct Throttle(Mutex<HashMap<String, (f64, Instant)>>);
-
-impl Throttle {
-    fn allow(&self, who: &str) -> bool {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if map.len() > 100_000 {
-            map.retain(|_, (_, t)| now.duration_since(*t).as_secs() < 60);
-        }
-        let (tokens, last) = map.entry(who.to_owned()).or_insert((BURST, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * PER_SECOND).min(BURST);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// Checks per client identity, across all instances: a burst, then this many per second.
+const BURST: i64 = 20;
+const PER_SECOND: i64 = 5;
 
 /// 80 random bits as 16 Crockford Base32 characters.
 fn encode(bits: &[u8; 10]) -> String {
@@ -98,11 +71,11 @@ pub struct IssuedCode {
     pub pin: Option<String>,
 }
 
-/// Gift-card codes over the key core, with their store and the per-client throttle.
+/// Gift-card codes over the key core, with their store (which also keeps the per-client
+/// throttle, so it holds across instances).
 pub struct GiftCodes {
     core: Arc<KeyCore>,
     store: GiftCodeStore,
-    throttle: Throttle,
     settings: TokenSettings,
 }
 
@@ -111,7 +84,6 @@ impl GiftCodes {
         Self {
             core,
             store,
-            throttle: Throttle::default(),
             settings,
         }
     }
@@ -194,7 +166,14 @@ impl GiftCodes {
         code: &str,
         pin: Option<&str>,
     ) -> Result<Option<String>, ServiceError> {
-        if !self.throttle.allow(&caller.identity) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        if !self
+            .store
+            .take_check(&caller.identity, now_ms, BURST, PER_SECOND)
+            .await?
+        {
             return Err(ServiceError::RateLimited);
         }
         let name = self.core.authorize(caller, Operation::Verify, key)?;
@@ -233,6 +212,12 @@ impl GiftCodes {
             return Ok(None);
         };
         if let Some(expected) = &g.pin_idx {
+            let limit = self.settings.giftcode_pin_attempts;
+            // The attempt is claimed before the PIN is compared: at most `limit` comparisons
+            // per lock cycle, however many checks arrive at once.
+            if !self.store.claim_pin_attempt(&g.id, limit).await? {
+                return Ok(None);
+            }
             let right = pin.is_some()
                 && pin_idx.iter().any(|p| {
                     bool::from(subtle::ConstantTimeEq::ct_eq(
@@ -241,17 +226,15 @@ impl GiftCodes {
                     ))
                 });
             if !right {
-                let failed = self
-                    .store
-                    .giftcode_wrong_pin(&g.id, self.settings.giftcode_pin_attempts)
-                    .await?;
-                if failed >= self.settings.giftcode_pin_attempts {
+                let failed = self.store.pin_was_wrong(&g.id, limit).await?;
+                tracing::info!(giftcode = %g.id, failed, "wrong gift-code PIN");
+                if failed >= limit {
                     tracing::warn!(giftcode = %g.id, failed, "gift code locked after too many wrong PINs");
                 }
                 return Ok(None);
             }
-            if g.failed_pins > 0 {
-                self.store.giftcode_reset_pins(&g.id).await?;
+            if !self.store.pin_was_right(&g.id).await? {
+                return Ok(None);
             }
         }
         Ok(Some(g.id))

@@ -75,19 +75,75 @@ impl GiftCodeStore {
         row.as_ref().map(Self::giftcode_from).transpose()
     }
 
-    /// Count a wrong PIN; at `limit` the code locks. Returns the new count.
-    pub async fn giftcode_wrong_pin(&self, id: &str, limit: i64) -> Result<i64, RegistryError> {
-        sqlx::query("UPDATE giftcodes SET failed_pins = failed_pins + 1, state = CASE WHEN failed_pins + 1 >= $2 THEN 'locked' ELSE state END WHERE id = $1 AND state = 'active'")
-            .bind(id).bind(limit).execute(self.pool()).await?;
+    /// Claim one of a code's `limit` PIN attempts before its PIN is compared, counting it as
+    /// failed until it proves right: one conditional UPDATE, so however many checks run at once
+    /// (here or on other instances) at most `limit` PINs are compared per lock cycle. `false`
+    /// when the code is not active or its attempts are all taken.
+    pub async fn claim_pin_attempt(&self, id: &str, limit: i64) -> Result<bool, RegistryError> {
+        let done = sqlx::query(
+            "UPDATE giftcodes SET failed_pins = failed_pins + 1 \
+             WHERE id = $1 AND state = 'active' AND failed_pins < $2",
+        )
+        .bind(id)
+        .bind(limit)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A claimed PIN was wrong: its attempt stays counted, and a code whose attempts are all
+    /// counted locks (keeping its count). Returns the count.
+    pub async fn pin_was_wrong(&self, id: &str, limit: i64) -> Result<i64, RegistryError> {
+        sqlx::query(
+            "UPDATE giftcodes SET state = 'locked' \
+             WHERE id = $1 AND state = 'active' AND failed_pins >= $2",
+        )
+        .bind(id)
+        .bind(limit)
+        .execute(self.pool())
+        .await?;
         Ok(self.giftcode(id).await?.map_or(0, |g| g.failed_pins))
     }
 
-    pub async fn giftcode_reset_pins(&self, id: &str) -> Result<(), RegistryError> {
-        sqlx::query("UPDATE giftcodes SET failed_pins = 0 WHERE id = $1")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
+    /// A claimed PIN was right: the count starts again, unless the code locked meanwhile (other
+    /// attempts used up the rest and were wrong), which it then stays, answering `false`.
+    pub async fn pin_was_right(&self, id: &str) -> Result<bool, RegistryError> {
+        let done =
+            sqlx::query("UPDATE giftcodes SET failed_pins = 0 WHERE id = $1 AND state = 'active'")
+                .bind(id)
+                .execute(self.pool())
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Take one check from `who`'s bucket of `burst` checks, refilled at `per_second`, shared by
+    /// every instance on the database: one statement refills and takes, so simultaneous checks
+    /// (here or elsewhere) cannot take the same check twice. Buckets hold milli-checks (integers
+    /// on both engines); a clock behind the bucket's refills nothing.
+    pub async fn take_check(
+        &self,
+        who: &str,
+        now_ms: i64,
+        burst: i64,
+        per_second: i64,
+    ) -> Result<bool, RegistryError> {
+        const REFILLED: &str = "(CASE WHEN throttles.tokens + \
+            (CASE WHEN $2 > throttles.at_ms THEN $2 - throttles.at_ms ELSE 0 END) * $3 > $4 \
+            THEN $4 ELSE throttles.tokens + \
+            (CASE WHEN $2 > throttles.at_ms THEN $2 - throttles.at_ms ELSE 0 END) * $3 END)";
+        let taken = sqlx::query(&format!(
+            "INSERT INTO throttles (name, tokens, at_ms) VALUES ($1, $4 - 1000, $2) \
+             ON CONFLICT (name) DO UPDATE SET tokens = {REFILLED} - 1000, \
+             at_ms = CASE WHEN $2 > throttles.at_ms THEN $2 ELSE throttles.at_ms END \
+             WHERE {REFILLED} >= 1000"
+        ))
+        .bind(who)
+        .bind(now_ms)
+        .bind(per_second)
+        .bind(burst * 1000)
+        .execute(self.pool())
+        .await?;
+        Ok(taken.rows_affected() == 1)
     }
 
     /// Set the state of a code that is in one of `from`; `false` when it was not.
