@@ -561,3 +561,44 @@ impl Patch {
         call(c, hyper::Method::PATCH, &self.path, Some(self.body.clone())).await
     }
 }
+
+/// A small cap under a burst: 60 signs released together (every client connected first) on a
+/// key with `max_operations: 5` are all answered 200, each version signs at most 5 of them, and
+/// the key rotates as often as that takes. The cap rotates; it is never a 503.
+#[tokio::test]
+async fn a_small_cap_under_a_burst_rotates_and_never_refuses() {
+    let env = Env::new();
+    let d = env.start();
+    let (s, k) = post(
+        &mut d.conn("officer").await,
+        "/v1/keys",
+        json!({"name": "stores/2/burst", "type": "hmac-sha256", "max_operations": 5}),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(60));
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let mut c = d.conn("service").await;
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            post(
+                &mut c,
+                "/v1/keys/stores/2/burst:sign",
+                json!({"message": b64(format!("m{i}").as_bytes())}),
+            )
+            .await
+        }));
+    }
+    let mut per_version = std::collections::BTreeMap::<u64, u64>::new();
+    for t in tasks {
+        let (s, v) = t.await.expect("client");
+        assert_eq!(s, 200, "{v}");
+        *per_version
+            .entry(v["key_version"].as_u64().expect("version"))
+            .or_default() += 1;
+    }
+    assert!(per_version.values().all(|n| *n <= 5), "{per_version:?}");
+    assert!(per_version.len() >= 12, "{per_version:?}");
+}

@@ -214,8 +214,11 @@ impl KeyCore {
         uses: u64,
     ) -> Result<(Arc<KeyRecord>, Box<VersionRecord>), ServiceError> {
         // Each pass either claims or finds the version at its cap and sees it rotated (here or
-        // by another instance); only a key rotated this often by others runs out of passes.
-        for _ in 0..8 {
+        // by another instance): a failed pass means other requests were served, so the loop
+        // ends. Under a burst on a small cap a request may see several rotations; only one
+        // that keeps losing for seconds gives up.
+        let deadline = std::time::Instant::now() + CAP_PATIENCE;
+        while std::time::Instant::now() < deadline {
             let key = self.lookup(name)?;
             require(allowed(key.key_type), op, &key)?;
             if key.lifecycle.max_operations.is_some_and(|max| uses > max) {
@@ -365,6 +368,9 @@ impl KeyCore {
         Ok(())
     }
 }
+
+/// How long a request keeps trying a key whose versions others keep using up.
+const CAP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(super) fn require(ok: bool, op: &str, key: &KeyRecord) -> Result<(), ServiceError> {
     if ok {
