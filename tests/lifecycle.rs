@@ -476,6 +476,7 @@ async fn lifecycle_settings_are_validated_and_changeable_by_officers_only() {
         json!({"name": "stores/5/a", "type": "hmac-sha256", "verify_grace": "0s"}),
         json!({"name": "stores/5/a", "type": "ed25519", "exportable": true}),
         json!({"name": "stores/5/a", "type": "hmac-sha256", "max_operations": -1}),
+        json!({"name": "stores/5/a", "type": "hmac-sha256", "max_operations": 9223372036854775808u64}),
     ] {
         let r = post(&mut officer, "/v1/keys", bad.clone()).await;
         assert_error(&r, 400, "invalid_argument");
@@ -508,6 +509,17 @@ async fn lifecycle_settings_are_validated_and_changeable_by_officers_only() {
     );
     let r = patch(json!({"exportable": false})).call(&mut officer).await;
     assert_error(&r, 400, "invalid_argument");
+    // Beyond what is stored (a signed 64-bit integer): refused, not clamped.
+    let r = patch(json!({"max_operations": u64::MAX}))
+        .call(&mut officer)
+        .await;
+    assert_error(&r, 400, "invalid_argument");
+    let (s, k) = get(&mut officer, "/v1/keys/stores/5/a").await;
+    assert_eq!((s, k["max_operations"].clone()), (200, Value::Null));
+    let r = get(&mut officer, "/v1/audit?since=9223372036854775808").await;
+    assert_error(&r, 400, "invalid_argument");
+    let (s, _) = get(&mut officer, "/v1/audit?since=9223372036854775807").await;
+    assert_eq!(s, 200);
     let r = patch(json!({"verify_grace": "1d"})).call(&mut svc).await;
     assert_error(&r, 403, "permission_denied");
     for op in ["rotate", "revoke"] {

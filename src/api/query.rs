@@ -50,9 +50,14 @@ pub fn audit_query(query: &str) -> Result<crate::audit::Query, ServiceError> {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             ServiceError::invalid(format!("query parameter '{pair}' has no value"))
         })?;
+        // Sequence numbers are stored as signed 64-bit integers: larger ones are refused.
         let number = |v: &str| {
             v.parse::<u64>()
-                .map_err(|_| ServiceError::invalid(format!("{k} must be a number")))
+                .ok()
+                .filter(|n| i64::try_from(*n).is_ok())
+                .ok_or_else(|| {
+                    ServiceError::invalid(format!("{k} must be a number from 0 to {}", i64::MAX))
+                })
         };
         match k {
             "since" => q.since = number(v)?,

@@ -76,6 +76,13 @@ impl LifecycleInput {
             l.verify_grace = parse_duration(g)?;
         }
         if let Some(m) = self.max_operations {
+            // Stored as a signed 64-bit integer: a larger number is refused, never clamped.
+            if i64::try_from(m).is_err() {
+                return Err(ServiceError::invalid(format!(
+                    "max_operations must be at most {}",
+                    i64::MAX
+                )));
+            }
             l.max_operations = (m > 0).then_some(m);
         }
         if let Some(e) = self.exportable {
