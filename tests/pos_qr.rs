@@ -432,3 +432,48 @@ on_each_backend! {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Refusing a paid token does not tell whether the store has its own signing key: a caller
+/// that may verify requests but sign nothing gets one message, naming neither key, with and
+/// without `stores/{s}/paid-sign`.
+#[tokio::test]
+async fn refusing_a_paid_token_does_not_reveal_the_store_key() {
+    let env = Env::new();
+    write(
+        &env.path("policies/verify-only.toml"),
+        "[[grant]]\ndescription = \"checks requests, signs nothing\"\n\
+         identities = [\"spiffe://tillkey.test/svc/stranger\"]\n\
+         operations = [\"read\", \"verify\"]\nkeys = [\"stores/**\"]\n",
+    );
+    let d = env.start();
+    create(&d, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
+    create(&d, "stores/1313/pos/0001/qr-request", "hmac-sha256").await;
+    create(&d, "stores/1313/paid-sign", "ecdsa-p256").await;
+    let mut svc = d.conn("service").await;
+    let mut stranger = d.conn("stranger").await;
+    let mut answers = Vec::new();
+    for store in ["1212", "1313"] {
+        let (s, req) = post(
+            &mut svc,
+            "/v1/tokens/pos-request:issue",
+            json!({"store_id": store, "pos_id": "0001", "purchase_id": "P-1", "amount": 100,
+                   "currency": "EUR"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{req}");
+        let r = post(
+            &mut stranger,
+            "/v1/tokens/pos-paid:issue",
+            json!({"request_token": req["token"], "payment_ref": "R-1"}),
+        )
+        .await;
+        assert_error(&r, 403, "permission_denied");
+        let message = r.1["error"]["message"].as_str().unwrap_or("").to_owned();
+        assert!(
+            !message.contains("paid-sign") && !message.contains("paid-mac"),
+            "{message}"
+        );
+        answers.push(message.replace(store, "S"));
+    }
+    assert_eq!(answers[0], answers[1]);
+}

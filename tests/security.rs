@@ -421,3 +421,61 @@ async fn the_pin_can_come_from_a_systemd_credential() {
     .await;
     assert_eq!(s, 200);
 }
+
+/// A prefix action is judged by the caller's grants alone: a caller without a grant covering
+/// the whole prefix gets the same refusal whether the prefix holds keys, holds keys it may not
+/// touch or holds none, and the refusal names only the prefix it sent. Each attempt is audited.
+#[tokio::test]
+async fn prefix_actions_do_not_reveal_key_names() {
+    let env = Env::new();
+    let d = env.start();
+    create(&d, "stores/1212/cards/card-7", "hmac-sha256").await;
+    let mut officer = d.conn("officer").await;
+    let mut callers = Vec::new();
+    for who in ["service", "stranger"] {
+        callers.push((who, d.conn(who).await));
+    }
+    for (who, c) in &mut callers {
+        for action in ["revokePrefix", "rotatePrefix"] {
+            let mut answers = Vec::new();
+            for prefix in [
+                "stores/",
+                "stores/1212/",
+                "stores/1212/cards/",
+                "stores/9999/",
+            ] {
+                let r = post(
+                    c,
+                    &format!("/v1/keys:{action}"),
+                    json!({"prefix": prefix, "reason": "probe"}),
+                )
+                .await;
+                assert_error(&r, 403, "permission_denied");
+                let message = r.1["error"]["message"].as_str().unwrap_or("").to_owned();
+                assert!(!message.contains("card-7"), "{who} {action}: {message}");
+                answers.push(message.replace(prefix, "PREFIX"));
+            }
+            answers.dedup();
+            assert_eq!(answers.len(), 1, "{who} {action}: {answers:?}");
+        }
+    }
+    // The reserved names are refused for everyone, without naming a key.
+    let r = post(
+        &mut officer,
+        "/v1/keys:revokePrefix",
+        json!({"prefix": "tillkey/", "reason": "probe"}),
+    )
+    .await;
+    assert_error(&r, 403, "permission_denied");
+    // Nothing was revoked, and every attempt is in the trail.
+    let (_, k) = get(&mut officer, "/v1/keys/stores/1212/cards/card-7").await;
+    assert_eq!(k["versions"][0]["state"], "active", "{k}");
+    let (_, audit) = get(&mut officer, "/v1/audit?limit=1000").await;
+    let refused = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["outcome"] == "permission_denied")
+        .count();
+    assert!(refused >= 17, "{refused} refused attempts audited");
+}

@@ -57,6 +57,38 @@ impl Glob {
         let parts: Vec<&str> = name.split('/').collect();
         match_segments(&self.segments, &parts)
     }
+
+    /// Whether the pattern matches every name under `prefix` (whole segments ending in `/`),
+    /// whatever names exist: what a prefix action is judged by, so its answer cannot tell
+    /// which keys exist.
+    pub fn covers_prefix(&self, prefix: &str) -> bool {
+        let parts: Vec<&str> = prefix
+            .strip_suffix('/')
+            .unwrap_or(prefix)
+            .split('/')
+            .collect();
+        covers(&self.segments, &parts)
+    }
+}
+
+/// Whether `pat` matches every name that continues `prefix` by one or more segments.
+fn covers(pat: &[String], prefix: &[&str]) -> bool {
+    match (pat.split_first(), prefix.split_first()) {
+        // Beneath the prefix come one or more segments of any kind: taken by a rest made of
+        // `**` and at most one `*`.
+        (Some(_), None) => {
+            pat.iter().any(|p| p == "**")
+                && pat.iter().all(|p| p == "**" || p == "*")
+                && pat.iter().filter(|p| *p == "*").count() <= 1
+        }
+        (None, _) => false,
+        (Some((p, rest)), Some((_, prefix_rest))) if p == "**" => {
+            covers(rest, prefix) || covers(pat, prefix_rest)
+        }
+        (Some((p, rest)), Some((n, prefix_rest))) => {
+            match_within(p.as_bytes(), n.as_bytes()) && covers(rest, prefix_rest)
+        }
+    }
 }
 
 fn match_segments(pat: &[String], name: &[&str]) -> bool {
@@ -100,6 +132,24 @@ mod tests {
 
     fn m(p: &str, n: &str) -> bool {
         Glob::new(p).unwrap().matches(n)
+    }
+
+    #[test]
+    fn covers_a_prefix_only_with_a_double_star_beneath_it() {
+        let c = |p: &str, prefix: &str| Glob::new(p).unwrap().covers_prefix(prefix);
+        assert!(c("**", "stores/"));
+        assert!(c("stores/**", "stores/1212/"));
+        assert!(c("stores/**", "stores/"));
+        assert!(c("stores/*/**", "stores/1212/pos/"));
+        assert!(c("stores/12*/**", "stores/1212/"));
+        assert!(c("**/**", "stores/"));
+        assert!(!c("stores/*", "stores/"));
+        assert!(!c("stores/*/pos/*/qr-mac", "stores/1212/pos/0001/"));
+        assert!(!c("stores/1212/**", "stores/"));
+        assert!(!c("**/qr-mac", "stores/"));
+        assert!(!c("stores/13*/**", "stores/1212/"));
+        assert!(c("stores/*/**", "stores/"));
+        assert!(!c("stores/*/*/**", "stores/"));
     }
 
     #[test]

@@ -213,6 +213,16 @@ impl Policy {
         })
     }
 
+    /// Whether `identity` holds `op` on every name under `prefix` by one grant, whatever keys
+    /// exist (see [`Glob::covers_prefix`]).
+    pub fn covers_prefix(&self, identity: &str, op: Operation, prefix: &str) -> bool {
+        self.grants.iter().any(|g| {
+            g.operations.contains(&op)
+                && g.identities.iter().any(|p| p.matches(identity))
+                && g.keys.iter().any(|p| p.covers_prefix(prefix))
+        })
+    }
+
     /// Whether `identity` holds `op` on any key at all.
     pub fn grants_any(&self, identity: &str, op: Operation) -> bool {
         self.grants

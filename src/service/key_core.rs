@@ -246,42 +246,41 @@ impl KeyCore {
         })
     }
 
-    /// Every key under `prefix` after checking that the caller may do `op` on each; a single refusal
-    /// refuses the whole action.
+    /// Every key under `prefix`, for a caller whose grants cover the whole prefix for `op`.
+    /// Judged by the policy alone, before any key is looked at, so the answer (403, 404 or the
+    /// keys) tells nothing about names the caller may not act on, and a refusal names only
+    /// the prefix the caller sent.
     pub fn authorize_prefix(
         &self,
         caller: &Caller,
         op: Operation,
         prefix: &KeyPrefix,
     ) -> Result<Vec<Arc<KeyRecord>>, ServiceError> {
+        self.current()?;
         if !prefix.is_whole_segments() {
             return Err(ServiceError::invalid(crate::keys::WHOLE_SEGMENTS));
+        }
+        let reserved = crate::keys::RESERVED_PREFIX;
+        if prefix.as_str().starts_with(reserved) || reserved.starts_with(prefix.as_str()) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "names under '{reserved}' are reserved for the service; choose a prefix \
+                 beside it; nothing was changed"
+            )));
+        }
+        let policy = self.policy.current();
+        if !policy.covers_prefix(&caller.identity, op, prefix.as_str()) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "'{}' may not {} every key under '{prefix}' (a prefix action needs a grant \
+                 covering the whole prefix); nothing was changed",
+                caller.identity,
+                op.as_str()
+            )));
         }
         let (keys, _) = self
             .registry
             .list(prefix.as_str(), None, usize::MAX, |_| true);
         if keys.is_empty() {
-            // Only someone who may act on keys at all learns that a prefix is empty.
-            if !self.policy.current().grants_any(&caller.identity, op) {
-                return Err(ServiceError::PermissionDenied(format!(
-                    "'{}' may not {}",
-                    caller.identity,
-                    op.as_str()
-                )));
-            }
             return Err(ServiceError::NotFound(format!("no keys under '{prefix}'")));
-        }
-        let policy = self.policy.current();
-        if let Some(denied) = keys
-            .iter()
-            .find(|k| k.name.is_reserved() || !policy.allows(&caller.identity, op, k.name.as_str()))
-        {
-            return Err(ServiceError::PermissionDenied(format!(
-                "'{}' may not {} '{}'; nothing was changed",
-                caller.identity,
-                op.as_str(),
-                denied.name
-            )));
         }
         Ok(keys)
     }

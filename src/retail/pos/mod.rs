@@ -354,8 +354,17 @@ impl PosTokens {
         } else {
             (paid_mac_key(&r.store, &r.pos), "paid")
         };
-        // A repeat needs the same grant as the first payment.
-        self.core.authorize(caller, Operation::Sign, &key)?;
+        // A repeat needs the same grant as the first payment. The refusal names neither key,
+        // so it does not tell whether the store has a paid-sign key.
+        self.core
+            .authorize(caller, Operation::Sign, &key)
+            .map_err(|e| match e {
+                ServiceError::PermissionDenied(_) => ServiceError::PermissionDenied(format!(
+                    "'{}' may not issue paid tokens for store '{}', POS '{}'",
+                    caller.identity, r.store, r.pos
+                )),
+                other => other,
+            })?;
         if let Some(existing) = self.store.purchase(&r.store, &r.pos, &r.purchase).await? {
             return repeat_payment(existing, &r);
         }
