@@ -444,6 +444,13 @@ on_each_backend! {
             (1..=seconds as usize + 2).contains(&errors),
             "{errors} error lines in {seconds} s of outage"
         );
+        // The writer's own line for each failed group is held back the same way (the defect:
+        // one ERROR per group, over a thousand in five seconds).
+        let groups = count("audit append failed");
+        assert!(
+            (1..=seconds as usize + 2).contains(&groups),
+            "{groups} failed-group lines in {seconds} s of outage"
+        );
 
         // The store accepts writes again: the scheduler's probe is written and readiness returns.
         sqlite(&env, "DROP TRIGGER refuse_audit;");

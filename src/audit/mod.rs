@@ -29,6 +29,9 @@ use crate::error::ServiceError;
 use crate::keys::KeyType;
 use crate::metrics::AuditMetrics;
 
+/// The error line for failed group commits (see `Writer::finish`).
+static APPEND_FAILED_LOG: crate::logging::Throttle = crate::logging::Throttle::new();
+
 /// Name of the writer's thread.
 pub const WRITER_THREAD: &str = "audit-writer";
 
@@ -370,7 +373,10 @@ impl Writer {
                 .store(result.is_err(), Ordering::Release);
         }
         if let Err(e) = &result {
-            tracing::error!(error = %e, entries = batch.len(), "audit append failed; refusing the requests that needed it");
+            // A store that is down fails every group the same way: once a second is enough.
+            if let Some(held_back) = APPEND_FAILED_LOG.admit() {
+                tracing::error!(error = %e, entries = batch.len(), held_back, "audit append failed; refusing the requests that needed it");
+            }
         }
         for (i, p) in batch.drain(..).enumerate() {
             let _ = p.done.send(
