@@ -378,6 +378,17 @@ fn registry_url(raw: RawRegistry, base: &Path) -> Result<String, String> {
                     dir.display()
                 ));
             }
+            // Others who can write the directory can replace the registry under the daemon.
+            if let Ok(meta) = std::fs::metadata(dir) {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o002 != 0 {
+                    return Err(format!(
+                        "registry.sqlite: directory {} is writable by every user; give the \
+                         registry a directory of its own (e.g. 0700, owned by tillkeyd)",
+                        dir.display()
+                    ));
+                }
+            }
             format!("sqlite://{}?mode=rwc", full.display())
         }
         (None, Some(url)) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {

@@ -106,6 +106,9 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(config: Config, settings: Settings) -> Result<(), Startup> {
+    // Files this process makes (the registry, its journal, the lock) are its own, whatever
+    // umask the shell or service manager passed down.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let policy = Policy::load_dir(&config.policy_dir).map_err(Startup::Config)?;
     tracing::info!(
         files = policy.file_count(),

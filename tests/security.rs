@@ -479,3 +479,43 @@ async fn prefix_actions_do_not_reveal_key_names() {
         .count();
     assert!(refused >= 17, "{refused} refused attempts audited");
 }
+
+/// The daemon sets its own umask: started from a shell whose umask lets everyone read new
+/// files, the registry and its journal are still readable by the daemon's user alone; and a
+/// registry directory every user can write is refused at start.
+#[tokio::test]
+async fn state_files_are_private_whatever_umask_the_daemon_inherits() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let env = Env::new();
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let d = env.start();
+    rustix::process::umask(previous);
+    create(&d, "stores/1/mac", "hmac-sha256").await;
+    for file in [
+        "registry.db",
+        "registry.db-wal",
+        "registry.db-shm",
+        "registry.db.lock",
+    ] {
+        let path = env.path(file);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            assert_eq!(
+                meta.permissions().mode() & 0o077,
+                0,
+                "{file}: {:o}",
+                meta.permissions().mode()
+            );
+        }
+    }
+    assert!(std::fs::metadata(env.path("registry.db")).is_ok());
+    assert!(d.stop().success());
+
+    let dir = env.path("");
+    let old = std::fs::metadata(&dir).unwrap().permissions();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (status, err) = env.run_to_exit();
+    std::fs::set_permissions(&dir, old).unwrap();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("writable by every user"), "{err}");
+}
