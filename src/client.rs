@@ -185,8 +185,13 @@ impl Connection {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, &self.host)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::HOST, &self.host);
+        if !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
         for (name, value) in headers {
             let value = hyper::header::HeaderValue::from_bytes(value)
                 .map_err(|e| ClientError::Setup(format!("header {name}: {e}")))?;

@@ -27,6 +27,10 @@ pub enum ServiceError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedOperation(String),
+    /// A body that is not `application/json` (what a browser's cross-site form or
+    /// `text/plain` request would send).
+    #[error("request bodies are JSON: send content-type application/json")]
+    UnsupportedMediaType,
     #[error("too many requests from this client; slow down")]
     RateLimited,
     /// `allow` lists the methods the path does accept (sent as the `Allow` header).
@@ -52,6 +56,7 @@ impl ServiceError {
             Self::FailedPrecondition(_) => "failed_precondition",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedOperation(_) => "unsupported_operation",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::RateLimited => "rate_limited",
             Self::Unavailable { .. } => "unavailable",
@@ -67,6 +72,7 @@ impl ServiceError {
             Self::AlreadyExists(_) | Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -111,6 +117,7 @@ const OUTCOMES: &[&str] = &[
     "failed_precondition",
     "payload_too_large",
     "unsupported_operation",
+    "unsupported_media_type",
     "method_not_allowed",
     "rate_limited",
     "unavailable",
@@ -161,6 +168,7 @@ mod tests {
             ServiceError::FailedPrecondition(String::new()),
             ServiceError::PayloadTooLarge { limit: 0 },
             ServiceError::UnsupportedOperation(String::new()),
+            ServiceError::UnsupportedMediaType,
             ServiceError::MethodNotAllowed { allow: "" },
             ServiceError::RateLimited,
             ServiceError::Unavailable {

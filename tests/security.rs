@@ -485,8 +485,6 @@ async fn prefix_actions_do_not_reveal_key_names() {
 /// registry directory every user can write is refused at start.
 #[tokio::test]
 async fn state_files_are_private_whatever_umask_the_daemon_inherits() {
-    use std::os::unix::fs::PermissionsExt;
-
     let env = Env::new();
     let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let d = env.start();
@@ -518,4 +516,55 @@ async fn state_files_are_private_whatever_umask_the_daemon_inherits() {
     std::fs::set_permissions(&dir, old).unwrap();
     assert_eq!(status.code(), Some(64), "{err}");
     assert!(err.contains("writable by every user"), "{err}");
+}
+
+/// A page on another site cannot make an officer's browser act: bodies must be JSON (a
+/// browser's "simple" cross-site request cannot send that type without a preflight, which gets
+/// no CORS answer), and requests the browser marks as cross-site, or whose Origin is another
+/// server, are refused whatever they carry.
+#[tokio::test]
+async fn cross_site_browser_requests_are_refused() {
+    let env = Env::new();
+    let d = env.start();
+    create(&d, "stores/1/mac", "hmac-sha256").await;
+    let mut officer = d.conn("officer").await;
+    let rotate = br#"{"reason":"csrf"}"#.to_vec();
+    let path = "/v1/keys/stores/1/mac:rotate";
+    let attempts: [&[(&str, &[u8])]; 5] = [
+        &[("content-type", b"text/plain")],
+        &[("content-type", b"application/x-www-form-urlencoded")],
+        &[("sec-fetch-site", b"cross-site")],
+        &[("sec-fetch-site", b"same-site")],
+        &[("origin", b"https://evil.example")],
+    ];
+    for headers in attempts {
+        let (s, h, body) = officer
+            .send(hyper::Method::POST, path, headers, rotate.clone())
+            .await
+            .expect("send");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json error");
+        let code = v["error"]["code"].as_str().unwrap_or("");
+        assert!(
+            (s.as_u16(), code) == (415, "unsupported_media_type")
+                || (s.as_u16(), code) == (403, "permission_denied"),
+            "{headers:?}: {s} {v}"
+        );
+        assert!(h.get("access-control-allow-origin").is_none());
+    }
+    let (_, k) = get(&mut officer, "/v1/keys/stores/1/mac").await;
+    assert_eq!(k["versions"].as_array().map(Vec::len), Some(1), "{k}");
+    // The API's own clients, and a same-origin page, are served.
+    let (s, _, _) = officer
+        .send(
+            hyper::Method::POST,
+            path,
+            &[
+                ("content-type", b"application/json; charset=utf-8"),
+                ("sec-fetch-site", b"same-origin"),
+            ],
+            rotate,
+        )
+        .await
+        .expect("send");
+    assert_eq!(s, 200);
 }

@@ -229,7 +229,11 @@ async fn run(
     note: &mut Note,
     standing: &mut Standing,
 ) -> Result<Outcome, ServiceError> {
+    refuse_browser_cross_site(&parts.headers)?;
     let body = if endpoint.reads_body {
+        if !is_json(&parts.headers) {
+            return Err(ServiceError::UnsupportedMediaType);
+        }
         read_body(&parts.headers, body, state.max_body_bytes).await?
     } else {
         Bytes::new()
@@ -271,6 +275,40 @@ async fn run(
             detail: "request handler panicked".into(),
         }),
     }
+}
+
+/// A browser holding an officer's client certificate presents it to any page that calls the
+/// daemon, so a request the browser marks as coming from another site (`Sec-Fetch-Site`, or an
+/// `Origin` that is not this server) is refused whatever it asks. API clients send neither
+/// header. No CORS headers are ever sent, so no other origin can read an answer either.
+fn refuse_browser_cross_site(headers: &hyper::HeaderMap) -> Result<(), ServiceError> {
+    let refused = || {
+        ServiceError::PermissionDenied(
+            "requests a browser sends from another site are refused".into(),
+        )
+    };
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+            return Err(refused());
+        }
+    }
+    if let Some(origin) = headers.get(hyper::header::ORIGIN) {
+        let host = headers.get(hyper::header::HOST).map(|h| h.as_bytes());
+        let own = host.is_some_and(|h| origin.as_bytes() == [b"https://", h].concat().as_slice());
+        if !own {
+            return Err(refused());
+        }
+    }
+    Ok(())
+}
+
+/// `application/json`, with or without parameters (`; charset=utf-8`).
+fn is_json(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// The error line for requests refused while the token or the audit trail is down.
