@@ -17,44 +17,13 @@ pub struct Postgres {
 impl Postgres {
     pub fn start() -> Self {
         let bin = server_bin();
-        let dir = tempfile::tempdir().expect("tempdir");
-        // PostgreSQL refuses to run as root; under root (CI) it runs as the `postgres` user.
-        if is_root() {
-            run(Command::new("chown").args(["postgres"]).arg(dir.path()));
-        }
+        let dir = server_dir();
         let data = dir.path().join("data");
         run(as_server_user(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
             .args(["-A", "trust", "-U", "tillkey", "--no-sync"]));
-        // A free port can be taken by someone else before the server binds it (the other
-        // tests here start clusters at the same time): try a few, and say why if none works.
-        let log = dir.path().join("server.log");
-        let mut port = 0;
-        for attempt in 1..=5 {
-            port = free_port();
-            let out = as_server_user(&bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-o")
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-                    dir.path().display()
-                ))
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", "60", "start"])
-                .output()
-                .expect("pg_ctl");
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                attempt < 5,
-                "pg_ctl start failed 5 times; last server log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
+        let port = start_on_free_port(&bin, &data);
         run(as_server_user(&bin.join("createdb")).args([
             "-h",
             "127.0.0.1",
@@ -72,6 +41,56 @@ impl Postgres {
         }
     }
 
+    /// A streaming replica of this server (`pg_basebackup -R`), started on its own port, and
+    /// made synchronous: from now on a commit here returns only once the replica has it (the
+    /// replica itself keeps no `synchronous_standby_names`, so once promoted it commits alone).
+    pub fn replica(&self) -> Self {
+        let dir = server_dir();
+        let data = dir.path().join("data");
+        run(as_server_user(&self.bin.join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "tillkey",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]));
+        let port = start_on_free_port(&self.bin, &data);
+        self.query("ALTER SYSTEM SET synchronous_standby_names = '*'");
+        self.query("SELECT pg_reload_conf()");
+        let replica = Self {
+            _dir: dir,
+            data,
+            bin: self.bin.clone(),
+            port,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.query("SELECT string_agg(sync_state, ',') FROM pg_stat_replication") != "sync" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica did not become a synchronous standby"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        replica
+    }
+
+    /// Promote this replica to a primary (`pg_ctl promote`, waiting until it takes writes).
+    pub fn promote(&self) {
+        run(as_server_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60", "promote"]));
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Stop the server now, as a crash or a cut network would look to its clients.
     pub fn stop(&self) {
         run(as_server_user(&self.bin.join("pg_ctl"))
@@ -82,19 +101,7 @@ impl Postgres {
 
     /// Start the stopped server again on its port.
     pub fn start_again(&self) {
-        let dir = self.data.parent().expect("cluster directory");
-        run(as_server_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-o")
-            .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-                self.port,
-                dir.display()
-            ))
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "60", "start"]));
+        run(&mut pg_ctl_start(&self.bin, &self.data, self.port));
     }
 
     /// One value from a query, through psql.
@@ -131,6 +138,52 @@ impl Drop for Postgres {
             .args(["-m", "immediate", "stop"])
             .output();
     }
+}
+
+/// A temporary directory for one server, owned by the user the server runs as. PostgreSQL
+/// refuses to run as root; under root (CI) it runs as the `postgres` user.
+fn server_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if is_root() {
+        run(Command::new("chown").args(["postgres"]).arg(dir.path()));
+    }
+    dir
+}
+
+/// `pg_ctl start` for the server in `data` on `port`, its socket and log next to `data`.
+fn pg_ctl_start(bin: &Path, data: &Path, port: u16) -> Command {
+    let dir = data.parent().expect("cluster directory");
+    let mut cmd = as_server_user(&bin.join("pg_ctl"));
+    cmd.arg("-D")
+        .arg(data)
+        .arg("-o")
+        .arg(format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            dir.display()
+        ))
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "60", "start"]);
+    cmd
+}
+
+/// Start the server in `data` on a free port; the port.
+fn start_on_free_port(bin: &Path, data: &Path) -> u16 {
+    // A free port can be taken by someone else before the server binds it (the other tests
+    // here start clusters at the same time): try a few, and say why if none works.
+    for attempt in 1..=5 {
+        let port = free_port();
+        let out = pg_ctl_start(bin, data, port).output().expect("pg_ctl");
+        if out.status.success() {
+            return port;
+        }
+        assert!(
+            attempt < 5,
+            "pg_ctl start failed 5 times; last server log:\n{}",
+            std::fs::read_to_string(data.parent().unwrap().join("server.log")).unwrap_or_default()
+        );
+    }
+    unreachable!()
 }
 
 /// The newest installed server's programs (Debian: /usr/lib/postgresql/N/bin).
@@ -217,4 +270,77 @@ pub fn env_on(pg: &Postgres) -> Env {
     let env = Env::on(super::Backend::Pkcs11);
     use_registry(&env, &pg.url());
     env
+}
+
+/// The one address the instances reach "the database" at, standing in for the virtual IP or
+/// HAProxy that docs/cluster.md prescribes (sqlx connects to the one host of its URL; it has no
+/// libpq-style host list). A TCP forwarder on a loopback port to a server's port; [`Vip::move_to`]
+/// points it at another server and cuts the connections made to the old one, as a VIP moving
+/// to another host does.
+pub struct Vip {
+    port: u16,
+    target: std::sync::Arc<std::sync::Mutex<Target>>,
+}
+
+#[derive(Default)]
+struct Target {
+    port: u16,
+    /// Both halves of each forwarded connection, to cut them when the address moves.
+    open: Vec<std::net::TcpStream>,
+}
+
+impl Vip {
+    pub fn to(server: &Postgres) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let target = Arc::new(Mutex::new(Target {
+            port: server.port,
+            open: Vec::new(),
+        }));
+        let shared = target.clone();
+        // The thread (and the listener) lives as long as the test process; tests are short.
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let mut t = shared.lock().unwrap();
+                t.open.retain(|s| s.peer_addr().is_ok());
+                let Ok(server) = TcpStream::connect(("127.0.0.1", t.port)) else {
+                    continue; // dropped: the client sees the server as down
+                };
+                for s in [&client, &server] {
+                    t.open.push(s.try_clone().expect("clone"));
+                }
+                drop(t);
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                pipe(server, client);
+            }
+        });
+        Self { port, target }
+    }
+
+    /// Send new connections to `server`, and cut every connection made so far.
+    pub fn move_to(&self, server: &Postgres) {
+        let mut t = self.target.lock().unwrap();
+        t.port = server.port;
+        for s in t.open.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The database's URL through this address.
+    pub fn url(&self) -> String {
+        format!("postgres://tillkey@127.0.0.1:{}/tillkey", self.port)
+    }
 }
