@@ -383,3 +383,33 @@ async fn two_registries_with_a_key(
     let b = Registry::open(&pg.url()).await.expect("B opens");
     (a, b, name)
 }
+
+/// One instance on PostgreSQL reads its own changes back through the change feed; a read that
+/// started before a change committed must never put the key's older state back in the index.
+/// (It did: a rotation right after another answered 409 "changed elsewhere" with no other
+/// instance, and for a moment the index held the previous active version.)
+#[tokio::test]
+async fn the_change_feed_never_puts_an_older_state_back() {
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let d = env.start();
+    create(&d, "stores/7/mac", "hmac-sha256").await;
+    let mut officer = d.conn("officer").await;
+    let mut svc = d.conn("service").await;
+    for i in 0..150u64 {
+        let (s, k) = post(
+            &mut officer,
+            "/v1/keys/stores/7/mac:rotate",
+            json!({"reason": "routine"}),
+        )
+        .await;
+        assert_eq!(s, 200, "rotation {i}: {k}");
+        let (s, v) = post(
+            &mut svc,
+            "/v1/keys/stores/7/mac:sign",
+            json!({"message": b64(b"pay")}),
+        )
+        .await;
+        assert_eq!((s, v["key_version"].as_u64()), (200, Some(i + 2)), "{v}");
+    }
+}

@@ -474,6 +474,15 @@ impl Registry {
     /// Read `name` again from the database and put what it holds now in the index (or drop the
     /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale.
     pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
+        self.read_again(name).await
+    }
+
+    /// [`Registry::reload`] for a caller already holding `publishing`.
+    pub(super) async fn read_again(
+        &self,
+        name: &KeyName,
+    ) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
         let loaded = read_one(&self.pool, name.as_str(), self.is_sqlite).await?;
         match loaded.entries.into_iter().next() {
             Some((_, rec)) => {

@@ -111,6 +111,10 @@ pub struct Registry {
     feed: Option<feed::Feed>,
     /// This process among the instances on a shared database (for leases).
     instance: String,
+    /// Held while a key is written and published, and while one is read again and published:
+    /// a read that started before a write committed must not publish after it, putting the
+    /// key's older state (a revoked version active again) back in the index.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -215,6 +219,7 @@ impl Registry {
             claim: Mutex::new(None),
             feed: None,
             instance: instance_id(),
+            publishing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -326,6 +331,7 @@ impl Registry {
         &self,
         recs: Vec<KeyRecord>,
     ) -> Result<Vec<Option<Arc<KeyRecord>>>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
         let mut tx = self.pool.begin().await?;
         let mut fresh = Vec::with_capacity(recs.len());
         for rec in recs {
@@ -375,6 +381,7 @@ impl Registry {
         &self,
         rec: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
         let mut tx = self.pool.begin().await?;
         for v in &rec.versions {
             insert_version(&mut tx, &rec.name, v).await?;
@@ -398,12 +405,13 @@ impl Registry {
         old: &KeyRecord,
         new: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
         match self.write_change(old, &new).await {
             Ok(()) => Ok(self.publish(new)),
             Err(RegistryError::Conflict(_)) | Err(RegistryError::Exists) => {
                 // The answer is the conflict either way; a failed read leaves the stale copy,
                 // which the next change finds stale again.
-                if let Err(e) = self.reload(&new.name).await {
+                if let Err(e) = self.read_again(&new.name).await {
                     tracing::warn!(key = %new.name, error = %e, "could not read a changed key again");
                 }
                 Err(RegistryError::Conflict(new.name.to_string()))
