@@ -141,7 +141,7 @@ async fn a_client_that_never_finishes_does_not_hold_shutdown_past_the_drain_time
     env.configure("server", "drain_timeout = \"1s\"");
     let d = env.start();
     let mut tls = d.client("service").connect_tls().await.unwrap();
-    tls.write_all(b"POST /v1/keys/stores/1/mac:sign HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+    tls.write_all(b"POST /v1/keys/stores/1/mac:sign HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
     tls.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
