@@ -98,6 +98,10 @@ pub struct Registry {
     /// The database file, read directly at start-up (see `load`).
     sqlite_file: Option<std::path::PathBuf>,
     index: RwLock<BTreeMap<KeyName, Arc<KeyRecord>>>,
+    /// Held from reading or writing a key's rows until the index holds the result, so a
+    /// reload that read the rows before this process's own change committed cannot put that
+    /// older record over the change (nor a change its older record over a newer reload).
+    publishing: tokio::sync::Mutex<()>,
     /// When each key next needs the scheduler, so a pass visits only keys that are due.
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
@@ -209,6 +213,7 @@ impl Registry {
             is_sqlite: url.starts_with("sqlite:"),
             sqlite_file: load::sqlite_file(url),
             index: RwLock::new(BTreeMap::new()),
+            publishing: tokio::sync::Mutex::new(()),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
             leases: Default::default(),
@@ -326,6 +331,7 @@ impl Registry {
         &self,
         recs: Vec<KeyRecord>,
     ) -> Result<Vec<Option<Arc<KeyRecord>>>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
         let mut tx = self.pool.begin().await?;
         let mut fresh = Vec::with_capacity(recs.len());
         for rec in recs {
@@ -375,6 +381,7 @@ impl Registry {
         &self,
         rec: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
+        let _publishing = self.publishing.lock().await;
         let mut tx = self.pool.begin().await?;
         for v in &rec.versions {
             insert_version(&mut tx, &rec.name, v).await?;
@@ -398,9 +405,11 @@ impl Registry {
         old: &KeyRecord,
         new: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
+        let publishing = self.publishing.lock().await;
         match self.write_change(old, &new).await {
             Ok(()) => Ok(self.publish(new)),
             Err(RegistryError::Conflict(_)) | Err(RegistryError::Exists) => {
+                drop(publishing);
                 // The answer is the conflict either way; a failed read leaves the stale copy,
                 // which the next change finds stale again.
                 if let Err(e) = self.reload(&new.name).await {
