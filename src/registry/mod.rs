@@ -229,6 +229,9 @@ impl Registry {
         if let Err(e) = self.return_leases().await {
             tracing::warn!(error = %e, "could not return unspent max_operations leases; those operations are lost to their versions");
         }
+        if let Err(e) = self.release_leases().await {
+            tracing::warn!(error = %e, "could not give up the scheduler lease; another instance takes over when its term ends");
+        }
         if self.is_sqlite {
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&self.pool)
