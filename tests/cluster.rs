@@ -2,16 +2,28 @@
 //! Requests spread over two real daemons write one audit chain that verifies as a whole; a key
 //! made or revoked on one instance is obeyed by the other within 1 s; a change racing another
 //! instance's never revives a revoked version; `max_operations` holds across instances; timed
-//! rotations run on one instance at a time.
+//! rotations run on one instance at a time. At scale, with three instances (issue 21): every
+//! single-use item (one-time token, challenge, paid purchase, device nonce) presented four
+//! times at once over the instances is accepted once; seals for one sender get distinct
+//! counters; rotations and revocations are obeyed by the others within 1 s in 100 of 100
+//! trials; 100 keys on a 2 s period get exactly their versions, one token object (or pair) each
+//! and nothing else, and the scheduler lease moves when its holder stops; `max_operations`
+//! holds for ECDSA keys and batch signs. `TILLKEY_FULL_CLUSTER=1` runs the issue's full sizes.
 
 mod common;
 
 use common::postgres::{env_on, Postgres};
+
+/// One cluster test at a time: each runs two or three daemons and PostgreSQL, and several
+/// measure time bounds (a change obeyed within 1 s, a lease moved within its term) that a
+/// 2-core machine running a dozen clusters at once cannot honour.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 use common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn two_instances_write_one_audit_chain_that_verifies() {
+    let _one = ONE_CLUSTER.lock().await;
     let pg = Postgres::start();
     let env = env_on(&pg);
     let a = env.start();
@@ -72,6 +84,7 @@ async fn two_instances_write_one_audit_chain_that_verifies() {
 /// `tests/postgres.rs`.)
 #[tokio::test]
 async fn a_rotation_racing_a_revocation_never_revives_the_revoked_version() {
+    let _one = ONE_CLUSTER.lock().await;
     let pg = Postgres::start();
     let env = env_on(&pg);
     let a = env.start();
@@ -115,6 +128,7 @@ async fn a_rotation_racing_a_revocation_never_revives_the_revoked_version() {
 /// bound an instance serves keys for before it must have caught up), in every trial.
 #[tokio::test]
 async fn changes_on_one_instance_reach_the_other_within_a_second() {
+    let _one = ONE_CLUSTER.lock().await;
     use std::time::{Duration, Instant};
 
     let pg = Postgres::start();
@@ -173,6 +187,7 @@ async fn changes_on_one_instance_reach_the_other_within_a_second() {
 /// has not caught up for over a second, and serves again by itself when the database is back.
 #[tokio::test]
 async fn an_instance_cut_off_from_the_database_stops_serving_and_recovers_by_itself() {
+    let _one = ONE_CLUSTER.lock().await;
     use std::time::{Duration, Instant};
 
     let pg = Postgres::start();
@@ -249,6 +264,7 @@ async fn an_instance_cut_off_from_the_database_stops_serving_and_recovers_by_its
 /// version per period, never two.
 #[tokio::test]
 async fn one_instance_runs_the_scheduler_and_another_takes_over() {
+    let _one = ONE_CLUSTER.lock().await;
     use std::time::Duration;
 
     let pg = Postgres::start();
@@ -329,6 +345,7 @@ async fn one_instance_runs_the_scheduler_and_another_takes_over() {
 /// and the database's counts agree.
 #[tokio::test]
 async fn max_operations_holds_across_instances_and_never_refuses() {
+    let _one = ONE_CLUSTER.lock().await;
     const CAP: u64 = 150;
     const PER_CLIENT: usize = 120;
     let pg = Postgres::start();
@@ -415,6 +432,7 @@ async fn max_operations_holds_across_instances_and_never_refuses() {
 /// gets no more than from one. (Each instance with its own bucket would allow twice the burst.)
 #[tokio::test]
 async fn the_gift_code_throttle_is_shared_by_instances() {
+    let _one = ONE_CLUSTER.lock().await;
     use std::time::Instant;
 
     let pg = Postgres::start();
@@ -455,4 +473,911 @@ async fn the_gift_code_throttle_is_shared_by_instances() {
         "{allowed} of 60 checks allowed in {elapsed:.2} s; one shared bucket allows {bound}"
     );
     assert!(allowed >= 20, "{allowed}");
+}
+
+/// The issue's full sizes (10,000 single-use items; 100 keys rotating for 60 s) with
+/// `TILLKEY_FULL_CLUSTER=1`; smaller ones by default, so the suite stays quick on a small CI
+/// machine.
+fn full_size() -> bool {
+    std::env::var("TILLKEY_FULL_CLUSTER").is_ok_and(|v| v == "1")
+}
+
+/// The four kinds of single-use item the API hands out, and how each is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SingleUse {
+    /// `customer-otp:issue`, consumed by `customer-otp:redeem`.
+    Otp,
+    /// `POST /v1/challenges`, answered once at `challenges/{id}:verify`.
+    Challenge,
+    /// A purchase paid with `pos-paid:issue`, its token consumed by `pos-paid:verify`.
+    Paid,
+    /// A device-signed customer token, its nonce (`cti`) spent by `customer-signed:verify`.
+    DeviceNonce,
+}
+
+const OTP_KEY: &str = "stores/1212/loyalty/otp";
+const CARD_KEY: &str = "stores/1212/cards/card-7";
+const CARD_SECRET: [u8; 32] = [0x44; 32];
+const DEVICE_REALM: &str = "stores/1212/devices";
+
+/// A customer's phone with an ES256 key, made here with ring (the daemon only sees its public
+/// key): signs `TKD1:` tokens with a fresh 16-byte nonce each.
+struct Phone {
+    key: ring::signature::EcdsaKeyPair,
+    public_key_pem: String,
+    rng: ring::rand::SystemRandom,
+}
+
+impl Phone {
+    fn new() -> Self {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &pair.serialize_der(),
+            &rng,
+        )
+        .expect("pkcs8");
+        Self {
+            key,
+            public_key_pem: pair.public_key_pem(),
+            rng,
+        }
+    }
+
+    fn token(&self, device_id: &str, subject: &str) -> String {
+        use coset::cbor::Value;
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; 16];
+        self.rng.fill(&mut nonce).expect("random");
+        let now = tillkey::service::unix_now();
+        let claims = Value::Map(vec![
+            (Value::from(2), Value::from(subject)),
+            (Value::from(4), Value::from(now + 60)),
+            (Value::from(6), Value::from(now)),
+            (Value::from(7), Value::Bytes(nonce.to_vec())),
+        ]);
+        let mut payload = Vec::new();
+        coset::cbor::ser::into_writer(&claims, &mut payload).expect("cbor");
+        let cose = tillkey::retail::cwt::seal_sign1(payload, device_id, |tbs| {
+            Ok(self
+                .key
+                .sign(&self.rng, tbs)
+                .expect("sign")
+                .as_ref()
+                .to_vec())
+        })
+        .expect("COSE_Sign1");
+        format!("TKD1:{}", base45::encode(cose))
+    }
+}
+
+/// One issued item: where to present it, and what to send.
+struct Issued {
+    kind: SingleUse,
+    path: String,
+    body: serde_json::Value,
+}
+
+/// Issue item `i` of `kind`, spread over the instances (`conns` are A, B, C).
+async fn issue_single_use(
+    kind: SingleUse,
+    i: usize,
+    conns: &mut [&mut tillkey::client::Connection],
+    phone: &Phone,
+    device_id: &str,
+) -> Issued {
+    let n = conns.len();
+    let on = i % n;
+    match kind {
+        SingleUse::Otp => {
+            let (s, t) = post(
+                &mut *conns[on],
+                "/v1/tokens/customer-otp:issue",
+                json!({"key": OTP_KEY, "subject": format!("customer-{i}"), "ttl": 300}),
+            )
+            .await;
+            assert_eq!(s, 200, "{t}");
+            Issued {
+                kind,
+                path: "/v1/tokens/customer-otp:redeem".into(),
+                body: json!({"key": OTP_KEY, "token": t["token"]}),
+            }
+        }
+        SingleUse::Challenge => {
+            let (s, c) = post(
+                &mut *conns[on],
+                "/v1/challenges",
+                json!({"key": CARD_KEY, "subject": "card-7", "ttl": 60}),
+            )
+            .await;
+            assert_eq!(s, 201, "{c}");
+            let challenge = unb64(c["challenge"].as_str().expect("challenge"));
+            let msg = tillkey::retail::challenge::challenge_message(&challenge, "card-7");
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &CARD_SECRET);
+            Issued {
+                kind,
+                path: format!("/v1/challenges/{}:verify", c["id"].as_str().expect("id")),
+                body: json!({"response": b64(ring::hmac::sign(&key, &msg).as_ref())}),
+            }
+        }
+        SingleUse::Paid => {
+            // The request on one instance, the payment on the next.
+            let (s, req) = post(
+                &mut *conns[on],
+                "/v1/tokens/pos-request:issue",
+                json!({"store_id": "1212", "pos_id": "0001", "purchase_id": format!("P-{i}"),
+                       "amount": 100 + i, "currency": "EUR"}),
+            )
+            .await;
+            assert_eq!(s, 200, "{req}");
+            let (s, paid) = post(
+                &mut *conns[(on + 1) % n],
+                "/v1/tokens/pos-paid:issue",
+                json!({"request_token": req["token"], "payment_ref": format!("PSP-{i}")}),
+            )
+            .await;
+            assert_eq!(s, 200, "{paid}");
+            Issued {
+                kind,
+                path: "/v1/tokens/pos-paid:verify".into(),
+                body: json!({"token": paid["token"]}),
+            }
+        }
+        SingleUse::DeviceNonce => Issued {
+            kind,
+            path: "/v1/tokens/customer-signed:verify".into(),
+            body: json!({"realm": DEVICE_REALM, "token": phone.token(device_id, "alice")}),
+        },
+    }
+}
+
+/// Present an item once: whether it was accepted. A refusal must be the kind's answer for a
+/// used item (never an error, which would hide a lost acceptance).
+async fn attempt_single_use(c: &mut tillkey::client::Connection, item: &Issued) -> bool {
+    let (s, v) = post(c, &item.path, item.body.clone()).await;
+    assert_eq!(s, 200, "{:?}: {v}", item.kind);
+    let (accepted, refusal) = match item.kind {
+        SingleUse::Otp => (
+            v["redeemed"] == true,
+            v == json!({"redeemed": false, "reason": "invalid"}),
+        ),
+        SingleUse::Challenge => (
+            v["valid"] == true,
+            v["valid"] == false
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("already used")),
+        ),
+        SingleUse::Paid | SingleUse::DeviceNonce => (
+            v["valid"] == true,
+            v["valid"] == false
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("replayed")),
+        ),
+    };
+    assert!(
+        accepted || refusal,
+        "{:?}: neither accepted nor refused as used: {v}",
+        item.kind
+    );
+    accepted
+}
+
+/// Single-use items across three instances: every item is presented four times at once, to
+/// A, B, C and A again, and exactly one of the four is accepted, for each of the four kinds
+/// (one-time customer tokens, challenges, paid purchases, device nonces), each issued on one
+/// instance and used on all. 10,000 items (2,500 of each) with `TILLKEY_FULL_CLUSTER=1`.
+#[tokio::test]
+async fn single_use_items_are_accepted_exactly_once_across_three_instances() {
+    let _one = ONE_CLUSTER.lock().await;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const KINDS: [SingleUse; 4] = [
+        SingleUse::Otp,
+        SingleUse::Challenge,
+        SingleUse::Paid,
+        SingleUse::DeviceNonce,
+    ];
+    let per_kind: usize = if full_size() { 2_500 } else { 250 };
+    const WORKERS: usize = 12;
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, OTP_KEY, "hmac-sha256").await;
+    import_known(&a, CARD_KEY, "hmac-sha256", &CARD_SECRET).await;
+    create(&a, "stores/1212/pos/0001/qr-request", "hmac-sha256").await;
+    create(&a, "stores/1212/pos/0001/qr-paid", "hmac-sha256").await;
+    let phone = Arc::new(Phone::new());
+    let (s, reg) = post(
+        &mut a.conn("officer").await,
+        "/v1/devices",
+        json!({"realm": DEVICE_REALM, "subject": "alice", "public_key_pem": phone.public_key_pem}),
+    )
+    .await;
+    assert_eq!(s, 201, "{reg}");
+    let device_id: Arc<str> = reg["device_id"].as_str().expect("device_id").into();
+    let daemons = [a, env.start(), env.start()];
+
+    let started = Instant::now();
+    let total = per_kind * KINDS.len();
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let clients: Vec<_> = [0, 1, 2, 0]
+            .iter()
+            .map(|&d| daemons[d].client("service"))
+            .collect();
+        let (phone, device_id) = (phone.clone(), device_id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conns = Vec::new();
+            for c in clients {
+                conns.push(c.connect().await.expect("connect"));
+            }
+            let [a, b, c, a2] = &mut conns[..] else {
+                unreachable!()
+            };
+            let mut accepted = Vec::new();
+            for i in (w..total).step_by(WORKERS) {
+                let kind = KINDS[i % KINDS.len()];
+                let item = issue_single_use(
+                    kind,
+                    i,
+                    &mut [&mut *a, &mut *b, &mut *c],
+                    &phone,
+                    &device_id,
+                )
+                .await;
+                let tries = tokio::join!(
+                    attempt_single_use(a, &item),
+                    attempt_single_use(b, &item),
+                    attempt_single_use(c, &item),
+                    attempt_single_use(a2, &item),
+                );
+                let n = [tries.0, tries.1, tries.2, tries.3]
+                    .iter()
+                    .filter(|t| **t)
+                    .count();
+                accepted.push((kind, i, n));
+            }
+            accepted
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(
+            t.await
+                .expect("a client failed (the daemons' errors are above)"),
+        );
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(results.len(), total);
+    let mut wrong: BTreeMap<SingleUse, Vec<(usize, usize)>> = BTreeMap::new();
+    for (kind, i, n) in &results {
+        if *n != 1 {
+            wrong.entry(*kind).or_default().push((*i, *n));
+        }
+    }
+    let summary: Vec<String> = wrong
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k:?}: {} of {per_kind} items accepted other than once (item, acceptances) e.g. {:?}",
+                v.len(),
+                &v[..v.len().min(5)]
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", summary.join("; "));
+    eprintln!(
+        "{total} items ({per_kind} of each kind), 4 attempts each over 3 instances: {} ms",
+        elapsed.as_millis()
+    );
+    // The database agrees: every item is spent once.
+    for (table, column) in [
+        ("otps", "redeemed_at"),
+        ("challenges", "used_at"),
+        ("purchases", "consumed_at"),
+    ] {
+        assert_eq!(
+            pg.query(&format!(
+                "SELECT count(*) FROM {table} WHERE {column} IS NOT NULL"
+            )),
+            per_kind.to_string(),
+            "{table}"
+        );
+    }
+    assert_eq!(
+        pg.query("SELECT count(*) FROM nonces"),
+        per_kind.to_string()
+    );
+}
+
+/// Sealed-message counters across three instances: 4,000 seals for one sender from 8 clients
+/// spread over A, B and C get 4,000 distinct counters, 1 to 4,000.
+#[tokio::test]
+async fn seals_for_one_sender_across_three_instances_get_distinct_counters() {
+    let _one = ONE_CLUSTER.lock().await;
+    use std::time::Instant;
+
+    const CLIENTS: usize = 8;
+    const EACH: usize = 500;
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, "stores/1212/atm/dispense", "aes256-gcm").await;
+    let daemons = [a, env.start(), env.start()];
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..CLIENTS {
+        let client = daemons[k % daemons.len()].client("service");
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.expect("connect");
+            let mut counters = Vec::with_capacity(EACH);
+            for _ in 0..EACH {
+                let (s, m) = post(
+                    &mut c,
+                    "/v1/keys/stores/1212/atm/dispense:seal",
+                    json!({"sender": "atm-7", "plaintext": b64(b"dispense 20")}),
+                )
+                .await;
+                assert_eq!(s, 200, "{m}");
+                counters.push(m["counter"].as_i64().expect("a counter"));
+            }
+            counters
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(
+            t.await
+                .expect("a client failed (the daemons' errors are above)"),
+        );
+    }
+    eprintln!(
+        "{} seals from {CLIENTS} clients over 3 instances: {} ms",
+        all.len(),
+        started.elapsed().as_millis()
+    );
+    let distinct: std::collections::BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        CLIENTS * EACH,
+        "{} counters handed out more than once",
+        CLIENTS * EACH - distinct.len()
+    );
+    assert_eq!(
+        (distinct.first().copied(), distinct.last().copied()),
+        (Some(1), Some((CLIENTS * EACH) as i64))
+    );
+    assert_eq!(
+        pg.query("SELECT value FROM counters WHERE sender = 'atm-7' AND side = 'seal'"),
+        (CLIENTS * EACH).to_string()
+    );
+}
+
+/// Sign on `c` until `done` holds for the answer; every answer before must satisfy `before`.
+/// Fails if an answer without the change comes to a request sent `bound` or more after
+/// `since` (the change was not obeyed within the bound); returns when the change was seen.
+async fn sign_until(
+    c: &mut tillkey::client::Connection,
+    path: &str,
+    since: std::time::Instant,
+    what: String,
+    done: impl Fn(&(u16, serde_json::Value)) -> bool,
+    before: impl Fn(&(u16, serde_json::Value)) -> bool,
+) -> std::time::Duration {
+    use std::time::Duration;
+    let bound = Duration::from_secs(1);
+    loop {
+        let sent = since.elapsed();
+        let r = post(c, path, json!({"message": b64(b"pay")})).await;
+        if done(&r) {
+            return since.elapsed();
+        }
+        assert!(before(&r), "{what}: unexpected answer {} {}", r.0, r.1);
+        assert!(
+            sent < bound,
+            "{what}: still answered {} {} to a request sent {} ms after the change",
+            r.0,
+            r.1,
+            sent.as_millis()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Changes made on A reach B and C within 1 s, in every one of 100 trials: a new key signs on
+/// both, a rotation makes both sign with the new version (and never the old one again), a
+/// revocation makes both refuse. HMAC and ECDSA keys alternate.
+#[tokio::test]
+async fn rotation_and_revocation_on_one_instance_are_obeyed_by_two_others_within_a_second() {
+    let _one = ONE_CLUSTER.lock().await;
+    use std::time::{Duration, Instant};
+
+    const TRIALS: usize = 100;
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let (a, b, c) = (env.start(), env.start(), env.start());
+    let (mut a_officer, mut a_svc) = (a.conn("officer").await, a.conn("service").await);
+    let (mut b_svc, mut c_svc) = (b.conn("service").await, c.conn("service").await);
+    let version = |r: &(u16, serde_json::Value), v: u64| r.0 == 200 && r.1["key_version"] == v;
+    let refused = |r: &(u16, serde_json::Value)| {
+        r.0 == 422 && r.1["error"]["code"] == "unsupported_operation"
+    };
+    let not_found =
+        |r: &(u16, serde_json::Value)| r.0 == 404 && r.1["error"]["code"] == "not_found";
+    let mut slowest = [Duration::ZERO; 3];
+    let started = Instant::now();
+    for trial in 0..TRIALS {
+        let name = format!("stores/9/pos/{trial}/key");
+        let key_type = if trial % 2 == 0 {
+            "hmac-sha256"
+        } else {
+            "ecdsa-p256"
+        };
+        let sign = format!("/v1/keys/{name}:sign");
+        let (s, k) = post(
+            &mut a_officer,
+            "/v1/keys",
+            json!({"name": name, "type": key_type}),
+        )
+        .await;
+        assert_eq!(s, 201, "{k}");
+        let made = Instant::now();
+        let took = tokio::join!(
+            sign_until(
+                &mut b_svc,
+                &sign,
+                made,
+                format!("trial {trial}: B, new key"),
+                |r| version(r, 1),
+                not_found
+            ),
+            sign_until(
+                &mut c_svc,
+                &sign,
+                made,
+                format!("trial {trial}: C, new key"),
+                |r| version(r, 1),
+                not_found
+            ),
+        );
+        slowest[0] = slowest[0].max(took.0).max(took.1);
+
+        let (s, k) = post(
+            &mut a_officer,
+            &format!("/v1/keys/{name}:rotate"),
+            json!({"reason": "scheduled"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{k}");
+        let rotated = Instant::now();
+        // The instance that made the change obeys it at once.
+        let r = post(&mut a_svc, &sign, json!({"message": b64(b"pay")})).await;
+        assert!(
+            version(&r, 2),
+            "trial {trial}: A signed after its own rotation with {}",
+            r.1
+        );
+        let took = tokio::join!(
+            sign_until(
+                &mut b_svc,
+                &sign,
+                rotated,
+                format!("trial {trial}: B, rotation"),
+                |r| version(r, 2),
+                |r| version(r, 1)
+            ),
+            sign_until(
+                &mut c_svc,
+                &sign,
+                rotated,
+                format!("trial {trial}: C, rotation"),
+                |r| version(r, 2),
+                |r| version(r, 1)
+            ),
+        );
+        slowest[1] = slowest[1].max(took.0).max(took.1);
+
+        let (s, k) = post(
+            &mut a_officer,
+            &format!("/v1/keys/{name}:revoke"),
+            json!({"reason": "leaked"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{k}");
+        let revoked = Instant::now();
+        let r = post(&mut a_svc, &sign, json!({"message": b64(b"pay")})).await;
+        assert!(
+            refused(&r),
+            "trial {trial}: A signed after its own revocation with {}",
+            r.1
+        );
+        // Until they refuse, B and C may only still sign with version 2, never 1 again.
+        let took = tokio::join!(
+            sign_until(
+                &mut b_svc,
+                &sign,
+                revoked,
+                format!("trial {trial}: B, revocation"),
+                refused,
+                |r| version(r, 2)
+            ),
+            sign_until(
+                &mut c_svc,
+                &sign,
+                revoked,
+                format!("trial {trial}: C, revocation"),
+                refused,
+                |r| version(r, 2)
+            ),
+        );
+        slowest[2] = slowest[2].max(took.0).max(took.1);
+    }
+    eprintln!(
+        "{TRIALS} trials in {} ms; slowest to be obeyed by B or C: new key {} ms, rotation {} ms, revocation {} ms",
+        started.elapsed().as_millis(),
+        slowest[0].as_millis(),
+        slowest[1].as_millis(),
+        slowest[2].as_millis()
+    );
+    for d in [&a, &b, &c] {
+        assert_eq!(d.admin_get("/readyz").0, 200);
+    }
+}
+
+/// The token's objects, by (class, label, CKA_ID in hex), as `pkcs11-tool --list-objects`
+/// shows them.
+fn token_objects(env: &Env) -> std::collections::BTreeSet<(String, String, String)> {
+    let (ok, listing) = pkcs11_tool(env, &["--list-objects"]);
+    assert!(ok, "{listing}");
+    let mut objects = std::collections::BTreeSet::new();
+    let mut current: Option<(String, String, String)> = None;
+    for line in listing.lines() {
+        if line.contains("Object;") {
+            objects.extend(current.take());
+            let class = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            current = Some((class, String::new(), String::new()));
+        } else if let Some((_, label, id)) = &mut current {
+            let line = line.trim();
+            if let Some(l) = line.strip_prefix("label:") {
+                *label = l.trim().to_owned();
+            } else if let Some(i) = line.strip_prefix("ID:") {
+                *id = i.trim().to_lowercase();
+            }
+        }
+    }
+    objects.extend(current);
+    objects
+}
+
+/// Timed rotations at scale: 100 keys (HMAC and ECDSA alternating) on a 2 s period with three
+/// instances for 60 s. Only the lease holder rotates; every key's versions are 1..n without a
+/// gap, each lived at least one period and at most two (never rotated twice, never skipped;
+/// plus 2 s for a loaded machine), no key has more rotations than whole periods elapsed and
+/// none is more than a period (plus those 2 s) overdue at the end. (A key rotates once its active version is a period old, checked every
+/// second on whole seconds, so a 2 s period gives versions of 2 to 3 s: n is not elapsed/2.)
+/// The token holds exactly one object (a pair for ECDSA) per version the registry keeps,
+/// under the registry's object id, and nothing else. When the holder stops, another instance holds the lease within 5 s and every key
+/// rotates again. (30 keys for 20 s unless `TILLKEY_FULL_CLUSTER=1`.)
+#[tokio::test]
+async fn timed_rotations_of_many_keys_on_three_instances_make_exactly_the_expected_versions() {
+    let _one = ONE_CLUSTER.lock().await;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::{Duration, Instant};
+
+    const PERIOD: i64 = 2;
+    // How much later than one period past due a loaded machine may run a pass: with other
+    // builds on a 2-core host, single database commits were seen taking over 1 s.
+    const LATE: i64 = 2;
+    let (keys, run) = if full_size() { (100, 60) } else { (30, 20) };
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let first = env.start();
+    let mut officer = first.conn("officer").await;
+    for i in 0..keys {
+        let key_type = if i % 2 == 0 {
+            "hmac-sha256"
+        } else {
+            "ecdsa-p256"
+        };
+        let (s, k) = post(
+            &mut officer,
+            "/v1/keys",
+            json!({"name": format!("stores/9/rot/{i}"), "type": key_type, "rotation_period": "2s"}),
+        )
+        .await;
+        assert_eq!(s, 201, "{k}");
+    }
+    drop(officer);
+    let mut daemons = vec![first, env.start(), env.start()];
+    tokio::time::sleep(Duration::from_secs(run)).await;
+
+    let rotations = |d: &Daemon| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains("rotated: rotation_period elapsed"))
+            .count()
+    };
+    let by: Vec<usize> = daemons.iter().map(rotations).collect();
+    assert_eq!(
+        by.iter().filter(|n| **n > 0).count(),
+        1,
+        "rotations logged per instance: {by:?}"
+    );
+    // Every key's versions, with when each was made.
+    let versions = |pg: &Postgres| {
+        let mut per_key: BTreeMap<String, Vec<(u32, i64)>> = BTreeMap::new();
+        let rows = pg.query(
+            "SELECT name, version, created_at FROM key_versions \
+             WHERE name LIKE 'stores/9/rot/%' ORDER BY name, version",
+        );
+        for row in rows.lines() {
+            let f: Vec<&str> = row.split('|').collect();
+            per_key.entry(f[0].to_owned()).or_default().push((
+                f[1].parse().expect("version"),
+                f[2].parse().expect("created_at"),
+            ));
+        }
+        per_key
+    };
+    let now = tillkey::service::unix_now();
+    let snapshot = versions(&pg);
+    assert_eq!(snapshot.len(), keys);
+    let mut counts = BTreeMap::<usize, usize>::new();
+    let mut odd = Vec::new();
+    for (name, vs) in &snapshot {
+        let numbers: Vec<u32> = vs.iter().map(|v| v.0).collect();
+        let want: Vec<u32> = (1..=vs.len() as u32).collect();
+        assert_eq!(numbers, want, "{name}: versions with a gap or twice");
+        for pair in vs.windows(2) {
+            let lived = pair[1].1 - pair[0].1;
+            if !(PERIOD..=2 * PERIOD + LATE).contains(&lived) {
+                odd.push(format!(
+                    "{name}#{} lived {lived} s (from {})",
+                    pair[0].0, pair[0].1
+                ));
+            }
+        }
+        // Never more rotations than whole periods elapsed, and none missed at the end either:
+        // the active version is at most one period overdue.
+        let elapsed = now - vs[0].1;
+        let rotated = vs.len() as i64 - 1;
+        let last = vs[vs.len() - 1].1;
+        assert!(
+            rotated <= elapsed / PERIOD && now - last <= 2 * PERIOD + LATE,
+            "{name}: {rotated} rotations in {elapsed} s on a {PERIOD} s period, the last {} s ago: {vs:?}",
+            now - last
+        );
+        *counts.entry(vs.len()).or_default() += 1;
+    }
+    assert!(
+        odd.is_empty(),
+        "{} versions lived less than {PERIOD} s or more than {} s: {odd:?}",
+        odd.len(),
+        2 * PERIOD + LATE
+    );
+    eprintln!("after {run} s: keys by number of versions {counts:?}; rotations logged {by:?}");
+    let lives: Vec<i64> = snapshot
+        .values()
+        .flat_map(|vs| vs.windows(2).map(|p| p[1].1 - p[0].1).collect::<Vec<_>>())
+        .collect();
+    eprintln!(
+        "versions lived {:.2} s on average on a {PERIOD} s period; by seconds lived: {:?}",
+        lives.iter().sum::<i64>() as f64 / lives.len() as f64,
+        lives
+            .iter()
+            .fold(BTreeMap::<i64, usize>::new(), |mut m, l| {
+                *m.entry(*l).or_default() += 1;
+                m
+            })
+    );
+
+    // The lease holder (holders are host/pid/random) stops; another takes over within the
+    // lease's 5 s term, and every key rotates again.
+    let holder_pid = || -> Option<u32> {
+        pg.query("SELECT holder FROM leases WHERE name = 'scheduler'")
+            .split('/')
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let pid = holder_pid().expect("a scheduler lease");
+    let at = daemons
+        .iter()
+        .position(|d| d.pid() == pid)
+        .expect("the lease holder is one of the instances");
+    assert!(
+        by[at] > 0,
+        "the holder {pid} is not the instance that rotated: {by:?}"
+    );
+    assert!(daemons.remove(at).stop().success());
+    let stopped = Instant::now();
+    let others: Vec<u32> = daemons.iter().map(Daemon::pid).collect();
+    while !holder_pid().is_some_and(|p| others.contains(&p)) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "no other instance held the lease 5 s after the holder stopped: {}",
+            pg.query("SELECT holder || ' ' || expires_at FROM leases")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let handover = stopped.elapsed();
+    let taken = tillkey::service::unix_now();
+    let rotated_since = || -> usize {
+        pg.query(&format!(
+            "SELECT count(DISTINCT name) FROM key_versions \
+             WHERE name LIKE 'stores/9/rot/%' AND created_at >= {taken}"
+        ))
+        .parse()
+        .expect("count")
+    };
+    while rotated_since() < keys {
+        assert!(
+            stopped.elapsed() < handover + Duration::from_secs(3 * PERIOD as u64),
+            "after the handover only {} of {keys} keys rotated again",
+            rotated_since()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "lease moved {} ms after the holder stopped; every key rotated again {} ms after",
+        handover.as_millis(),
+        stopped.elapsed().as_millis()
+    );
+    for d in daemons {
+        assert!(d.stop().success());
+    }
+
+    // Stopped: versions still without gaps, and the token holds exactly what the registry
+    // keeps (the daemon's own audit and status-list keys aside).
+    let after = versions(&pg);
+    for (name, vs) in &after {
+        let numbers: Vec<u32> = vs.iter().map(|v| v.0).collect();
+        let want: Vec<u32> = (1..=vs.len() as u32).collect();
+        assert_eq!(numbers, want, "{name}: versions with a gap or twice");
+    }
+    let mut expected = BTreeSet::new();
+    let rows = pg.query(
+        "SELECT v.name, v.version, v.object_ref, k.key_type FROM key_versions v \
+         JOIN keys k ON k.name = v.name WHERE v.state <> 'destroyed'",
+    );
+    for row in rows.lines() {
+        let f: Vec<&str> = row.split('|').collect();
+        if f[0].starts_with("tillkey/") {
+            continue;
+        }
+        let label = format!("tillkey:{}#{}", f[0], f[1]);
+        let classes: &[&str] = if f[3] == "hmac-sha256" {
+            &["Secret"]
+        } else {
+            &["Private", "Public"]
+        };
+        for class in classes {
+            expected.insert((class.to_string(), label.clone(), f[2].to_lowercase()));
+        }
+    }
+    let held: BTreeSet<_> = token_objects(&env)
+        .into_iter()
+        .filter(|(_, label, _)| !label.starts_with("tillkey:tillkey/"))
+        .collect();
+    let orphans: Vec<_> = held.difference(&expected).take(10).collect();
+    let missing: Vec<_> = expected.difference(&held).take(10).collect();
+    assert!(
+        orphans.is_empty() && missing.is_empty(),
+        "token and registry disagree ({} objects held, {} expected): not in the registry {orphans:?}; \
+         not on the token {missing:?}",
+        held.len(),
+        expected.len()
+    );
+    eprintln!(
+        "{} token objects, each a version the registry keeps",
+        held.len()
+    );
+}
+
+/// `max_operations` across instances for an ECDSA key signed one message at a time and in
+/// batches (which take several operations at once, all from one version, and rotate first when
+/// the active version cannot take them all): no version does more than the cap by the answers,
+/// every request is served (none refused with 503 for running out of rotations), and the
+/// database's counts agree once the instances have stopped.
+#[tokio::test]
+async fn max_operations_holds_across_instances_for_ecdsa_and_batch_signs() {
+    let _one = ONE_CLUSTER.lock().await;
+    const CAP: u64 = 150;
+    const REQUESTS: usize = 60;
+    const SIZES: [usize; 5] = [1, 7, 1, 23, 40];
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let first = env.start();
+    let (s, k) = post(
+        &mut first.conn("officer").await,
+        "/v1/keys",
+        json!({"name": "stores/9/capped-ec", "type": "ecdsa-p256", "max_operations": CAP}),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let daemons = [first, env.start(), env.start()];
+    let mut tasks = Vec::new();
+    for (n, d) in daemons.iter().enumerate() {
+        for m in 0..2 {
+            let client = d.client("service");
+            tasks.push(tokio::spawn(async move {
+                let mut c = client.connect().await.expect("connect");
+                let mut used = Vec::new();
+                for i in 0..REQUESTS {
+                    let size = SIZES[(i + n + m) % SIZES.len()];
+                    let body = if size == 1 {
+                        json!({"message": b64(format!("m{i}").as_bytes())})
+                    } else {
+                        let batch: Vec<_> = (0..size)
+                            .map(|j| json!({"message": b64(format!("m{i}.{j}").as_bytes())}))
+                            .collect();
+                        json!({"batch": batch})
+                    };
+                    let (s, v) = post(&mut c, "/v1/keys/stores/9/capped-ec:sign", body).await;
+                    assert_eq!(s, 200, "{v}");
+                    let version = v["key_version"].as_u64().expect("key_version");
+                    if size > 1 {
+                        let items = v["batch"].as_array().expect("batch");
+                        assert_eq!(items.len(), size, "{v}");
+                        for item in items {
+                            assert_eq!(item["key_version"], version, "one version per batch: {v}");
+                            assert!(item["signature"].is_string(), "{v}");
+                        }
+                    }
+                    used.push((version, size as u64));
+                }
+                used
+            }));
+        }
+    }
+    let mut per_version = std::collections::BTreeMap::<u64, u64>::new();
+    let mut total = 0;
+    for t in tasks {
+        let used = t
+            .await
+            .expect("a client failed (the daemons' errors are above)");
+        for (v, n) in used {
+            *per_version.entry(v).or_default() += n;
+            total += n;
+        }
+    }
+    let per_client: u64 = (0..REQUESTS).map(|i| SIZES[i % SIZES.len()] as u64).sum();
+    assert_eq!(total, 6 * per_client);
+    for (v, n) in &per_version {
+        assert!(
+            *n <= CAP,
+            "version {v} did {n} operations, cap {CAP}: {per_version:?}"
+        );
+    }
+    eprintln!("{total} operations; per version: {per_version:?}");
+    for d in daemons {
+        assert!(d.stop().success());
+    }
+    let rows = pg.query(
+        "SELECT string_agg(version || ':' || operations || ':' || leased, ',' ORDER BY version) \
+         FROM key_versions WHERE name = 'stores/9/capped-ec'",
+    );
+    for row in rows.split(',') {
+        let f: Vec<u64> = row.split(':').map(|x| x.parse().expect("number")).collect();
+        assert_eq!(
+            per_version.get(&f[0]).copied().unwrap_or(0),
+            f[1],
+            "answers and database disagree for version {}: {rows}",
+            f[0]
+        );
+        assert_eq!(
+            f[1], f[2],
+            "version {}: leases not all spent or returned: {rows}",
+            f[0]
+        );
+    }
 }

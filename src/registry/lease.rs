@@ -34,3 +34,19 @@ impl Registry {
             == Some(self.instance.as_str()))
     }
 }
+
+impl Registry {
+    /// Give up every lease this instance holds (at a clean shutdown, once its scheduler has
+    /// stopped), so another instance takes over at its next pass rather than when the term
+    /// runs out. A process that dies without this still loses its leases with their term.
+    pub async fn release_leases(&self) -> Result<(), RegistryError> {
+        if self.is_sqlite {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM leases WHERE holder = $1")
+            .bind(self.instance.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -472,7 +472,9 @@ fn from_rows(
 
 impl Registry {
     /// Read `name` again from the database and put what it holds now in the index (or drop the
-    /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale.
+    /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale,
+    /// or another instance changed the key. Read and put in while holding `publishing`, so a
+    /// change this process commits meanwhile is never overwritten by the older rows.
     pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
         let _publishing = self.publishing.lock().await;
         self.read_again(name).await

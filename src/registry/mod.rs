@@ -98,6 +98,10 @@ pub struct Registry {
     /// The database file, read directly at start-up (see `load`).
     sqlite_file: Option<std::path::PathBuf>,
     index: RwLock<BTreeMap<KeyName, Arc<KeyRecord>>>,
+    /// Held from reading or writing a key's rows until the index holds the result, so a
+    /// reload that read the rows before this process's own change committed cannot put that
+    /// older record over the change (nor a change its older record over a newer reload).
+    publishing: tokio::sync::Mutex<()>,
     /// When each key next needs the scheduler, so a pass visits only keys that are due.
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
@@ -111,10 +115,6 @@ pub struct Registry {
     feed: Option<feed::Feed>,
     /// This process among the instances on a shared database (for leases).
     instance: String,
-    /// Held while a key is written and published, and while one is read again and published:
-    /// a read that started before a write committed must not publish after it, putting the
-    /// key's older state (a revoked version active again) back in the index.
-    publishing: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -213,13 +213,13 @@ impl Registry {
             is_sqlite: url.starts_with("sqlite:"),
             sqlite_file: load::sqlite_file(url),
             index: RwLock::new(BTreeMap::new()),
+            publishing: tokio::sync::Mutex::new(()),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
             leases: Default::default(),
             claim: Mutex::new(None),
             feed: None,
             instance: instance_id(),
-            publishing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -228,6 +228,9 @@ impl Registry {
     pub async fn close(&self) {
         if let Err(e) = self.return_leases().await {
             tracing::warn!(error = %e, "could not return unspent max_operations leases; those operations are lost to their versions");
+        }
+        if let Err(e) = self.release_leases().await {
+            tracing::warn!(error = %e, "could not give up the scheduler lease; another instance takes over when its term ends");
         }
         if self.is_sqlite {
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")

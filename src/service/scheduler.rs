@@ -13,6 +13,9 @@ use crate::keys::VersionState;
 /// another instance takes over within this after the holder stops.
 const LEASE_TERM_MS: i64 = 5_000;
 
+/// How often a long pass renews the lease as it goes (as the pass itself does, once a second).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A key reserved this long ago and still without a version is a create that died half-way
 /// (creates take seconds); the lease holder clears such names once a minute.
 const STALE_RESERVATION_S: i64 = 600;
@@ -64,7 +67,29 @@ impl KeyLifecycle {
         } else {
             Vec::new()
         };
+        let mut renewed = std::time::Instant::now();
         for name in due {
+            // A pass with many keys due can outlast the term: it renews the lease as it goes,
+            // and stops once another instance holds it (else both rotate the same keys, one in
+            // vain: the compare-and-set refuses its changes and its new objects are discarded).
+            if renewed.elapsed() >= RENEW_EVERY {
+                match self
+                    .core
+                    .registry
+                    .hold_lease("scheduler", LEASE_TERM_MS)
+                    .await
+                {
+                    Ok(true) => renewed = std::time::Instant::now(),
+                    Ok(false) => {
+                        tracing::warn!("the scheduler lease passed to another instance during a long pass; leaving the rest to it");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the scheduler lease; ending this pass");
+                        break;
+                    }
+                }
+            }
             let _guard = self.core.changes.lock().await;
             let Some(current) = self.core.registry.get(&name) else {
                 continue;
