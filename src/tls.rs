@@ -74,7 +74,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// The caller's identity: the first URI SAN (SPIFFE-style) or, without one, the subject CN.
+/// Prefix of identities taken from a subject CN (see [`identity`]).
+pub const CN_PREFIX: &str = "cn:";
+
+/// The caller's identity: the first URI SAN (SPIFFE-style) or, without one, `cn:` and the
+/// subject CN, so a CN can never be mistaken for a URI identity in policies, approvals or the
+/// audit trail.
 pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
     if let Ok(Some(san)) = x509.subject_alternative_name() {
@@ -90,6 +95,6 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .filter(|cn| !cn.is_empty())
-        .map(str::to_owned);
+        .map(|cn| format!("{CN_PREFIX}{cn}"));
     cn
 }

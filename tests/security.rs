@@ -157,7 +157,7 @@ async fn identities_come_from_uri_san_or_cn_and_policy_is_default_deny() {
         || {
             d.logs()
                 .iter()
-                .any(|l| l.contains("\"identity\":\"legacy-pos-gateway\""))
+                .any(|l| l.contains("\"identity\":\"cn:legacy-pos-gateway\""))
         },
     );
 }
@@ -471,6 +471,7 @@ async fn prefix_actions_do_not_reveal_key_names() {
     let (_, k) = get(&mut officer, "/v1/keys/stores/1212/cards/card-7").await;
     assert_eq!(k["versions"][0]["state"], "active", "{k}");
     let (_, audit) = get(&mut officer, "/v1/audit?limit=1000").await;
+
     let refused = audit["entries"]
         .as_array()
         .expect("entries")
@@ -567,4 +568,55 @@ async fn cross_site_browser_requests_are_refused() {
         .await
         .expect("send");
     assert_eq!(s, 200);
+}
+
+/// A certificate's CN never passes for a URI identity, and a wildcard never matches an empty
+/// segment: a certificate whose CN reads like an officer's URI, and one whose URI ends in an
+/// empty segment after `officer/`, both issued by the trusted CA, get no officer rights.
+#[tokio::test]
+async fn a_cn_or_an_empty_segment_never_passes_for_an_officer() {
+    let env = Env::new();
+    let d = env.start();
+    create(&d, "stores/1/mac", "hmac-sha256").await;
+    let issue = |out: &str, args: &[&str]| {
+        let status = std::process::Command::new(TILLKEY)
+            .args(["pki", "issue"])
+            .arg(env.path(""))
+            .arg("--out")
+            .arg(env.path(out))
+            .args(args)
+            .status()
+            .expect("tillkey pki issue");
+        assert!(status.success());
+    };
+    issue("cn-eve", &["--cn", "spiffe://tillkey.test/officer/eve"]);
+    issue("empty-seg", &["--uri", "spiffe://tillkey.test/officer/"]);
+    for who in ["cn-eve", "empty-seg"] {
+        let client = tillkey::client::Client::new(
+            &d.url(),
+            &env.path("ca.crt"),
+            Some((
+                &env.path(&format!("{who}.crt")),
+                &env.path(&format!("{who}.key")),
+            )),
+        )
+        .expect("client");
+        let mut c = client.connect().await.expect("connect");
+        let r = post(
+            &mut c,
+            "/v1/keys/stores/1/mac:rotate",
+            json!({"reason": "impostor"}),
+        )
+        .await;
+        assert_error(&r, 403, "permission_denied");
+    }
+    // A policy naming a CN without saying so is refused at load.
+    write(
+        &env.path("policies/bare.toml"),
+        "[[grant]]\nidentities = [\"legacy-pos-gateway\"]\noperations = [\"verify\"]\nkeys = [\"stores/**\"]\n",
+    );
+    assert!(d.stop().success());
+    let (status, err) = env.run_to_exit();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("cn:legacy-pos-gateway"), "{err}");
 }

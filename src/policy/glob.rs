@@ -55,7 +55,16 @@ impl Glob {
 
     pub fn matches(&self, name: &str) -> bool {
         let parts: Vec<&str> = name.split('/').collect();
-        match_segments(&self.segments, &parts)
+        match_segments(&self.segments, &parts, false)
+    }
+
+    /// [`Glob::matches`] for client identities, where a wildcard never matches an empty
+    /// segment: `officer/*` is not `officer/`, which a certificate's URI could otherwise end in
+    /// to pass as every officer. (Key names have no empty segments; a prefix's trailing `/`
+    /// still matches `**`, as audit reads of prefix actions need.)
+    pub fn matches_identity(&self, identity: &str) -> bool {
+        let parts: Vec<&str> = identity.split('/').collect();
+        match_segments(&self.segments, &parts, true)
     }
 
     /// Whether the pattern matches every name under `prefix` (whole segments ending in `/`),
@@ -91,13 +100,18 @@ fn covers(pat: &[String], prefix: &[&str]) -> bool {
     }
 }
 
-fn match_segments(pat: &[String], name: &[&str]) -> bool {
+/// With `strict`, wildcards never match an empty segment (see [`Glob::matches_identity`]).
+fn match_segments(pat: &[String], name: &[&str], strict: bool) -> bool {
     match pat.split_first() {
         None => name.is_empty(),
-        Some((p, rest)) if p == "**" => (0..=name.len()).any(|i| match_segments(rest, &name[i..])),
+        Some((p, rest)) if p == "**" => (0..=name.len())
+            .take_while(|&i| !strict || i == 0 || !name[i - 1].is_empty())
+            .any(|i| match_segments(rest, &name[i..], strict)),
         Some((p, rest)) => match name.split_first() {
             Some((n, name_rest)) => {
-                match_within(p.as_bytes(), n.as_bytes()) && match_segments(rest, name_rest)
+                (!strict || !n.is_empty() || p.is_empty())
+                    && match_within(p.as_bytes(), n.as_bytes())
+                    && match_segments(rest, name_rest, strict)
             }
             None => false,
         },
@@ -150,6 +164,19 @@ mod tests {
         assert!(!c("stores/13*/**", "stores/1212/"));
         assert!(c("stores/*/**", "stores/"));
         assert!(!c("stores/*/*/**", "stores/"));
+    }
+
+    #[test]
+    fn identity_wildcards_never_match_an_empty_segment() {
+        let id = |p: &str, n: &str| Glob::new(p).unwrap().matches_identity(n);
+        assert!(!id("spiffe://t/officer/*", "spiffe://t/officer/"));
+        assert!(!id("spiffe://t/officer/**", "spiffe://t/officer/"));
+        assert!(!id("spiffe://t/*/eve", "spiffe://t//eve"));
+        assert!(id("spiffe://t/officer/*", "spiffe://t/officer/eve"));
+        assert!(id("spiffe://t/officer/**", "spiffe://t/officer"));
+        assert!(id("spiffe://t/**", "spiffe://t/officer/eve"));
+        // Key patterns still match a prefix's trailing empty segment.
+        assert!(m("**", "stores/"));
     }
 
     #[test]

@@ -183,7 +183,10 @@ impl Policy {
             let identities = g
                 .identities
                 .iter()
-                .map(|p| Glob::new(p).map_err(|e| at(format!("identity {e}"))))
+                .map(|p| {
+                    check_identity_kind(p).map_err(at)?;
+                    Glob::new(p).map_err(|e| at(format!("identity {e}")))
+                })
                 .collect::<Result<_, _>>()?;
             let keys = g
                 .keys
@@ -208,7 +211,7 @@ impl Policy {
     pub fn allows(&self, identity: &str, op: Operation, key: &str) -> bool {
         self.grants.iter().any(|g| {
             g.operations.contains(&op)
-                && g.identities.iter().any(|p| p.matches(identity))
+                && g.identities.iter().any(|p| p.matches_identity(identity))
                 && g.keys.iter().any(|p| p.matches(key))
         })
     }
@@ -218,16 +221,16 @@ impl Policy {
     pub fn covers_prefix(&self, identity: &str, op: Operation, prefix: &str) -> bool {
         self.grants.iter().any(|g| {
             g.operations.contains(&op)
-                && g.identities.iter().any(|p| p.matches(identity))
+                && g.identities.iter().any(|p| p.matches_identity(identity))
                 && g.keys.iter().any(|p| p.covers_prefix(prefix))
         })
     }
 
     /// Whether `identity` holds `op` on any key at all.
     pub fn grants_any(&self, identity: &str, op: Operation) -> bool {
-        self.grants
-            .iter()
-            .any(|g| g.operations.contains(&op) && g.identities.iter().any(|p| p.matches(identity)))
+        self.grants.iter().any(|g| {
+            g.operations.contains(&op) && g.identities.iter().any(|p| p.matches_identity(identity))
+        })
     }
 
     pub fn grant_count(&self) -> usize {
@@ -254,6 +257,21 @@ impl PolicyHandle {
 
     pub fn replace(&self, policy: Policy) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+}
+
+/// An identity pattern says which part of a certificate it matches: a URI (`spiffe://...`,
+/// compared with the certificate's URI SAN) or `cn:NAME` (a certificate without a URI SAN,
+/// by its subject CN). One namespace for both let a certificate whose CN reads like an
+/// officer's URI pass as that officer.
+fn check_identity_kind(pattern: &str) -> Result<(), String> {
+    if pattern.starts_with(crate::tls::CN_PREFIX) || pattern.contains("://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "identity '{pattern}' is neither a URI (spiffe://...) nor a CN ('{}{pattern}')",
+            crate::tls::CN_PREFIX
+        ))
     }
 }
 
