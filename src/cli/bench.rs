@@ -93,6 +93,10 @@ pub struct BenchArgs {
     /// `--admin-listen` than its config's.
     #[arg(long)]
     admin_port: Option<u16>,
+    /// Measure only the daemon (no raw token windows), e.g. when several load generators drive
+    /// several instances at once and a raw window of one would overlap another's daemon window.
+    #[arg(long)]
+    daemon_only: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -201,7 +205,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         message: vec![0x5a_u8; args.message_size],
         warmup: Duration::from_secs(args.warmup),
         measured: Duration::from_secs(args.seconds),
-        run_id: format!("{:x}", crate::service::unix_now()),
+        // With the pid: load generators started in the same second against instances sharing
+        // one database would otherwise make the same key names.
+        run_id: format!("{:x}{:x}", crate::service::unix_now(), std::process::id()),
         rt: tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -297,10 +303,12 @@ impl Bench<'_> {
         };
         let mut samples = Vec::new();
         for _ in 0..rounds {
-            let r = self.raw(&phase, key_type, op, slice)?;
-            raw.ops += r.ops;
-            raw.elapsed += r.elapsed;
-            raw.cpu_seconds = raw.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
+            if !self.args.daemon_only {
+                let r = self.raw(&phase, key_type, op, slice)?;
+                raw.ops += r.ops;
+                raw.elapsed += r.elapsed;
+                raw.cpu_seconds = raw.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
+            }
             samples.push(self.drive(&phase, self.daemon(), request.clone(), slice)?);
         }
         let load = Load::from_samples(samples);
@@ -309,7 +317,7 @@ impl Bench<'_> {
             phase,
             Some(key_type),
             batch,
-            Some(&raw),
+            (!self.args.daemon_only).then_some(&raw),
             &load,
             Some(target_ratio),
         ))
