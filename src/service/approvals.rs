@@ -240,14 +240,18 @@ impl Approvals {
         let op = action_operation(&a.action).ok_or_else(|| ServiceError::Internal {
             detail: format!("approval {id} has unknown action {}", a.action),
         })?;
-        self.core.authorize(caller, op, &a.key)?;
+        self.core
+            .authorize(caller, op, &a.key)
+            .map_err(|e| unseen(e, id))?;
         if a.action == "export" {
             // The approver vouches for the destination too, as the requester had to.
             let p: ExportParams =
                 serde_json::from_str(&a.params).map_err(|e| ServiceError::Internal {
                     detail: format!("approval params: {e}"),
                 })?;
-            self.core.authorize(caller, op, &p.transport_key)?;
+            self.core
+                .authorize(caller, op, &p.transport_key)
+                .map_err(|e| unseen(e, id))?;
         }
         if a.requested_by == caller.identity {
             return Err(ServiceError::PermissionDenied(
@@ -294,7 +298,9 @@ impl Approvals {
         let mut a = self.find_approval(id).await?;
         if a.requested_by != caller.identity {
             let op = action_operation(&a.action).unwrap_or(Operation::Destroy);
-            self.core.authorize(caller, op, &a.key)?;
+            self.core
+                .authorize(caller, op, &a.key)
+                .map_err(|e| unseen(e, id))?;
         }
         let now = unix_now();
         if !self
@@ -558,5 +564,14 @@ fn destroyable(
             key.name,
             other.as_str()
         ))),
+    }
+}
+
+/// To a caller who may not act on an approval's key, the approval does not exist: the answer
+/// is the one for an unknown id, so an id seen in a log tells nothing of its key or action.
+fn unseen(e: ServiceError, id: &str) -> ServiceError {
+    match e {
+        ServiceError::PermissionDenied(_) => ServiceError::NotFound(format!("no approval {id}")),
+        other => other,
     }
 }
