@@ -364,53 +364,79 @@ async fn sign_past_late_objects(
 }
 
 /// `max_operations` is one cap for the whole cluster: three instances signing with one capped
-/// key as fast as they can never use a version more than the cap allows (counted from the
+/// HMAC key as fast as they can never use a version more than the cap allows (counted from the
 /// answers themselves), every request is served (the cap rotates the key, it never refuses),
 /// and the database's counts agree.
 #[tokio::test]
 async fn max_operations_holds_across_instances_and_never_refuses() {
     let _one = ONE_CLUSTER.lock().await;
+    cap_holds_across_three_instances("stores/9/capped", "hmac-sha256", 120, &[1]).await;
+}
+
+/// Six clients over three instances send `requests` signs each with the key `name` (type
+/// `key_type`, created with a cap of 150), a request of `sizes[(i + instance + client) % len]`
+/// messages (a batch when more than one: several operations at once, all from one version,
+/// rotating first when the active version cannot take them all). Every request is answered
+/// 200; no version does more than the cap, by the answers and by the database's counts once
+/// the instances have stopped; and every lease is spent or given back.
+async fn cap_holds_across_three_instances(
+    name: &'static str,
+    key_type: &str,
+    requests: usize,
+    sizes: &'static [usize],
+) {
     const CAP: u64 = 150;
-    const PER_CLIENT: usize = 120;
     let pg = Postgres::start();
     let env = env_on(&pg);
     let first = env.start();
     let (s, k) = post(
         &mut first.conn("officer").await,
         "/v1/keys",
-        json!({"name": "stores/9/capped", "type": "hmac-sha256", "max_operations": CAP}),
+        json!({"name": name, "type": key_type, "max_operations": CAP}),
     )
     .await;
     assert_eq!(s, 201, "{k}");
     let daemons = [first, env.start(), env.start()];
     let misses = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let path = format!("/v1/keys/{name}:sign");
     let mut tasks = Vec::new();
-    for d in &daemons {
-        for _ in 0..2 {
-            let client = d.client("service");
-            let misses = misses.clone();
+    for (n, d) in daemons.iter().enumerate() {
+        for m in 0..2 {
+            let (client, misses, path) = (d.client("service"), misses.clone(), path.clone());
             tasks.push(tokio::spawn(async move {
                 let mut c = client.connect().await.expect("connect");
-                let mut versions = Vec::new();
-                for i in 0..PER_CLIENT {
-                    let (s, v) = sign_past_late_objects(
-                        &mut c,
-                        "/v1/keys/stores/9/capped:sign",
-                        json!({"message": b64(format!("m{i}").as_bytes())}),
-                        &misses,
-                        1,
-                    )
-                    .await;
+                let mut used = Vec::new();
+                for i in 0..requests {
+                    let size = sizes[(i + n + m) % sizes.len()];
+                    let message =
+                        |j: usize| json!({"message": b64(format!("m{i}.{j}").as_bytes())});
+                    let body = if size == 1 {
+                        message(0)
+                    } else {
+                        json!({"batch": (0..size).map(message).collect::<Vec<_>>()})
+                    };
+                    let (s, v) =
+                        sign_past_late_objects(&mut c, &path, body, &misses, size as u64).await;
                     assert_eq!(s, 200, "{v}");
-                    versions.push(v["key_version"].as_u64().expect("key_version"));
+                    let version = v["key_version"].as_u64().expect("key_version");
+                    if size > 1 {
+                        let items = v["batch"].as_array().expect("batch");
+                        assert_eq!(items.len(), size, "{v}");
+                        for item in items {
+                            assert_eq!(item["key_version"], version, "one version per batch: {v}");
+                            assert!(item["signature"].is_string(), "{v}");
+                        }
+                    }
+                    used.push((version, size as u64));
                 }
-                versions
+                used
             }));
         }
     }
     let mut per_version = std::collections::BTreeMap::<u64, u64>::new();
+    let mut total = 0;
     for t in tasks {
-        let Ok(versions) = t.await else {
+        let Ok(used) = t.await else {
             for d in &daemons {
                 for line in d.logs().iter().filter(|l| l.contains("ERROR")) {
                     eprintln!("tillkeyd on {}: {line}", d.api);
@@ -418,35 +444,45 @@ async fn max_operations_holds_across_instances_and_never_refuses() {
             }
             panic!("a client failed (the daemons' errors are above)");
         };
-        for v in versions {
-            *per_version.entry(v).or_default() += 1;
+        for (v, n) in used {
+            *per_version.entry(v).or_default() += n;
+            total += n;
         }
     }
-    let total: u64 = per_version.values().sum();
-    assert_eq!(total, 6 * PER_CLIENT as u64);
+    let per_client = |n: usize, m: usize| -> u64 {
+        (0..requests)
+            .map(|i| sizes[(i + n + m) % sizes.len()] as u64)
+            .sum()
+    };
+    let expected: u64 = (0..3)
+        .flat_map(|n| (0..2).map(move |m| (n, m)))
+        .map(|(n, m)| per_client(n, m))
+        .sum();
+    assert_eq!(total, expected);
     for (v, n) in &per_version {
         assert!(
             *n <= CAP,
             "version {v} did {n} operations, cap {CAP}: {per_version:?}"
         );
     }
-    eprintln!("operations per version: {per_version:?}");
+    let misses = misses.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{total} operations; per version: {per_version:?}");
+    eprintln!("uses sent again after SoftHSM had not yet shown a new object: {misses}");
     for d in daemons {
         assert!(d.stop().success());
     }
-    // Stopped cleanly: every count is flushed, and every unspent lease given back.
-    let rows = pg.query(
+    // Stopped cleanly: every count is flushed, and every unspent lease given back. A use sent
+    // again was counted by its failed attempt too.
+    let rows = pg.query(&format!(
         "SELECT string_agg(version || ':' || operations || ':' || leased, ',' ORDER BY version) \
-         FROM key_versions WHERE name = 'stores/9/capped'",
-    );
-    let misses = misses.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("signs sent again after SoftHSM had not yet shown a new object: {misses}");
+         FROM key_versions WHERE name = '{name}'"
+    ));
     for row in rows.split(',') {
         let f: Vec<u64> = row.split(':').map(|x| x.parse().expect("number")).collect();
         let answered = per_version.get(&f[0]).copied().unwrap_or(0);
         assert!(
             (answered..=answered + misses).contains(&f[1]) && f[1] <= CAP,
-            "answers ({answered}, {misses} failed attempts) and database disagree for version {}: {rows}",
+            "answers ({answered}, {misses} failed uses) and database disagree for version {}: {rows}",
             f[0]
         );
         assert_eq!(
@@ -830,62 +866,12 @@ async fn single_use_items_are_accepted_exactly_once_across_three_instances() {
 #[tokio::test]
 async fn seals_for_one_sender_across_three_instances_get_distinct_counters() {
     let _one = ONE_CLUSTER.lock().await;
-    use std::time::Instant;
-
-    const CLIENTS: usize = 8;
-    const EACH: usize = 500;
     let pg = Postgres::start();
     let env = env_on(&pg);
     let a = env.start();
     create(&a, "stores/1212/atm/dispense", "aes256-gcm").await;
-    let daemons = [a, env.start(), env.start()];
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for k in 0..CLIENTS {
-        let client = daemons[k % daemons.len()].client("service");
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.expect("connect");
-            let mut counters = Vec::with_capacity(EACH);
-            for _ in 0..EACH {
-                let (s, m) = post(
-                    &mut c,
-                    "/v1/keys/stores/1212/atm/dispense:seal",
-                    json!({"sender": "atm-7", "plaintext": b64(b"dispense 20")}),
-                )
-                .await;
-                assert_eq!(s, 200, "{m}");
-                counters.push(m["counter"].as_i64().expect("a counter"));
-            }
-            counters
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(
-            t.await
-                .expect("a client failed (the daemons' errors are above)"),
-        );
-    }
-    eprintln!(
-        "{} seals from {CLIENTS} clients over 3 instances: {} ms",
-        all.len(),
-        started.elapsed().as_millis()
-    );
-    let distinct: std::collections::BTreeSet<i64> = all.iter().copied().collect();
-    assert_eq!(
-        distinct.len(),
-        CLIENTS * EACH,
-        "{} counters handed out more than once",
-        CLIENTS * EACH - distinct.len()
-    );
-    assert_eq!(
-        (distinct.first().copied(), distinct.last().copied()),
-        (Some(1), Some((CLIENTS * EACH) as i64))
-    );
-    assert_eq!(
-        pg.query("SELECT value FROM counters WHERE sender = 'atm-7' AND side = 'seal'"),
-        (CLIENTS * EACH).to_string()
-    );
+    let (b, c) = (env.start(), env.start());
+    common::postgres::assert_seals_get_distinct_counters(&pg, &[&a, &b, &c]).await;
 }
 
 /// Sign on `c` until `done` holds for the answer; every answer before must satisfy `before`.
@@ -1314,111 +1300,10 @@ async fn timed_rotations_of_many_keys_on_three_instances_make_exactly_the_expect
 }
 
 /// `max_operations` across instances for an ECDSA key signed one message at a time and in
-/// batches (which take several operations at once, all from one version, and rotate first when
-/// the active version cannot take them all): no version does more than the cap by the answers,
-/// every request is served (none refused with 503 for running out of rotations), and the
-/// database's counts agree once the instances have stopped.
+/// batches: see [`cap_holds_across_three_instances`].
 #[tokio::test]
 async fn max_operations_holds_across_instances_for_ecdsa_and_batch_signs() {
     let _one = ONE_CLUSTER.lock().await;
-    const CAP: u64 = 150;
-    const REQUESTS: usize = 60;
-    const SIZES: [usize; 5] = [1, 7, 1, 23, 40];
-    let pg = Postgres::start();
-    let env = env_on(&pg);
-    let first = env.start();
-    let (s, k) = post(
-        &mut first.conn("officer").await,
-        "/v1/keys",
-        json!({"name": "stores/9/capped-ec", "type": "ecdsa-p256", "max_operations": CAP}),
-    )
-    .await;
-    assert_eq!(s, 201, "{k}");
-    let daemons = [first, env.start(), env.start()];
-    let misses = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for (n, d) in daemons.iter().enumerate() {
-        for m in 0..2 {
-            let misses = misses.clone();
-            let client = d.client("service");
-            tasks.push(tokio::spawn(async move {
-                let mut c = client.connect().await.expect("connect");
-                let mut used = Vec::new();
-                for i in 0..REQUESTS {
-                    let size = SIZES[(i + n + m) % SIZES.len()];
-                    let body = if size == 1 {
-                        json!({"message": b64(format!("m{i}").as_bytes())})
-                    } else {
-                        let batch: Vec<_> = (0..size)
-                            .map(|j| json!({"message": b64(format!("m{i}.{j}").as_bytes())}))
-                            .collect();
-                        json!({"batch": batch})
-                    };
-                    let (s, v) = sign_past_late_objects(
-                        &mut c,
-                        "/v1/keys/stores/9/capped-ec:sign",
-                        body,
-                        &misses,
-                        size as u64,
-                    )
-                    .await;
-                    assert_eq!(s, 200, "{v}");
-                    let version = v["key_version"].as_u64().expect("key_version");
-                    if size > 1 {
-                        let items = v["batch"].as_array().expect("batch");
-                        assert_eq!(items.len(), size, "{v}");
-                        for item in items {
-                            assert_eq!(item["key_version"], version, "one version per batch: {v}");
-                            assert!(item["signature"].is_string(), "{v}");
-                        }
-                    }
-                    used.push((version, size as u64));
-                }
-                used
-            }));
-        }
-    }
-    let mut per_version = std::collections::BTreeMap::<u64, u64>::new();
-    let mut total = 0;
-    for t in tasks {
-        let used = t
-            .await
-            .expect("a client failed (the daemons' errors are above)");
-        for (v, n) in used {
-            *per_version.entry(v).or_default() += n;
-            total += n;
-        }
-    }
-    let per_client: u64 = (0..REQUESTS).map(|i| SIZES[i % SIZES.len()] as u64).sum();
-    assert_eq!(total, 6 * per_client);
-    for (v, n) in &per_version {
-        assert!(
-            *n <= CAP,
-            "version {v} did {n} operations, cap {CAP}: {per_version:?}"
-        );
-    }
-    let misses = misses.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("uses sent again after SoftHSM had not yet shown a new object: {misses}");
-    eprintln!("{total} operations; per version: {per_version:?}");
-    for d in daemons {
-        assert!(d.stop().success());
-    }
-    let rows = pg.query(
-        "SELECT string_agg(version || ':' || operations || ':' || leased, ',' ORDER BY version) \
-         FROM key_versions WHERE name = 'stores/9/capped-ec'",
-    );
-    for row in rows.split(',') {
-        let f: Vec<u64> = row.split(':').map(|x| x.parse().expect("number")).collect();
-        let answered = per_version.get(&f[0]).copied().unwrap_or(0);
-        assert!(
-            (answered..=answered + misses).contains(&f[1]) && f[1] <= CAP,
-            "answers ({answered}, {misses} failed uses) and database disagree for version {}: {rows}",
-            f[0]
-        );
-        assert_eq!(
-            f[1], f[2],
-            "version {}: leases not all spent or returned: {rows}",
-            f[0]
-        );
-    }
+    cap_holds_across_three_instances("stores/9/capped-ec", "ecdsa-p256", 60, &[1, 7, 1, 23, 40])
+        .await;
 }

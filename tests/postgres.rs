@@ -115,41 +115,7 @@ async fn concurrent_seals_get_distinct_counters() {
     let env = env_on(&pg);
     let d = env.start();
     create(&d, "stores/1212/atm/dispense", "aes256-gcm").await;
-    const CLIENTS: usize = 8;
-    const EACH: usize = 500;
-    let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
-        let client = d.client("service");
-        tasks.push(tokio::spawn(async move {
-            let mut c = client.connect().await.expect("connect");
-            let mut counters = Vec::with_capacity(EACH);
-            for _ in 0..EACH {
-                let (s, m) = post(
-                    &mut c,
-                    "/v1/keys/stores/1212/atm/dispense:seal",
-                    json!({"sender": "atm-7", "plaintext": b64(b"dispense 20")}),
-                )
-                .await;
-                assert_eq!(s, 200, "{m}");
-                counters.push(m["counter"].as_i64().expect("a counter"));
-            }
-            counters
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("client task"));
-    }
-    let distinct: std::collections::BTreeSet<i64> = all.iter().copied().collect();
-    assert_eq!(distinct.len(), CLIENTS * EACH, "counters handed out twice");
-    assert_eq!(
-        (distinct.first().copied(), distinct.last().copied()),
-        (Some(1), Some((CLIENTS * EACH) as i64))
-    );
-    assert_eq!(
-        pg.query("SELECT value FROM counters WHERE sender = 'atm-7' AND side = 'seal'"),
-        (CLIENTS * EACH).to_string()
-    );
+    common::postgres::assert_seals_get_distinct_counters(&pg, &[&d]).await;
 }
 
 /// The same forward-only rule on PostgreSQL, where several instances write: the database refuses

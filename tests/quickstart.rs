@@ -113,7 +113,7 @@ fn packages_requested_on_an_empty_machine(script: &str, env: &[(&str, &str)]) ->
 #[test]
 fn each_readme_command_installs_what_it_builds_and_runs_with() {
     let build = ["pkg-config", "libtss2-dev", "clang", "libclang-dev"];
-    let run = ["softhsm2", "opensc", "swtpm", "curl"];
+    let run = ["softhsm2", "opensc", "swtpm", "python3", "curl"];
     let quickstart = packages_requested_on_an_empty_machine("softhsm-ci/quickstart", &[]);
     for p in build.iter().chain(&run) {
         assert!(

@@ -116,7 +116,7 @@ impl Registry {
                 return Ok(0);
             };
             let rest = max.saturating_sub(super::from_i64(leased));
-            if rest < need || rest == 0 {
+            if rest < need {
                 return Ok(0);
             }
             let taken = sqlx::query(

@@ -33,9 +33,7 @@ impl Registry {
             .as_deref()
             == Some(self.instance.as_str()))
     }
-}
 
-impl Registry {
     /// Give up every lease this instance holds (at a clean shutdown, once its scheduler has
     /// stopped), so another instance takes over at its next pass rather than when the term
     /// runs out. A process that dies without this still loses its leases with their term.

@@ -22,6 +22,14 @@ const STALE_RESERVATION_S: i64 = 600;
 const SWEEP_EVERY_S: i64 = 60;
 
 impl KeyLifecycle {
+    /// Take or renew the scheduler lease; whether this instance holds it.
+    async fn hold_lease(&self) -> Result<bool, crate::registry::RegistryError> {
+        self.core
+            .registry
+            .hold_lease("scheduler", LEASE_TERM_MS)
+            .await
+    }
+
     async fn sweep_reservations(&self, now: i64) {
         use std::sync::atomic::Ordering;
         if now - self.swept_at.load(Ordering::Relaxed) < SWEEP_EVERY_S {
@@ -47,12 +55,7 @@ impl KeyLifecycle {
         let now = unix_now();
         // Timed changes are one instance's work (the lease); the audit probe and the usage
         // flush below are every instance's own.
-        let lead = match self
-            .core
-            .registry
-            .hold_lease("scheduler", LEASE_TERM_MS)
-            .await
-        {
+        let lead = match self.hold_lease().await {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the scheduler lease; skipping this pass");
@@ -73,12 +76,7 @@ impl KeyLifecycle {
             // and stops once another instance holds it (else both rotate the same keys, one in
             // vain: the compare-and-set refuses its changes and its new objects are discarded).
             if renewed.elapsed() >= RENEW_EVERY {
-                match self
-                    .core
-                    .registry
-                    .hold_lease("scheduler", LEASE_TERM_MS)
-                    .await
-                {
+                match self.hold_lease().await {
                     Ok(true) => renewed = std::time::Instant::now(),
                     Ok(false) => {
                         tracing::warn!("the scheduler lease passed to another instance during a long pass; leaving the rest to it");

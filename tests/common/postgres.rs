@@ -344,3 +344,56 @@ impl Vip {
         format!("postgres://tillkey@127.0.0.1:{}/tillkey", self.port)
     }
 }
+
+/// 8 clients spread over `daemons` seal 500 messages each for one sender with the AES-GCM key
+/// `stores/1212/atm/dispense` (made beforehand): every seal gets its own counter, 1 to 4,000,
+/// and the database's counter ends at 4,000.
+pub async fn assert_seals_get_distinct_counters(pg: &Postgres, daemons: &[&super::Daemon]) {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 500;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..CLIENTS {
+        let client = daemons[k % daemons.len()].client("service");
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.connect().await.expect("connect");
+            let mut counters = Vec::with_capacity(EACH);
+            for _ in 0..EACH {
+                let (s, m) = super::post(
+                    &mut c,
+                    "/v1/keys/stores/1212/atm/dispense:seal",
+                    serde_json::json!({"sender": "atm-7", "plaintext": super::b64(b"dispense 20")}),
+                )
+                .await;
+                assert_eq!(s, 200, "{m}");
+                counters.push(m["counter"].as_i64().expect("a counter"));
+            }
+            counters
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("a client failed"));
+    }
+    eprintln!(
+        "{} seals from {CLIENTS} clients over {} instances: {} ms",
+        all.len(),
+        daemons.len(),
+        started.elapsed().as_millis()
+    );
+    let distinct: std::collections::BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        CLIENTS * EACH,
+        "{} counters handed out more than once",
+        CLIENTS * EACH - distinct.len()
+    );
+    assert_eq!(
+        (distinct.first().copied(), distinct.last().copied()),
+        (Some(1), Some((CLIENTS * EACH) as i64))
+    );
+    assert_eq!(
+        pg.query("SELECT value FROM counters WHERE sender = 'atm-7' AND side = 'seal'"),
+        (CLIENTS * EACH).to_string()
+    );
+}
