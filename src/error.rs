@@ -23,6 +23,10 @@ pub enum ServiceError {
     /// paid for another amount, a sealed message's counter went backwards.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A retry under an `Idempotency-Key` whose first attempt began a change and died before
+    /// its outcome was recorded: running it again could do it twice.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -54,6 +58,7 @@ impl ServiceError {
             Self::NotFound(_) => "not_found",
             Self::AlreadyExists(_) => "already_exists",
             Self::FailedPrecondition(_) => "failed_precondition",
+            Self::OutcomeUnknown(_) => "outcome_unknown",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedOperation(_) => "unsupported_operation",
             Self::UnsupportedMediaType => "unsupported_media_type",
@@ -69,7 +74,9 @@ impl ServiceError {
             Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::AlreadyExists(_) | Self::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Self::AlreadyExists(_) | Self::FailedPrecondition(_) | Self::OutcomeUnknown(_) => {
+                StatusCode::CONFLICT
+            }
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedOperation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -115,6 +122,7 @@ const OUTCOMES: &[&str] = &[
     "not_found",
     "already_exists",
     "failed_precondition",
+    "outcome_unknown",
     "payload_too_large",
     "unsupported_operation",
     "unsupported_media_type",
@@ -166,6 +174,7 @@ mod tests {
             ServiceError::NotFound(String::new()),
             ServiceError::AlreadyExists(String::new()),
             ServiceError::FailedPrecondition(String::new()),
+            ServiceError::OutcomeUnknown(String::new()),
             ServiceError::PayloadTooLarge { limit: 0 },
             ServiceError::UnsupportedOperation(String::new()),
             ServiceError::UnsupportedMediaType,

@@ -135,7 +135,30 @@ on_each_backend! {
         .await;
         assert_eq!(mine["entries"].as_array().unwrap().len(), 1);
         let (_, keyed) = get(&mut auditor, "/v1/audit?key=stores/1/mac").await;
-        assert_eq!(keyed["entries"].as_array().unwrap().len(), 4);
+        let keyed = keyed["entries"].as_array().unwrap();
+        // The create and the revoke change state: each wrote its intent first, durable before
+        // the change began, with the same request id as its outcome. Signs write one entry.
+        let outcomes: Vec<_> = keyed
+            .iter()
+            .map(|e| (e["operation"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("create", "started"),
+                ("create", "ok"),
+                ("sign", "ok"),
+                ("sign", "permission_denied"),
+                ("revoke", "started"),
+                ("revoke", "ok")
+            ]
+        );
+        for pair in [&keyed[0..2], &keyed[4..6]] {
+            assert_eq!(pair[0]["request_id"], pair[1]["request_id"]);
+            assert_eq!(pair[0]["identity"], pair[1]["identity"]);
+            assert!(pair[0]["seq"].as_u64() < pair[1]["seq"].as_u64());
+        }
+        assert_eq!(keyed[1]["seq"], receipts[0]);
         let (_, since) = get(&mut auditor, &format!("/v1/audit?since={}", receipts[3])).await;
         assert!(since["entries"]
             .as_array()
@@ -251,7 +274,8 @@ on_each_backend! {
         drop(svc);
         let (code, out) = env.audit_verify();
         assert_eq!(code, Some(0), "{out}");
-        assert!(out.contains("audit trail intact: 21 entries"), "{out}");
+        // The create's intent and outcome, and the 20 signs.
+        assert!(out.contains("audit trail intact: 22 entries"), "{out}");
         assert!(d.stop().success());
         let wal = env.path("registry.db-wal");
         assert!(
@@ -302,8 +326,12 @@ on_each_backend! {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 21);
-        assert_eq!(lines[1]["operation"], "sign");
+        assert_eq!(lines.len(), 22);
+        assert_eq!(
+            (&lines[0]["operation"], &lines[0]["outcome"]),
+            (&json!("create"), &json!("started"))
+        );
+        assert_eq!(lines[2]["operation"], "sign");
     }
 }
 
@@ -345,8 +373,9 @@ async fn group_commits_are_sealed_once_and_edits_inside_them_are_named() {
     assert!(d.stop().success());
     let (code, out) = env.audit_verify();
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("audit trail intact: 321 entries"), "{out}");
-    assert_eq!(counted_entries, 321.0);
+    // 2 for the create (intent and outcome), 320 signs.
+    assert!(out.contains("audit trail intact: 322 entries"), "{out}");
+    assert_eq!(counted_entries, 322.0);
 
     let query = |sql: &str| {
         let out = Command::new("sqlite3")

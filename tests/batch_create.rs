@@ -99,14 +99,23 @@ async fn batch_create_reports_each_item_and_audits_each_key() {
     }
     // Every item's entry leads back to the one batch request that made it.
     let (_, all) = get(&mut auditor, "/v1/audit?limit=1000").await;
-    let batch_ids: Vec<&str> = all["entries"]
+    // The batch's own entries: its intent, durable before any key was made, and its outcome.
+    let batch: Vec<&Value> = all["entries"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["operation"] == "batch_create")
+        .collect();
+    let outcomes: Vec<&str> = batch
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["started", "ok"], "{all}");
+    let batch_ids: Vec<&str> = batch
+        .iter()
         .map(|e| e["request_id"].as_str().unwrap())
         .collect();
-    assert_eq!(batch_ids.len(), 1, "{all}");
+    assert_eq!(batch_ids[0], batch_ids[1]);
     assert!(
         item_ids.iter().all(|id| id == batch_ids[0]),
         "{item_ids:?} vs {batch_ids:?}"

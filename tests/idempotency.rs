@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::postgres::{env_on, Postgres};
 use common::*;
 use hyper::{HeaderMap, Method};
@@ -247,8 +249,9 @@ async fn a_retry_on_another_instance_gets_the_answer_given_on_the_first() {
     );
 }
 
-/// An attempt whose instance died leaves its claim without an answer: retries are told to
-/// wait while it might still be running, and after 60 s the next retry runs the request.
+/// An attempt whose instance died before it began changing anything (no intent entry) leaves
+/// its claim without an answer: retries are told to wait while it might still be running, and
+/// after 60 s the next retry runs the request.
 #[tokio::test]
 async fn a_claim_left_by_a_dead_attempt_is_busy_then_taken_over() {
     let pg = Postgres::start();
@@ -260,11 +263,11 @@ async fn a_claim_left_by_a_dead_attempt_is_busy_then_taken_over() {
     let rotate = json!({"reason": "r"});
     let first = post_key(&mut officer, path, "dead-1", rotate.clone()).await;
     assert_eq!(first.status, 200, "{}", first.body);
-    // As if the attempt had claimed the key 10 s ago and died before storing an answer.
+    // As if the attempt had claimed the key 10 s ago and died before its intent entry.
     let unanswered = |age: i64| {
         format!(
-            "UPDATE idempotency SET status = NULL, created_at = created_at - {age} \
-             WHERE idem_key = 'dead-1'"
+            "UPDATE idempotency SET status = NULL, started = NULL, \
+             created_at = created_at - {age} WHERE idem_key = 'dead-1'"
         )
     };
     pg.query(&unanswered(10));
@@ -289,6 +292,93 @@ async fn a_claim_left_by_a_dead_attempt_is_busy_then_taken_over() {
         (&rerun.body, rerun.receipt())
     );
     assert!(replay.replayed());
+}
+
+/// A rotation whose change committed but whose outcome entry the trail refused (as when its
+/// instance dies between the two): the change has its intent entry, written before it began,
+/// and a retry with the same key never rotates a second time: 409 while the attempt might
+/// still run, then 409 `outcome_unknown` naming the intent's receipt. A sign (which changes
+/// nothing lasting) refused the same way releases its key, and its retry runs at once.
+#[tokio::test]
+async fn a_change_whose_outcome_was_not_recorded_is_never_run_twice() {
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, "stores/9/mac", "hmac-sha256").await;
+    let b = env.start();
+    let refuse = |operation: &str| {
+        pg.query(&format!(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+               IF NEW.operation = '{operation}' AND NEW.outcome <> 'started' THEN \
+                 RAISE EXCEPTION 'audit store refuses writes'; END IF; RETURN NEW; END $f$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION refuse();"
+        ));
+    };
+    let accept = || {
+        pg.query("DROP TRIGGER refuse ON audit; DROP FUNCTION refuse();");
+        a.wait_for(
+            "readiness after the outage",
+            Duration::from_secs(10),
+            || a.admin_get("/readyz").0 == 200,
+        );
+    };
+    let versions_in_db =
+        || pg.query("SELECT count(*) FROM key_versions WHERE name = 'stores/9/mac'");
+    let path = "/v1/keys/stores/9/mac:rotate";
+    let rotate = json!({"reason": "r"});
+    let mut on_a = a.conn("officer").await;
+
+    refuse("rotate");
+    let lost = post_key(&mut on_a, path, "lost-1", rotate.clone()).await;
+    assert_error(&lost.error(), 503, "unavailable");
+    assert!(lost.headers.get(RECEIPT).is_none());
+    accept();
+    // The rotation took effect, and the trail holds its intent (not its outcome).
+    assert_eq!(versions_in_db(), "2");
+    let entries = pg.query(
+        "SELECT seq || ' ' || outcome FROM audit WHERE operation = 'rotate' \
+         AND key_name = 'stores/9/mac' ORDER BY seq",
+    );
+    let (intent, outcome) = entries.split_once(' ').expect("one rotate entry");
+    assert_eq!(outcome, "started", "{entries}");
+    assert_eq!(
+        pg.query("SELECT started FROM idempotency WHERE idem_key = 'lost-1'"),
+        intent
+    );
+
+    let mut on_b = b.conn("officer").await;
+    let busy = post_key(&mut on_b, path, "lost-1", rotate.clone()).await;
+    assert_error(&busy.error(), 409, "failed_precondition");
+    pg.query("UPDATE idempotency SET created_at = created_at - 61 WHERE idem_key = 'lost-1'");
+    for conn in [&mut on_b, &mut on_a] {
+        let unknown = post_key(conn, path, "lost-1", rotate.clone()).await;
+        assert_error(&unknown.error(), 409, "outcome_unknown");
+        let message = unknown.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("audit receipt {intent}")),
+            "{message}"
+        );
+        // Refused, but audited like any refusal.
+        assert!(unknown.receipt() > intent.parse::<u64>().unwrap());
+    }
+    assert_eq!(versions_in_db(), "2", "the rotation ran a second time");
+
+    // A sign changes nothing lasting: no intent, and its key is released with the 503.
+    refuse("sign");
+    let sign = json!({"message": b64(b"m")});
+    let mut svc = a.conn("service").await;
+    let sign_path = "/v1/keys/stores/9/mac:sign";
+    let lost = post_key(&mut svc, sign_path, "lost-2", sign.clone()).await;
+    assert_error(&lost.error(), 503, "unavailable");
+    accept();
+    assert_eq!(
+        pg.query("SELECT count(*) FROM idempotency WHERE idem_key = 'lost-2'"),
+        "0"
+    );
+    let mut svc = b.conn("service").await;
+    let again = post_key(&mut svc, sign_path, "lost-2", sign).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(!again.replayed());
 }
 
 #[tokio::test]

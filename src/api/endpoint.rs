@@ -28,6 +28,10 @@ pub struct Endpoint {
     /// Whether the body is read at all; endpoints without one answer before a slow client
     /// has finished sending.
     pub reads_body: bool,
+    /// Whether the handler may change lasting state (keys, tokens, counters, approvals). Such
+    /// a request's intent is audited before its handler runs, so no change is ever without
+    /// its entry, even when the process dies before the outcome's entry (see `routes`).
+    pub changes: bool,
     pub handler: Handler,
 }
 
@@ -50,6 +54,7 @@ impl Endpoint {
             path,
             label,
             reads_body: false,
+            changes: false,
             handler,
         }
     }
@@ -60,8 +65,16 @@ impl Endpoint {
             path,
             label,
             reads_body: true,
+            changes: false,
             handler,
         }
+    }
+
+    /// A POST that changes lasting state (see [`Endpoint::changes`]).
+    pub const fn post_change(path: &'static str, label: &'static str, handler: Handler) -> Self {
+        let mut endpoint = Self::post(path, label, handler);
+        endpoint.changes = true;
+        endpoint
     }
 
     pub const fn patch(path: &'static str, label: &'static str, handler: Handler) -> Self {
@@ -70,6 +83,7 @@ impl Endpoint {
             path,
             label,
             reads_body: true,
+            changes: true,
             handler,
         }
     }

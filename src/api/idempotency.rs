@@ -7,10 +7,21 @@
 //! one request: a fingerprint of method, path, query and body is kept with it, and the key
 //! sent with a different request is refused. The row is claimed by one atomic insert before
 //! the handler runs, so of any number of simultaneous attempts exactly one runs; the others
-//! get 409 until the answer is stored, then the answer. A claim older than [`ABANDONED_AFTER`]
-//! without an answer belonged to an instance that died: the next retry takes it over and runs.
-//! Answers of 5xx are not kept (the claim is released), so a retry after an outage runs again.
-//! Rows are deleted [`RETENTION`] after the first attempt (see [`Idempotency::expire`]).
+//! get 409 until the answer is stored, then the answer.
+//!
+//! What makes this exactly once across a dying instance is that the claim moves only together
+//! with the audit trail (see `audit::SideWrite`): the commit that writes a state-changing
+//! request's intent entry marks its claim `started`, and the commit that writes its final entry
+//! stores its answer. So an answer is kept if and only if its entry is, and a claim without an
+//! answer that is not `started` belonged to an attempt that changed nothing. Such a claim older
+//! than [`ABANDONED_AFTER`] (its instance died) is taken over by the next retry, which runs. A
+//! `started` claim without an answer belonged to an attempt that may have changed state and
+//! died before its outcome was recorded: running it again could do it twice (a second version,
+//! a second token, "already redeemed" for a redemption that succeeded), so its retries are told
+//! exactly that (409 `outcome_unknown`, naming the intent's receipt) and the caller looks at the
+//! state. Answers of 5xx are not kept (the claim is released with the final entry), so a retry
+//! after an outage runs again. Rows are deleted [`RETENTION`] after the first attempt (see
+//! [`Idempotency::expire`]).
 
 use std::borrow::Cow;
 
@@ -19,6 +30,7 @@ use hyper::{HeaderMap, Method, StatusCode};
 use sqlx::{AnyPool, Row};
 
 use super::endpoint::{Note, Outcome};
+use crate::audit::{SideWrite, SqlValue};
 use crate::encoding::{hex_decode, hex_encode};
 use crate::error::ServiceError;
 use crate::service::unix_now;
@@ -112,6 +124,56 @@ pub struct Claim {
     identity: String,
     key: String,
     claimed_at: i64,
+    /// Its intent entry is durable and marked the row: from here on it may change state.
+    pub started: bool,
+}
+
+impl Claim {
+    /// Marks the row `started` in the commit of the intent entry (`$1`, its receipt); changes
+    /// no row when another attempt has taken the claim over meanwhile.
+    pub fn start_write(&self) -> SideWrite {
+        SideWrite {
+            sql: "UPDATE idempotency SET started = $1
+                  WHERE identity = $2 AND idem_key = $3 AND created_at = $4 AND status IS NULL",
+            params: self.row_params(),
+        }
+    }
+
+    /// Keeps the answer in the commit of the final entry (`$1`, the receipt sent with it), or
+    /// releases the key when the answer is a server error, so a retry runs again.
+    pub fn settle_write(&self, answer: &Answer<'_>) -> SideWrite {
+        if answer.status.is_server_error() {
+            // `$1 > 0` only uses the receipt (always positive): parameters go in order.
+            return SideWrite {
+                sql: "DELETE FROM idempotency WHERE $1 > 0 AND identity = $2 AND idem_key = $3
+                      AND created_at = $4 AND status IS NULL",
+                params: self.row_params(),
+            };
+        }
+        let mut params = vec![
+            SqlValue::Int(i64::from(answer.status.as_u16())),
+            SqlValue::Text(answer.content_type.to_owned()),
+            SqlValue::Text(hex_encode(answer.body)),
+            SqlValue::Text(answer.outcome.to_owned()),
+            SqlValue::Text(answer.key.to_owned()),
+            SqlValue::OptInt(answer.version.map(i64::from)),
+        ];
+        params.extend(self.row_params());
+        SideWrite {
+            sql: "UPDATE idempotency SET receipt = $1, status = $2, content_type = $3, body = $4,
+                    outcome = $5, key_name = $6, version = $7
+                  WHERE identity = $8 AND idem_key = $9 AND created_at = $10 AND status IS NULL",
+            params,
+        }
+    }
+
+    fn row_params(&self) -> Vec<SqlValue> {
+        vec![
+            SqlValue::Text(self.identity.clone()),
+            SqlValue::Text(self.key.clone()),
+            SqlValue::Int(self.claimed_at),
+        ]
+    }
 }
 
 /// An answer as stored, and what the original request's audit entry said about it (a
@@ -132,8 +194,6 @@ pub struct Answer<'a> {
     pub status: StatusCode,
     pub content_type: &'a str,
     pub body: &'a [u8],
-    /// `None` when the audit entry could not be written (then the answer is a 503 anyway).
-    pub receipt: Option<u64>,
     pub outcome: &'a str,
     pub key: &'a str,
     pub version: Option<u32>,
@@ -174,13 +234,14 @@ impl Idempotency {
                 identity: identity.to_owned(),
                 key: key.to_owned(),
                 claimed_at,
+                started: false,
             };
             if inserted.rows_affected() == 1 {
                 return Ok(Step::Run(claim(now)));
             }
             let row = sqlx::query(
-                "SELECT fingerprint, created_at, status, content_type, body, receipt, outcome,
-                        key_name, version
+                "SELECT fingerprint, created_at, started, status, content_type, body, receipt,
+                        outcome, key_name, version
                  FROM idempotency WHERE identity = $1 AND idem_key = $2",
             )
             .bind(identity)
@@ -207,6 +268,15 @@ impl Idempotency {
             if created_at > now - ABANDONED_AFTER {
                 return Err(in_progress());
             }
+            if let Some(intent) = row.try_get::<Option<i64>, _>("started").map_err(db)? {
+                return Err(ServiceError::OutcomeUnknown(format!(
+                    "an earlier attempt with this Idempotency-Key began its change (audit \
+                     receipt {intent}) and ended without an answer, its instance having \
+                     stopped; it may or may not have taken effect, so it is not run again: \
+                     check the state it would have changed, then send a new request with a new \
+                     key if it is still needed"
+                )));
+            }
             // Abandoned: take it over, in one conditional step so that of several retries
             // only one does.
             let taken = sqlx::query(
@@ -229,52 +299,24 @@ impl Idempotency {
         Err(in_progress())
     }
 
-    /// Keep the claimed attempt's answer for its retries, or release the key when the answer
-    /// is a server error (or went unaudited), so a retry runs again. A failure here is logged,
-    /// not answered: the request's effect has happened and its answer still goes out; the
-    /// row then stays claimed and a retry runs again after [`ABANDONED_AFTER`].
-    pub async fn settle(&self, claim: &Claim, answer: Answer<'_>) {
-        let result = match answer.receipt {
-            Some(receipt) if !answer.status.is_server_error() => {
-                sqlx::query(
-                    "UPDATE idempotency SET status = $1, content_type = $2, body = $3,
-                        receipt = $4, outcome = $5, key_name = $6, version = $7
-                     WHERE identity = $8 AND idem_key = $9 AND created_at = $10
-                       AND status IS NULL",
-                )
-                .bind(i64::from(answer.status.as_u16()))
-                .bind(answer.content_type)
-                .bind(hex_encode(answer.body))
-                .bind(receipt as i64)
-                .bind(answer.outcome)
-                .bind(answer.key)
-                .bind(answer.version.map(i64::from))
-                .bind(&claim.identity)
-                .bind(&claim.key)
-                .bind(claim.claimed_at)
-                .execute(&self.pool)
-                .await
-            }
-            _ => {
-                sqlx::query(
-                    "DELETE FROM idempotency WHERE identity = $1 AND idem_key = $2
-                       AND created_at = $3 AND status IS NULL",
-                )
-                .bind(&claim.identity)
-                .bind(&claim.key)
-                .bind(claim.claimed_at)
-                .execute(&self.pool)
-                .await
-            }
-        };
-        match result {
-            Ok(done) if done.rows_affected() == 0 => {
-                tracing::warn!(identity = %claim.identity, "an Idempotency-Key claim was taken over before its answer was stored");
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(identity = %claim.identity, error = %e, "could not store the answer for an Idempotency-Key");
-            }
+    /// Release the key of an attempt that never started changing anything, when its final
+    /// entry (which would have settled it) could not be written: a retry then runs at once
+    /// rather than after [`ABANDONED_AFTER`]. Best effort: the store is most likely down too.
+    pub async fn release_unstarted(&self, claim: &Claim) {
+        if claim.started {
+            return;
+        }
+        let released = sqlx::query(
+            "DELETE FROM idempotency WHERE identity = $1 AND idem_key = $2
+               AND created_at = $3 AND status IS NULL AND started IS NULL",
+        )
+        .bind(&claim.identity)
+        .bind(&claim.key)
+        .bind(claim.claimed_at)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = released {
+            tracing::warn!(identity = %claim.identity, error = %e, "could not release an Idempotency-Key; a retry runs once the claim is abandoned");
         }
     }
 
@@ -371,7 +413,7 @@ fn stored(row: &sqlx::any::AnyRow) -> Result<Stored, ServiceError> {
     })
 }
 
-fn in_progress() -> ServiceError {
+pub fn in_progress() -> ServiceError {
     ServiceError::FailedPrecondition(
         "a request with this Idempotency-Key is still in progress; retry later".into(),
     )

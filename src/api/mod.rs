@@ -6,6 +6,7 @@ mod batch_create;
 pub mod endpoint;
 mod handlers;
 pub mod idempotency;
+mod intent;
 pub mod json;
 mod query;
 mod routes;

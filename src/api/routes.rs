@@ -107,7 +107,6 @@ pub async fn handle(
     };
 
     let key = note.key.clone().unwrap_or_else(|| path_key.to_owned());
-    // Nothing is answered without its audit entry: a failed append turns any answer into 503.
     let record = audit::Record {
         identity: caller.identity.clone(),
         operation,
@@ -120,47 +119,26 @@ pub async fn handle(
         request_id: request_id.clone(),
         detail: std::mem::take(&mut note.detail),
     };
-    let (result, receipt) = match state
-        .service
-        .core
-        .audit()
-        .append_admitted(record, note.admission.take())
-        .await
-    {
-        Ok(seq) => (result, Some(seq)),
-        Err(e) => (Err(e), None),
-    };
-
+    let reply = Reply::of(&state, &request_id, result, &standing);
+    let (reply, receipt) = settle(
+        &state,
+        &caller,
+        &request_id,
+        record,
+        reply,
+        &standing,
+        note.admission.take(),
+    )
+    .await;
+    let Reply {
+        status,
+        body,
+        version,
+        outcome,
+        content_type,
+        allow,
+    } = reply;
     let elapsed = started.elapsed();
-    let mut allow = None;
-    let mut content_type: Cow<'static, str> = "application/json".into();
-    let (status, body, version, outcome) = match result {
-        Ok(o) => {
-            content_type = o.content_type;
-            let outcome = standing.replayed_outcome().unwrap_or("ok");
-            (o.status, o.body, o.version, outcome)
-        }
-        Err(e) => {
-            if let ServiceError::MethodNotAllowed { allow: a } = e {
-                allow = Some(a);
-            }
-            report(&state, &request_id, &e);
-            (e.status(), e.to_json(), None, e.code())
-        }
-    };
-    // Kept for the key's retries once the receipt is known (or the key released on a 5xx).
-    if let Standing::Claimed(claim) = &standing {
-        let answer = Answer {
-            status,
-            content_type: &content_type,
-            body: &body,
-            receipt,
-            outcome,
-            key: &key,
-            version,
-        };
-        state.idempotency.settle(claim, answer).await;
-    }
     // The operations log: who did what to which key, never bodies, signatures or secrets.
     tracing::info!(
         target: "tillkey::request",
@@ -195,6 +173,99 @@ pub async fn handle(
     }
     standing.mark(resp.headers_mut());
     Ok(resp)
+}
+
+/// Write the request's entry and, in the same commit, settle its claimed `Idempotency-Key`
+/// (see `idempotency`). Nothing is answered without its entry: a failed append turns any answer
+/// into 503 (and releases a claim whose attempt never began a change).
+async fn settle(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &str,
+    record: audit::Record,
+    reply: Reply,
+    standing: &Standing,
+    admission: Option<audit::Admission>,
+) -> (Reply, Option<u64>) {
+    let claim = match standing {
+        Standing::Claimed(claim) => Some(claim),
+        _ => None,
+    };
+    let side = claim.map(|c| {
+        c.settle_write(&Answer {
+            status: reply.status,
+            content_type: &reply.content_type,
+            body: &reply.body,
+            outcome: reply.outcome,
+            key: &record.key,
+            version: reply.version,
+        })
+    });
+    let appended = state
+        .service
+        .core
+        .audit()
+        .append_with(record, side, admission)
+        .await;
+    match appended {
+        Ok(a) => {
+            if claim.is_some() && !a.side_changed {
+                tracing::warn!(identity = %caller.identity, "an Idempotency-Key claim was taken over before its answer was stored");
+            }
+            (reply, Some(a.receipt))
+        }
+        Err(e) => {
+            if let Some(claim) = claim {
+                state.idempotency.release_unstarted(claim).await;
+            }
+            (Reply::of(state, request_id, Err(e), standing), None)
+        }
+    }
+}
+
+/// The answer about to be sent, before its audit entry is written.
+struct Reply {
+    status: StatusCode,
+    body: Vec<u8>,
+    version: Option<u32>,
+    outcome: &'static str,
+    content_type: Cow<'static, str>,
+    allow: Option<&'static str>,
+}
+
+impl Reply {
+    /// A handler's result as the answer; an error is reported (logged and counted) here.
+    fn of(
+        state: &AppState,
+        request_id: &str,
+        result: Result<Outcome, ServiceError>,
+        standing: &Standing,
+    ) -> Self {
+        match result {
+            Ok(o) => Self {
+                status: o.status,
+                body: o.body,
+                version: o.version,
+                outcome: standing.replayed_outcome().unwrap_or("ok"),
+                content_type: o.content_type,
+                allow: None,
+            },
+            Err(e) => {
+                report(state, request_id, &e);
+                Self {
+                    status: e.status(),
+                    body: e.to_json(),
+                    version: None,
+                    outcome: e.code(),
+                    content_type: "application/json".into(),
+                    allow: match e {
+                        ServiceError::MethodNotAllowed { allow } => Some(allow),
+                        _ => None,
+                    },
+                }
+            }
+        }
+    }
 }
 
 /// A failure inside the service goes to the log (with the request id, as the client sees
@@ -254,6 +325,7 @@ async fn run(
             }
         }
     }
+    super::intent::record(state, caller, endpoint, name, &body, note, standing).await?;
     // Tells the audit writer an entry is coming, so it can put it in the group it is forming;
     // taken once the body is in (a client slow to send it must not hold up the group).
     note.admission = Some(state.service.core.audit().admit());

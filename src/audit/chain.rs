@@ -176,12 +176,21 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Strin
     Ok(conn)
 }
 
-/// Insert a group commit in one transaction with one prepared statement.
-pub fn insert_sqlite(conn: &mut rusqlite::Connection, rows: &[Entry]) -> Result<(), String> {
-    write_rows(conn, rows).map_err(|e| e.to_string())
+/// Insert a group commit in one transaction with one prepared statement, with the side writes
+/// of its requests (see `side`); answers which of those changed a row.
+pub fn insert_sqlite(
+    conn: &mut rusqlite::Connection,
+    rows: &[Entry],
+    sides: &[(u64, &super::side::SideWrite)],
+) -> Result<Vec<bool>, String> {
+    write_rows(conn, rows, sides).map_err(|e| e.to_string())
 }
 
-fn write_rows(conn: &mut rusqlite::Connection, rows: &[Entry]) -> rusqlite::Result<()> {
+fn write_rows(
+    conn: &mut rusqlite::Connection,
+    rows: &[Entry],
+    sides: &[(u64, &super::side::SideWrite)],
+) -> rusqlite::Result<Vec<bool>> {
     // Immediate: take the write lock (waiting out the registry's writers) before anything.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
@@ -205,7 +214,9 @@ fn write_rows(conn: &mut rusqlite::Connection, rows: &[Entry]) -> rusqlite::Resu
             ])?;
         }
     }
-    tx.commit()
+    let changed = super::side::run_sqlite(&tx, sides)?;
+    tx.commit()?;
+    Ok(changed)
 }
 
 /// Columns of one audit row; with at most 512 rows per group commit a statement binds at most

@@ -10,6 +10,7 @@
 
 mod chain;
 mod group;
+mod side;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use tokio::sync::oneshot;
 pub use self::chain::{verify_chain, ChainFault, ChainReport, Entry};
 pub use self::group::Admission;
 use self::group::{Admitted, Linger};
+pub use self::side::{SideWrite, SqlValue};
 use crate::backend::{KeyRef, ObjectRef};
 use crate::device::Device;
 use crate::error::ServiceError;
@@ -31,6 +33,10 @@ use crate::metrics::AuditMetrics;
 
 /// The error line for failed group commits (see `Writer::finish`).
 static APPEND_FAILED_LOG: crate::logging::Throttle = crate::logging::Throttle::new();
+
+/// The outcome of an intent entry: written, durable, before a change begins, so that no change
+/// is ever without its entry (the outcome's entry follows once the change is made or refused).
+pub const STARTED: &str = "started";
 
 /// Name of the writer's thread.
 pub const WRITER_THREAD: &str = "audit-writer";
@@ -61,7 +67,16 @@ pub struct AuditKey {
 
 struct Pending {
     record: Record,
-    done: oneshot::Sender<Result<u64, String>>,
+    /// Committed with the entry, or not at all.
+    side: Option<SideWrite>,
+    done: oneshot::Sender<Result<Appended, String>>,
+}
+
+/// What the writer answers: the entry's receipt, and whether its side write changed a row.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub receipt: u64,
+    pub side_changed: bool,
 }
 
 pub struct AuditLog {
@@ -156,9 +171,20 @@ impl AuditLog {
         record: Record,
         admission: Option<Admission>,
     ) -> Result<u64, ServiceError> {
+        Ok(self.append_with(record, None, admission).await?.receipt)
+    }
+
+    /// [`AuditLog::append_admitted`] with a statement committed in the entry's transaction
+    /// (see `side`).
+    pub async fn append_with(
+        &self,
+        record: Record,
+        side: Option<SideWrite>,
+        admission: Option<Admission>,
+    ) -> Result<Appended, ServiceError> {
         let (done, wait) = oneshot::channel();
         let unavailable = |detail: String| ServiceError::Unavailable { detail };
-        let queued = self.queue.try_send(Pending { record, done });
+        let queued = self.queue.try_send(Pending { record, side, done });
         drop(admission);
         queued.map_err(|_| unavailable("audit writer is saturated or stopped".into()))?;
         wait.await
@@ -209,18 +235,37 @@ enum Store {
 }
 
 impl Store {
-    fn insert(&mut self, entries: &[Entry]) -> Result<(), String> {
+    fn insert(
+        &mut self,
+        entries: &[Entry],
+        sides: &[(u64, &SideWrite)],
+    ) -> Result<Vec<bool>, String> {
         match self {
-            Store::Sqlite(conn) => chain::insert_sqlite(conn, entries),
+            Store::Sqlite(conn) => chain::insert_sqlite(conn, entries, sides),
             Store::Sqlx {
                 pool,
                 numbered,
                 runtime,
             } => runtime
-                .block_on(Entry::insert_all(entries, *numbered, &*pool))
+                .block_on(async {
+                    let mut tx = pool.begin().await?;
+                    Entry::insert_all(entries, *numbered, &mut *tx).await?;
+                    let changed = side::run_sqlx(&mut tx, sides).await?;
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>(changed)
+                })
                 .map_err(|e| e.to_string()),
         }
     }
+}
+
+/// The side writes of a batch whose first entry is `first`, with their entries' numbers.
+fn sides(batch: &[Pending], first: u64) -> Vec<(u64, &SideWrite)> {
+    batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.side.as_ref().map(|s| (first + i as u64, s)))
+        .collect()
 }
 
 /// Make the shared chain's head row if this is the first instance on the database, from the
@@ -268,8 +313,13 @@ impl Writer {
                     .entries(&batch, self.next_seq, self.prev.clone())
                     .and_then(|(entries, last)| {
                         store
-                            .insert(&entries)
-                            .map(|()| (self.next_seq, entries, last))
+                            .insert(&entries, &sides(&batch, self.next_seq))
+                            .map(|changed| Group {
+                                first: self.next_seq,
+                                entries,
+                                last,
+                                changed,
+                            })
                     }),
             };
             self.metrics
@@ -324,11 +374,7 @@ impl Writer {
     /// A group on the shared chain: in one transaction, lock the head row, chain the entries on
     /// it (sealed in the token while the row is held), insert them and move the head. Another
     /// instance's group waits for the lock; none can take the same sequence numbers.
-    async fn append_shared(
-        &self,
-        batch: &[Pending],
-        pool: &AnyPool,
-    ) -> Result<(u64, Vec<Entry>, String), String> {
+    async fn append_shared(&self, batch: &[Pending], pool: &AnyPool) -> Result<Group, String> {
         let db = |e: sqlx::Error| format!("audit store: {e}");
         let mut tx = pool.begin().await.map_err(db)?;
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
@@ -341,6 +387,9 @@ impl Writer {
         Entry::insert_all(&entries, true, &mut *tx)
             .await
             .map_err(db)?;
+        let changed = side::run_sqlx(&mut tx, &sides(batch, first))
+            .await
+            .map_err(db)?;
         let last_seq = i64::try_from(first + entries.len() as u64 - 1).unwrap_or(i64::MAX);
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(last_seq)
@@ -349,21 +398,22 @@ impl Writer {
             .await
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok((first, entries, last))
+        Ok(Group {
+            first,
+            entries,
+            last,
+            changed,
+        })
     }
 
     /// After the store answered: on success the chain advances, on failure it stays and
     /// readiness says why; every request of the batch gets its receipt or the error.
-    fn finish(
-        &mut self,
-        batch: &mut Vec<Pending>,
-        stored: Result<(u64, Vec<Entry>, String), String>,
-    ) {
-        let result = stored.map(|(first, entries, last)| {
-            self.next_seq = first + entries.len() as u64;
-            self.prev = last;
+    fn finish(&mut self, batch: &mut Vec<Pending>, stored: Result<Group, String>) {
+        let result = stored.map(|g| {
+            self.next_seq = g.first + g.entries.len() as u64;
+            self.prev = g.last;
             self.head.store(self.next_seq - 1, Ordering::SeqCst);
-            first
+            (g.first, g.changed)
         });
         if result.is_err() || self.failure.failing.load(Ordering::Relaxed) {
             *self.failure.why.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -378,15 +428,29 @@ impl Writer {
                 tracing::error!(error = %e, entries = batch.len(), held_back, "audit append failed; refusing the requests that needed it");
             }
         }
+        // The side writes' answers are in batch order, one per request that had one.
+        let mut changed = result.as_ref().ok().map(|(_, c)| c.iter().copied());
         for (i, p) in batch.drain(..).enumerate() {
-            let _ = p.done.send(
-                result
-                    .as_ref()
-                    .map(|first| first + i as u64)
-                    .map_err(Clone::clone),
-            );
+            let answer = match &result {
+                Ok((first, _)) => Ok(Appended {
+                    receipt: first + i as u64,
+                    side_changed: p.side.is_some()
+                        && changed.as_mut().and_then(Iterator::next).unwrap_or(false),
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = p.done.send(answer);
         }
     }
+}
+
+/// A durable group: its first sequence number, its entries, the hash the next group chains on,
+/// and whether each side write changed a row.
+struct Group {
+    first: u64,
+    entries: Vec<Entry>,
+    last: String,
+    changed: Vec<bool>,
 }
 
 fn now_ms() -> i64 {

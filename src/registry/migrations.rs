@@ -88,6 +88,18 @@ const MIGRATIONS: &[Migration] = &[
             )]
         },
     },
+    Migration {
+        version: 5,
+        what: "Idempotency-Key claims marked when their attempt began a change",
+        steps: |_| {
+            // The receipt of the attempt's intent entry, written in the same commit.
+            vec![Step::Column {
+                table: "idempotency",
+                column: "started",
+                ty: "BIGINT",
+            }]
+        },
+    },
 ];
 
 /// The schema as it stood when migrations were first numbered. Every statement tolerates

@@ -285,26 +285,40 @@ impl KeyCore {
         Ok(keys)
     }
 
-    /// Record a change the daemon made on its own. The change is already committed, so a failed
-    /// append can only be reported loudly.
+    /// Record the intent of a change the daemon makes on its own, before making it: refused
+    /// when the trail refuses it, and then the change is not made (see `audit::STARTED`).
+    pub(crate) async fn intend_own(
+        &self,
+        operation: &'static str,
+        key: &KeyName,
+        detail: &str,
+    ) -> Result<(), ServiceError> {
+        self.audit
+            .append(own_record(
+                operation,
+                key,
+                None,
+                crate::audit::STARTED,
+                detail,
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    /// Record the outcome (`ok` or an error code) of a change the daemon made on its own. The
+    /// change is already committed and its intent durable, so a failed append can only be
+    /// reported loudly.
     pub(crate) async fn audit_own(
         &self,
         operation: &'static str,
         key: &KeyName,
         version: Option<u32>,
+        outcome: &'static str,
         detail: &str,
     ) {
-        let record = crate::audit::Record {
-            identity: SCHEDULER.into(),
-            operation,
-            key: key.to_string(),
-            version,
-            outcome: "ok",
-            request_id: "scheduler".into(),
-            detail: detail.into(),
-        };
+        let record = own_record(operation, key, version, outcome, detail);
         if let Err(e) = self.audit.append(record).await {
-            tracing::error!(key = %key, operation, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change made but its audit entry could not be written");
+            tracing::error!(key = %key, operation, error = %e, detail = e.internal_detail().unwrap_or(""), "scheduled change made but its outcome entry could not be written (its intent entry is in the trail)");
         }
     }
 
@@ -348,23 +362,45 @@ impl KeyCore {
         let _guard = self.changes.lock().await;
         let key = self.lookup(name)?;
         if key.active().is_some_and(|v| v.version == version) {
-            match self
-                .rotate_locked(&key, SCHEDULER, Some("max_operations reached"))
-                .await
-            {
+            const WHY: &str = "max_operations reached";
+            self.intend_own("rotate", name, WHY).await?;
+            match self.rotate_locked(&key, SCHEDULER, Some(WHY)).await {
                 Ok(new) => {
                     tracing::info!(key = %name, version, "rotated: max_operations reached");
                     let v = new.active().map(|v| v.version);
-                    self.audit_own("rotate", name, v, "max_operations reached")
-                        .await;
+                    self.audit_own("rotate", name, v, "ok", WHY).await;
                 }
                 // Another instance changed the key first (most likely rotating it at the same
                 // cap); the registry has read it again, and the caller tries with that.
-                Err(ServiceError::FailedPrecondition(_)) => {}
-                Err(e) => return Err(e),
+                Err(e @ ServiceError::FailedPrecondition(_)) => {
+                    self.audit_own("rotate", name, None, e.code(), WHY).await;
+                }
+                Err(e) => {
+                    self.audit_own("rotate", name, None, e.code(), WHY).await;
+                    return Err(e);
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// An entry for a change the daemon makes on its own (the scheduler's identity).
+fn own_record(
+    operation: &'static str,
+    key: &KeyName,
+    version: Option<u32>,
+    outcome: &'static str,
+    detail: &str,
+) -> crate::audit::Record {
+    crate::audit::Record {
+        identity: SCHEDULER.into(),
+        operation,
+        key: key.to_string(),
+        version,
+        outcome,
+        request_id: "scheduler".into(),
+        detail: detail.into(),
     }
 }
 

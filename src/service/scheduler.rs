@@ -97,15 +97,20 @@ impl KeyLifecycle {
                 let mut key = current;
                 if let (Some(p), Some(a)) = (key.lifecycle.rotation_period, key.active()) {
                     if a.created_at + p as i64 <= now {
-                        key = self
-                            .core
-                            .rotate_locked(&key, SCHEDULER, Some("rotation_period elapsed"))
-                            .await?;
+                        const WHY: &str = "rotation_period elapsed";
+                        self.core.intend_own("rotate", &key.name, WHY).await?;
+                        match self.core.rotate_locked(&key, SCHEDULER, Some(WHY)).await {
+                            Ok(rotated) => key = rotated,
+                            Err(e) => {
+                                self.core
+                                    .audit_own("rotate", &key.name, None, e.code(), WHY)
+                                    .await;
+                                return Err(e);
+                            }
+                        }
                         tracing::info!(key = %key.name, "rotated: rotation_period elapsed");
                         let v = key.active().map(|v| v.version);
-                        self.core
-                            .audit_own("rotate", &key.name, v, "rotation_period elapsed")
-                            .await;
+                        self.core.audit_own("rotate", &key.name, v, "ok", WHY).await;
                     }
                 }
                 let mut new = (*key).clone();
@@ -124,11 +129,19 @@ impl KeyLifecycle {
                     }
                 }
                 if !retired.is_empty() {
-                    self.core.registry.commit(&key, new).await?;
+                    const WHY: &str = "verify_grace ended";
+                    self.core.intend_own("retire", &key.name, WHY).await?;
+                    if let Err(e) = self.core.registry.commit(&key, new).await {
+                        let e = ServiceError::from(e);
+                        self.core
+                            .audit_own("retire", &key.name, None, e.code(), WHY)
+                            .await;
+                        return Err(e);
+                    }
                     tracing::info!(key = %key.name, ?retired, "retired versions whose grace ended");
                     for v in retired {
                         self.core
-                            .audit_own("retire", &key.name, Some(v), "verify_grace ended")
+                            .audit_own("retire", &key.name, Some(v), "ok", WHY)
                             .await;
                     }
                 }
