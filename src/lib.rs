@@ -28,6 +28,7 @@ pub mod device;
 pub mod encoding;
 pub mod error;
 pub mod exchange;
+pub mod key_locks;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

@@ -5,11 +5,12 @@ use sqlx::Row;
 use super::{hex_encode, insert_version, to_i64, unique, KeyRecord, Registry, RegistryError};
 
 impl Registry {
+    /// Answers the change feed's row for it, if there is a feed.
     pub(super) async fn write_change(
         &self,
         old: &KeyRecord,
         new: &KeyRecord,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Option<i64>, RegistryError> {
         let mut tx = self.pool.begin().await?;
         // SQLite serves one process (see `claim`), whose changes are serialized already; and a
         // read first would make this a read transaction that SQLite refuses to upgrade once
@@ -58,11 +59,12 @@ impl Registry {
                 Some(_) => {}
             }
         }
-        if self.feed.is_some() {
-            super::feed::record(&mut tx, &new.name).await?;
-        }
+        let fed = match self.feed {
+            Some(_) => Some(super::feed::record(&mut tx, &new.name).await?),
+            None => None,
+        };
         tx.commit().await?;
-        Ok(())
+        Ok(fed)
     }
 
     /// Conflict unless the database holds `old` as this process saw it: the same settings and

@@ -1,6 +1,10 @@
 //! How an instance learns of the changes other instances make to keys (PostgreSQL only: a
 //! SQLite registry serves one process). Every change writes a row to `key_changes` in its own
-//! transaction; each instance polls for rows it has not seen and reads those keys again.
+//! transaction; each instance polls for rows it has not seen and reads those keys again. A row
+//! this process wrote counts as seen once the change it records is committed and published here
+//! ([`Registry::seen_own`]): reading those keys again cost a busy instance more than its polls
+//! could afford (under a burst of rotations a poll took over a second, and the instance stopped
+//! serving). A change whose commit failed is not marked, so an unclear commit is read again.
 //!
 //! Sequence numbers are handed out when a row is inserted, not when its transaction commits, so
 //! a row can appear below one already seen. Each poll therefore looks back over the last
@@ -57,19 +61,32 @@ pub(super) async fn high_water(pool: &sqlx::AnyPool) -> Result<i64, RegistryErro
     Ok(row.try_get("high")?)
 }
 
-/// Record that `name` changed, in the transaction that changes it.
+/// Record that `name` changed, in the transaction that changes it; the row's number.
 pub(super) async fn record(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     name: &KeyName,
-) -> Result<(), RegistryError> {
-    sqlx::query("INSERT INTO key_changes (name) VALUES ($1)")
+) -> Result<i64, RegistryError> {
+    let row = sqlx::query("INSERT INTO key_changes (name) VALUES ($1) RETURNING seq")
         .bind(name.as_str())
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-    Ok(())
+    Ok(row.try_get("seq")?)
 }
 
 impl Registry {
+    /// The change rows `seqs` were written by this process, and their changes are committed and
+    /// in the index: polls need not read those keys again.
+    pub(super) fn seen_own(&self, seqs: impl IntoIterator<Item = i64>) {
+        let Some(feed) = &self.feed else { return };
+        let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for seq in seqs {
+            // As a poll marks what it read: rows of other instances below it stay unseen and
+            // within the window, so the next poll still reads them.
+            seen.recent.insert(seq);
+            seen.high = seen.high.max(seq);
+        }
+    }
+
     /// Read again every key changed elsewhere since the last call; the number of keys read.
     /// Nothing to do on SQLite.
     pub async fn catch_up(&self) -> Result<usize, RegistryError> {

@@ -476,7 +476,7 @@ impl Registry {
     /// or another instance changed the key. Read and put in while holding `publishing`, so a
     /// change this process commits meanwhile is never overwritten by the older rows.
     pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
-        let _publishing = self.publishing.lock().await;
+        let _publishing = self.publishing.lock(name.as_str()).await;
         self.read_again(name).await
     }
 

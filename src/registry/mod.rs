@@ -101,7 +101,9 @@ pub struct Registry {
     /// Held from reading or writing a key's rows until the index holds the result, so a
     /// reload that read the rows before this process's own change committed cannot put that
     /// older record over the change (nor a change its older record over a newer reload).
-    publishing: tokio::sync::Mutex<()>,
+    /// Per key (see `key_locks`): one key's commit does not hold up another's, nor the change
+    /// feed's re-reads of other keys.
+    publishing: crate::key_locks::KeyLocks,
     /// When each key next needs the scheduler, so a pass visits only keys that are due.
     deadlines: Mutex<deadlines::Deadlines>,
     /// Versions used since the last usage flush.
@@ -166,9 +168,11 @@ impl Registry {
     async fn connect(url: &str) -> Result<AnyPool, RegistryError> {
         sqlx::any::install_default_drivers();
         // A database that has gone away fails requests (and their audit entries) in seconds
-        // rather than sqlx's default 30 s wait for a connection.
+        // rather than sqlx's default 30 s wait for a connection. Connections: the audit writer
+        // holds one per group, the change feed one per poll, and the scheduler's parallel
+        // rotations one each while they commit.
         let pool = AnyPoolOptions::new()
-            .max_connections(4)
+            .max_connections(10)
             .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await?;
@@ -213,7 +217,7 @@ impl Registry {
             is_sqlite: url.starts_with("sqlite:"),
             sqlite_file: load::sqlite_file(url),
             index: RwLock::new(BTreeMap::new()),
-            publishing: tokio::sync::Mutex::new(()),
+            publishing: crate::key_locks::KeyLocks::new(),
             deadlines: Mutex::new(Default::default()),
             used: Mutex::new(Vec::new()),
             leases: Default::default(),
@@ -334,9 +338,13 @@ impl Registry {
         &self,
         recs: Vec<KeyRecord>,
     ) -> Result<Vec<Option<Arc<KeyRecord>>>, RegistryError> {
-        let _publishing = self.publishing.lock().await;
+        let _publishing = self
+            .publishing
+            .lock_many(recs.iter().map(|r| r.name.as_str()))
+            .await;
         let mut tx = self.pool.begin().await?;
         let mut fresh = Vec::with_capacity(recs.len());
+        let mut fed = Vec::new();
         for rec in recs {
             let l = &rec.lifecycle;
             let done = sqlx::query(&format!("{INSERT_KEY} ON CONFLICT (name) DO NOTHING"))
@@ -359,15 +367,17 @@ impl Registry {
                 insert_version(&mut tx, &rec.name, v).await?;
             }
             if self.feed.is_some() {
-                feed::record(&mut tx, &rec.name).await?;
+                fed.push(feed::record(&mut tx, &rec.name).await?);
             }
             fresh.push(Some(rec));
         }
         tx.commit().await?;
-        Ok(fresh
+        let published = fresh
             .into_iter()
             .map(|r| r.map(|rec| self.publish(rec)))
-            .collect())
+            .collect();
+        self.seen_own(fed);
+        Ok(published)
     }
 
     /// Give back a reserved name whose generation failed.
@@ -384,16 +394,19 @@ impl Registry {
         &self,
         rec: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
-        let _publishing = self.publishing.lock().await;
+        let _publishing = self.publishing.lock(rec.name.as_str()).await;
         let mut tx = self.pool.begin().await?;
         for v in &rec.versions {
             insert_version(&mut tx, &rec.name, v).await?;
         }
-        if self.feed.is_some() {
-            feed::record(&mut tx, &rec.name).await?;
-        }
+        let fed = match self.feed {
+            Some(_) => Some(feed::record(&mut tx, &rec.name).await?),
+            None => None,
+        };
         tx.commit().await?;
-        Ok(self.publish(rec))
+        let published = self.publish(rec);
+        self.seen_own(fed);
+        Ok(published)
     }
 
     /// Make `new` the record of its key: versions it adds are inserted, versions whose state
@@ -408,9 +421,13 @@ impl Registry {
         old: &KeyRecord,
         new: KeyRecord,
     ) -> Result<Arc<KeyRecord>, RegistryError> {
-        let _publishing = self.publishing.lock().await;
+        let _publishing = self.publishing.lock(new.name.as_str()).await;
         match self.write_change(old, &new).await {
-            Ok(()) => Ok(self.publish(new)),
+            Ok(fed) => {
+                let published = self.publish(new);
+                self.seen_own(fed);
+                Ok(published)
+            }
             Err(RegistryError::Conflict(_)) | Err(RegistryError::Exists) => {
                 // The answer is the conflict either way; a failed read leaves the stale copy,
                 // which the next change finds stale again.

@@ -259,7 +259,7 @@ impl Approvals {
             ));
         }
         let now = unix_now();
-        let _guard = self.core.changes.lock().await;
+        let _guard = self.core.changes.lock(&a.key).await;
         if !self
             .core
             .registry

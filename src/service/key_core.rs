@@ -38,8 +38,8 @@ pub struct KeyCore {
     policy: PolicyHandle,
     audit: AuditLog,
     rng: SystemRandom,
-    /// Serializes every change to keys (see `lifecycle`).
-    pub(super) changes: tokio::sync::Mutex<()>,
+    /// Changes to one key in this process take turns (see `key_locks`).
+    pub(super) changes: crate::key_locks::KeyLocks,
 }
 
 impl KeyCore {
@@ -55,7 +55,7 @@ impl KeyCore {
             policy,
             audit,
             rng: SystemRandom::new(),
-            changes: tokio::sync::Mutex::new(()),
+            changes: crate::key_locks::KeyLocks::new(),
         }
     }
 
@@ -359,7 +359,7 @@ impl KeyCore {
     /// (once, however many requests notice at the same time) so the operation can use the new
     /// version. The cap is hard: the exhausted version performs no further operation.
     async fn rotate_exhausted(&self, name: &KeyName, version: u32) -> Result<(), ServiceError> {
-        let _guard = self.changes.lock().await;
+        let _guard = self.changes.lock(name.as_str()).await;
         let key = self.lookup(name)?;
         if key.active().is_some_and(|v| v.version == version) {
             const WHY: &str = "max_operations reached";

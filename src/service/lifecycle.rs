@@ -336,7 +336,7 @@ impl KeyLifecycle {
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;
         let name = self.core.authorize(caller, Operation::Rotate, name)?;
-        let _guard = self.core.changes.lock().await;
+        let _guard = self.core.changes.lock(name.as_str()).await;
         let key = self.core.lookup(&name)?;
         self.core
             .rotate_locked(&key, &caller.identity, reason)
@@ -353,7 +353,7 @@ impl KeyLifecycle {
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let reason = check_reason(reason)?;
         let name = self.core.authorize(caller, Operation::Revoke, name)?;
-        let _guard = self.core.changes.lock().await;
+        let _guard = self.core.changes.lock(name.as_str()).await;
         let key = self.core.lookup(&name)?;
         if let Some(n) = version {
             if key.version(n).is_none() {
@@ -375,7 +375,6 @@ impl KeyLifecycle {
         reason: &str,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = check_reason(reason)?;
-        let _guard = self.core.changes.lock().await;
         let keys = self
             .core
             .authorize_prefix(caller, Operation::Revoke, prefix)?;
@@ -384,9 +383,11 @@ impl KeyLifecycle {
             versions: 0,
         };
         for key in keys {
+            // Each key in its turn, read again once it is this action's turn.
+            let _guard = self.core.changes.lock(key.name.as_str()).await;
             // A key another instance changed meanwhile is read again and revoked from there:
             // a revocation after a leak must not stop half-way for a routine change.
-            let mut attempt = key;
+            let mut attempt = self.core.lookup(&key.name)?;
             let mut tries = 0;
             let n = loop {
                 let (new, n) = revoked(&attempt, None, reason, &caller.identity);
@@ -415,7 +416,6 @@ impl KeyLifecycle {
         reason: Option<&str>,
     ) -> Result<PrefixOutcome, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;
-        let _guard = self.core.changes.lock().await;
         let keys = self
             .core
             .authorize_prefix(caller, Operation::Rotate, prefix)?;
@@ -424,6 +424,8 @@ impl KeyLifecycle {
             versions: 0,
         };
         for key in keys {
+            let _guard = self.core.changes.lock(key.name.as_str()).await;
+            let key = self.core.lookup(&key.name)?;
             match self
                 .core
                 .rotate_locked(&key, &caller.identity, reason)
@@ -448,7 +450,7 @@ impl KeyLifecycle {
         settings: &LifecycleInput,
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let name = self.core.authorize(caller, Operation::Update, name)?;
-        let _guard = self.core.changes.lock().await;
+        let _guard = self.core.changes.lock(name.as_str()).await;
         let key = self.core.lookup(&name)?;
         let mut new = (*key).clone();
         new.lifecycle = settings.apply(key.lifecycle, key.key_type, false)?;
