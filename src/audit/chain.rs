@@ -125,43 +125,90 @@ impl Entry {
         db: impl sqlx::Executor<'c, Database = sqlx::Any>,
     ) -> Result<(), sqlx::Error> {
         let mut sql = String::with_capacity(160 + rows.len() * COLUMNS * 5);
-        sql.push_str(
-            "INSERT INTO audit (seq, at_ms, identity, operation, key_name, version, outcome, request_id, detail, audit_key_version, prev, mac) VALUES ",
-        );
-        for i in 0..rows.len() {
-            sql.push_str(if i == 0 { "(" } else { ",(" });
-            for c in 0..COLUMNS {
-                if c > 0 {
-                    sql.push(',');
-                }
-                if numbered {
-                    sql.push('$');
-                    sql.push_str(&(i * COLUMNS + c + 1).to_string());
-                } else {
-                    sql.push('?');
-                }
-            }
-            sql.push(')');
-        }
-        let mut q = sqlx::query(&sql);
-        for e in rows {
-            q = q
-                .bind(i64::try_from(e.seq).unwrap_or(i64::MAX))
-                .bind(e.at_ms)
-                .bind(e.identity.as_str())
-                .bind(e.operation.as_str())
-                .bind(e.key.as_str())
-                .bind(e.version.map(i64::from))
-                .bind(e.outcome.as_str())
-                .bind(e.request_id.as_str())
-                .bind(e.detail.as_str())
-                .bind(i64::from(e.audit_key_version))
-                .bind(e.prev.as_str())
-                .bind(e.mac.as_str());
-        }
-        q.execute(db).await?;
+        sql.push_str(INSERT);
+        sql.push_str(" VALUES ");
+        push_values(&mut sql, rows.len(), numbered.then_some(1));
+        bind_rows(sqlx::query(&sql), rows).execute(db).await?;
         Ok(())
     }
+
+    /// Insert a group on the shared chain (PostgreSQL) and move its head, in one statement and
+    /// so one round trip, if the head is still where this writer left it: answers whether it
+    /// was. When another instance appended meanwhile, nothing is written.
+    pub async fn insert_moving_head<'c>(
+        rows: &[Entry],
+        head: HeadMove<'_>,
+        db: impl sqlx::Executor<'c, Database = sqlx::Any>,
+    ) -> Result<bool, sqlx::Error> {
+        let mut sql = String::with_capacity(320 + rows.len() * COLUMNS * 5);
+        sql.push_str(
+            "WITH head AS (UPDATE audit_head SET seq = $1, hash = $2 \
+             WHERE id = 1 AND seq = $3 AND hash = $4 RETURNING id) ",
+        );
+        sql.push_str(INSERT);
+        sql.push_str(" SELECT * FROM (VALUES ");
+        push_values(&mut sql, rows.len(), Some(5));
+        sql.push_str(") AS v WHERE EXISTS (SELECT 1 FROM head)");
+        let q = sqlx::query(&sql)
+            .bind(head.to_seq)
+            .bind(head.to_hash)
+            .bind(head.from_seq)
+            .bind(head.from_hash);
+        let done = bind_rows(q, rows).execute(db).await?;
+        Ok(done.rows_affected() == rows.len() as u64)
+    }
+}
+
+/// Where a group expects the shared chain's head, and where it leaves it.
+pub struct HeadMove<'a> {
+    pub from_seq: i64,
+    pub from_hash: &'a str,
+    pub to_seq: i64,
+    pub to_hash: &'a str,
+}
+
+const INSERT: &str = "INSERT INTO audit (seq, at_ms, identity, operation, key_name, version, outcome, request_id, detail, audit_key_version, prev, mac)";
+
+/// `(..),(..)` for `rows` rows: `$n` placeholders from `first`, or `?` when `None`.
+fn push_values(sql: &mut String, rows: usize, first: Option<usize>) {
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ",(" });
+        for c in 0..COLUMNS {
+            if c > 0 {
+                sql.push(',');
+            }
+            match first {
+                Some(first) => {
+                    sql.push('$');
+                    sql.push_str(&(first + i * COLUMNS + c).to_string());
+                }
+                None => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+}
+
+fn bind_rows<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rows: &'q [Entry],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for e in rows {
+        q = q
+            .bind(i64::try_from(e.seq).unwrap_or(i64::MAX))
+            .bind(e.at_ms)
+            .bind(e.identity.as_str())
+            .bind(e.operation.as_str())
+            .bind(e.key.as_str())
+            .bind(e.version.map(i64::from))
+            .bind(e.outcome.as_str())
+            .bind(e.request_id.as_str())
+            .bind(e.detail.as_str())
+            .bind(i64::from(e.audit_key_version))
+            .bind(e.prev.as_str())
+            .bind(e.mac.as_str());
+    }
+    q
 }
 
 /// The writer's own SQLite connection: waits up to 5 s for the registry's writers, and a commit
