@@ -1307,3 +1307,48 @@ async fn max_operations_holds_across_instances_for_ecdsa_and_batch_signs() {
     cap_holds_across_three_instances("stores/9/capped-ec", "ecdsa-p256", 60, &[1, 7, 1, 23, 40])
         .await;
 }
+
+/// Instances started at the same moment on an empty database: one makes the daemon's own keys
+/// (the audit and status-list keys), the others wait for them instead of failing to start, and
+/// all serve. The token holds one object for each such key: nobody made a second one.
+#[tokio::test]
+async fn instances_starting_together_on_an_empty_database_all_serve() {
+    let _one = ONE_CLUSTER.lock().await;
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let daemons: Vec<Daemon> = std::thread::scope(|s| {
+        let starting: Vec<_> = (0..3).map(|_| s.spawn(|| env.start())).collect();
+        starting
+            .into_iter()
+            .map(|t| t.join().expect("every instance starts"))
+            .collect()
+    });
+    for d in &daemons {
+        d.wait_for("readiness", std::time::Duration::from_secs(10), || {
+            d.admin_get("/readyz").0 == 200
+        });
+    }
+    for name in ["tillkey/audit", "tillkey/status-list"] {
+        assert_eq!(
+            pg.query(&format!(
+                "SELECT count(*) FROM key_versions WHERE name = '{name}'"
+            )),
+            "1",
+            "{name}"
+        );
+        let held = token_objects(&env)
+            .into_iter()
+            .filter(|(class, label, _)| label == &format!("tillkey:{name}#1") && class != "Public")
+            .count();
+        assert_eq!(held, 1, "token objects of {name}");
+    }
+    // Each serves, and their entries make one trail.
+    for d in &daemons {
+        create(d, &format!("stores/st/{}/mac", d.pid()), "hmac-sha256").await;
+    }
+    for d in daemons {
+        assert!(d.stop().success());
+    }
+    let (code, out) = env.audit_verify();
+    assert_eq!(code, Some(0), "{out}");
+}

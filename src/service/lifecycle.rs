@@ -115,9 +115,14 @@ pub async fn ensure_service_key(
     }
     let now = unix_now();
     let lifecycle = Lifecycle::default();
-    registry
+    match registry
         .reserve(&name, key_type, &lifecycle, now, SERVICE)
-        .await?;
+        .await
+    {
+        Ok(()) => {}
+        Err(RegistryError::Exists) => return made_elsewhere(registry, &name).await,
+        Err(e) => return Err(e.into()),
+    }
     let label = format!("tillkey:{name}#1");
     let made = device
         .call(move |b| b.generate(key_type, &label, false))
@@ -145,6 +150,34 @@ pub async fn ensure_service_key(
         )],
     };
     Ok(registry.insert_first_version(rec).await?)
+}
+
+/// How long an instance starting beside another waits for the other to make a service key.
+const MADE_ELSEWHERE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The service key `name` that another instance reserved first: instances started together on
+/// an empty database race to make it, and the others take the winner's once it has a version.
+async fn made_elsewhere(
+    registry: &Registry,
+    name: &KeyName,
+) -> Result<Arc<KeyRecord>, ServiceError> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(key) = registry.reload(name).await? {
+            return Ok(key);
+        }
+        if started.elapsed() > MADE_ELSEWHERE_PATIENCE {
+            return Err(ServiceError::Unavailable {
+                detail: format!(
+                    "{name} is reserved but has no version after {} s: if no other instance is \
+                     starting, one died making it, and the reservation is cleared 10 minutes \
+                     after it was made",
+                    MADE_ELSEWHERE_PATIENCE.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 impl KeyLifecycle {
