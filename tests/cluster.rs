@@ -1352,3 +1352,60 @@ async fn instances_starting_together_on_an_empty_database_all_serve() {
     let (code, out) = env.audit_verify();
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// The status list's `seq` orders lists across instances: a list made on an instance that has
+/// been idle while another worked is not lower than the busy instance's earlier list, and holds
+/// its revocation. (Each instance's own audit head made it lower, so verifiers would refuse the
+/// newer list, or keep an older one over it.)
+#[tokio::test]
+async fn status_lists_from_any_instance_never_go_back() {
+    let _one = ONE_CLUSTER.lock().await;
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, "stores/sl/pos/1/mac", "hmac-sha256").await;
+    let b = env.start();
+    let mut svc_b = b.conn("service").await;
+    // (seq, entries); the signature is checked in tests/status_list.rs.
+    let list = |feed: &serde_json::Value| {
+        let cose = unb64(feed["cose_sign1"].as_str().expect("a list"));
+        let (decoded, _) = tillkey::statuslist::open1(&cose, |_, _| true).expect("decodes");
+        assert_eq!(decoded.sequence, feed["seq"].as_u64().expect("seq"));
+        (decoded.sequence, decoded.entries.len())
+    };
+    let (s, first) = get(&mut svc_b, "/v1/status-list?prefix=stores/sl/").await;
+    assert_eq!(s, 200, "{first}");
+    // A works while B idles, then revokes.
+    let mut svc_a = a.conn("service").await;
+    for i in 0..30 {
+        let (s, _) = post(
+            &mut svc_a,
+            "/v1/keys/stores/sl/pos/1/mac:sign",
+            json!({"message": b64(format!("m{i}").as_bytes())}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let mut officer = a.conn("officer").await;
+    let (s, r) = post(
+        &mut officer,
+        "/v1/keys/stores/sl/pos/1/mac:revoke",
+        json!({"reason": "till stolen"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let (_, on_a) = get(&mut svc_a, "/v1/status-list?prefix=stores/sl/").await;
+    let (_, on_b) = get(&mut svc_b, "/v1/status-list?prefix=stores/sl/").await;
+    let (_, on_a_again) = get(&mut svc_a, "/v1/status-list?prefix=stores/sl/").await;
+    let (first, on_a, on_b, on_a_again) =
+        (list(&first), list(&on_a), list(&on_b), list(&on_a_again));
+    eprintln!("(seq, entries): B {first:?}, A {on_a:?}, B {on_b:?}, A {on_a_again:?}");
+    assert_eq!(on_a.1, 1, "A's list holds the revocation");
+    assert!(
+        on_b.0 >= on_a.0,
+        "B's later list is lower: {on_b:?} after {on_a:?}"
+    );
+    assert_eq!(on_b.1, 1, "B's later list left out the revocation");
+    assert!(on_a_again.0 >= on_b.0);
+    assert!(first.0 < on_a.0);
+}

@@ -83,8 +83,10 @@ pub struct AuditLog {
     queue: SyncSender<Pending>,
     admitted: Arc<Admitted>,
     failure: Arc<Failure>,
-    /// Sequence number of the last durable entry.
+    /// Sequence number of the last durable entry this process wrote.
     head: Arc<AtomicU64>,
+    /// The database, when instances share the chain (PostgreSQL): its head is the chain's.
+    shared: Option<AnyPool>,
 }
 
 impl AuditLog {
@@ -108,6 +110,7 @@ impl AuditLog {
             }
             None => (1, chain::GENESIS.to_string()),
         };
+        let mut shared = None;
         let store = match sqlite_file {
             Some(path) => Store::Sqlite(chain::open_sqlite(path)?),
             None => {
@@ -119,6 +122,7 @@ impl AuditLog {
                     != "SQLite";
                 if numbered {
                     start_shared_head(&pool, next_seq - 1, &prev).await?;
+                    shared = Some(pool.clone());
                 }
                 Store::Sqlx {
                     pool,
@@ -151,6 +155,7 @@ impl AuditLog {
             admitted,
             failure,
             head,
+            shared,
         })
     }
 
@@ -196,6 +201,28 @@ impl AuditLog {
     /// orders anything issued from the daemon's state (the status list's `seq`).
     pub fn head(&self) -> u64 {
         self.head.load(Ordering::SeqCst)
+    }
+
+    /// The sequence number of the newest durable entry of the whole chain, read now: on a
+    /// shared database the chain's head row (other instances append too, so this process's own
+    /// [`AuditLog::head`] may lag far behind), else this process's head. It only grows, and a
+    /// later read is never lower, whichever instance reads it.
+    pub async fn chain_head(&self) -> Result<u64, ServiceError> {
+        let Some(pool) = &self.shared else {
+            return Ok(self.head());
+        };
+        let row = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
+            .fetch_one(pool)
+            .await
+            .map_err(|e| ServiceError::Unavailable {
+                detail: format!("reading the audit head: {e}"),
+            })?;
+        let seq: i64 = row.try_get("seq").map_err(|e| ServiceError::Internal {
+            detail: format!("audit head: {e}"),
+        })?;
+        u64::try_from(seq).map_err(|_| ServiceError::Internal {
+            detail: "audit head: negative sequence".into(),
+        })
     }
 
     /// `Some(reason)` while the last write failed.

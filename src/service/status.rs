@@ -6,6 +6,16 @@
 //! and TPMs hold no Ed25519 keys). Verifiers pin its public key at provisioning, refuse a list past `exp` (fail closed
 //! when the feed is cut) and refuse a `seq` lower than the last one they accepted (no replay of
 //! an older list that predates a revocation).
+//!
+//! `seq` is the audit chain's head, read before the list is built, and the list holds every
+//! change committed before that read: with several instances, the head is read from the shared
+//! database and this instance reads the others' changes first, so a list made later, on any
+//! instance, never has a lower `seq`, and a list with a higher `seq` holds every change that
+//! committed before an earlier list's `seq` was read. (Each instance's own head lagged the chain's by as much as it had been
+//! idle: a list from an idle instance carried a lower `seq` than an older list from a busy one,
+//! and verifiers refused it, or accepted an older busy-instance list over it.) What remains is
+//! the moment between a change committing and the next read of the head, in which a list may
+//! already hold the change under the same `seq` as one that does not; the next list has both.
 
 use std::sync::Arc;
 
@@ -49,6 +59,8 @@ impl StatusFeed {
         caller: &Caller,
         prefix: &KeyPrefix,
     ) -> Result<SignedStatus, ServiceError> {
+        let sequence = self.core.audit().chain_head().await?;
+        self.core.catch_up().await?;
         let policy = self.core.policy().current();
         let visible = |name: &str| {
             policy.allows(&caller.identity, Operation::Verify, name)
@@ -92,7 +104,7 @@ impl StatusFeed {
         let list = StatusList {
             issuer: "tillkey".into(),
             prefix: prefix.to_string(),
-            sequence: self.core.audit().head(),
+            sequence,
             issued_at: now,
             expires_at: now + STATUS_TTL,
             entries,
