@@ -189,7 +189,7 @@ impl Registry {
         let pool = Self::connect(url).await?;
         let Some(schema) = schema else {
             let registry = Self::empty(pool, url);
-            registry.load(false).await?;
+            registry.load(false, url).await?;
             return Ok(registry);
         };
         let sqlite = url.starts_with("sqlite:");
@@ -207,7 +207,7 @@ impl Registry {
             let high = feed::high_water(&registry.pool).await?;
             registry.feed = Some(feed::Feed::starting_at(high));
         }
-        registry.load(true).await?;
+        registry.load(true, url).await?;
         Ok(registry)
     }
 
