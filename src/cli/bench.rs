@@ -39,6 +39,7 @@ use self::raw::RawOp;
 /// Every phase, in the order they run by default. `tls-floor` and `null` measure no token
 /// operation: the first is the mutual-TLS front alone (see `floor`), the second the daemon's
 /// whole request path without a token call (an authenticated, audited `GET` of a key).
+/// `otp-issue` is the one request among them that changes lasting state.
 pub const PHASES: &[&str] = &[
     "tls-floor",
     "null",
@@ -47,6 +48,7 @@ pub const PHASES: &[&str] = &[
     "ecdsa-sign",
     "ed25519-sign",
     "hmac-batch",
+    "otp-issue",
 ];
 
 #[derive(Args)]
@@ -67,11 +69,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: u64,
     /// Phases to run (comma-separated): tls-floor, null, hmac-sign, hmac-verify, ecdsa-sign,
-    /// ed25519-sign, hmac-batch.
+    /// ed25519-sign, hmac-batch, otp-issue.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tls-floor,null,hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch"
+        default_value = "tls-floor,null,hmac-sign,hmac-verify,ecdsa-sign,ed25519-sign,hmac-batch,otp-issue"
     )]
     phases: Vec<String>,
     /// Alternating raw/daemon windows per phase (their lengths add up to `seconds` each).
@@ -263,6 +265,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "ecdsa-sign" => bench.sign(KeyType::EcdsaP256, target(0.75))?,
             "ed25519-sign" => bench.sign(KeyType::Ed25519, 0.85)?,
             "hmac-batch" => bench.hmac_batch(target(0.9))?,
+            "otp-issue" => bench.otp_issue()?,
             other => return Err(format!("phase '{other}' has no measurement")),
         };
         rows.push(row);
@@ -436,6 +439,24 @@ impl Bench<'_> {
             ..self.target(self.service.clone(), "POST", &path, &body, n)
         };
         self.compare(phase, key_type, RawOp::Sign, request, target)
+    }
+
+    /// `customer-otp:issue`: a request that changes lasting state (it stores a token), so its
+    /// audit trail takes an intent entry before the handler runs as well as the outcome's,
+    /// where a sign takes one. Its token call is one HMAC, as in `hmac-sign`; no raw side, as
+    /// in `null`, since what it measures is the request path around that call.
+    fn otp_issue(&self) -> Result<Row, String> {
+        let phase = "otp-issue";
+        let key = self.make_key(phase, KeyType::HmacSha256)?;
+        // One subject for every request is enough: each issue stores a row of its own, indexed
+        // by the MAC of a fresh random secret.
+        let body = json!({ "key": key, "subject": format!("bench-{}", self.run_id) });
+        let path = "/v1/tokens/customer-otp:issue";
+        let target = self.target(self.service.clone(), "POST", path, &body, 1);
+        let sample = self.drive(phase, self.daemon(), target, self.measured)?;
+        let load = Load::from_samples(vec![sample]);
+        let key_type = Some(KeyType::HmacSha256);
+        Ok(row(phase.into(), key_type, 1, None, &load, None))
     }
 
     fn target(
