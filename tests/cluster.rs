@@ -1409,3 +1409,79 @@ async fn status_lists_from_any_instance_never_go_back() {
     assert!(on_a_again.0 >= on_b.0);
     assert!(first.0 < on_a.0);
 }
+
+/// A derived version destroyed on one instance leaves no derived key behind in another
+/// instance's device cache (the destroying instance empties its own; the others learn of it
+/// through the change feed).
+#[tokio::test]
+async fn a_derived_version_destroyed_on_one_instance_leaves_no_key_in_the_others_caches() {
+    use std::time::{Duration, Instant};
+    let _one = ONE_CLUSTER.lock().await;
+    const MASTER: &str = "groups/dv/pos-master";
+    let name = "stores/dv/pos/1/qr-mac";
+    let pg = Postgres::start();
+    let env = env_on(&pg);
+    let a = env.start();
+    create(&a, MASTER, "aes256-derive").await;
+    let mut alice = a.conn("officer").await;
+    let (s, k) = post(
+        &mut alice,
+        "/v1/keys",
+        json!({"name": name, "type": "hmac-sha256", "derive_from": MASTER}),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let b = env.start();
+    // B uses version 1: its device derives the key and keeps it.
+    let mut svc_b = b.conn("service").await;
+    let (s, r) = post(
+        &mut svc_b,
+        &format!("/v1/keys/{name}:sign"),
+        json!({"message": b64(b"m")}),
+    )
+    .await;
+    assert_eq!((s, &r["key_version"]), (200, &json!(1)), "{r}");
+    let held = |d: &Daemon| {
+        d.metric("tillkey_derived_keys{what=\"held\"}")
+            .expect("derived keys held")
+    };
+    assert_eq!(held(&b), 1.0);
+    // On A: a new version, the first revoked and destroyed under dual control.
+    let mut bob = a.conn("officer2").await;
+    for (path, body) in [
+        (format!("/v1/keys/{name}:rotate"), json!({})),
+        (
+            format!("/v1/keys/{name}:revoke"),
+            json!({"version": 1, "reason": "terminal stolen"}),
+        ),
+    ] {
+        let (s, r) = post(&mut alice, &path, body).await;
+        assert_eq!(s, 200, "{r}");
+    }
+    let (s, req) = post(
+        &mut alice,
+        &format!("/v1/keys/{name}:destroy"),
+        json!({"version": 1}),
+    )
+    .await;
+    assert_eq!(s, 202, "{req}");
+    let id = req["approval"]["id"]
+        .as_str()
+        .expect("approval id")
+        .to_owned();
+    let (s, done) = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
+    assert_eq!(s, 200, "{done}");
+    let destroyed = Instant::now();
+    while held(&b) != 0.0 {
+        assert!(
+            destroyed.elapsed() < Duration::from_secs(2),
+            "B still holds the destroyed derived key {} ms after",
+            destroyed.elapsed().as_millis()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "B dropped the destroyed derived key {} ms after the destroy",
+        destroyed.elapsed().as_millis()
+    );
+}

@@ -327,10 +327,20 @@ async fn a_derived_version_is_revoked_and_destroyed_under_dual_control() {
     .await;
     assert_eq!(s, 202, "{req}");
     let id = req["approval"]["id"].as_str().unwrap().to_owned();
+    let held = || {
+        d.metric("tillkey_derived_keys{what=\"held\"}")
+            .expect("derived keys held")
+    };
+    // Versions 1 (signed with) and 2 (derived once when made).
+    let held_before = held();
+    assert_eq!(held_before, 2.0);
     let (s, done) = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
     assert_eq!(s, 200, "{done}");
     let (_, k) = get(&mut alice, &format!("/v1/keys/{name}")).await;
     assert_eq!(version(&k, 1)["state"], "destroyed", "{k}");
+    // The destroyed version's derived key is gone from the token at once, not at the next
+    // derivation.
+    assert_eq!(held(), held_before - 1.0);
     // Version 2 is untouched.
     let (sig2, v) = sign(&d, name, b"m").await;
     assert_eq!(v, 2);

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::Row;
 
-use super::{Registry, RegistryError};
-use crate::keys::KeyName;
+use super::{KeyRecord, Registry, RegistryError};
+use crate::backend::ObjectRef;
+use crate::keys::{KeyName, KeyType, VersionState};
 
 /// How far below the highest number seen each poll looks again.
 const LOOKBACK: i64 = 1000;
@@ -73,6 +74,37 @@ pub(super) async fn record(
     Ok(row.try_get("seq")?)
 }
 
+/// What a poll of the change feed found.
+#[derive(Default)]
+pub struct CaughtUp {
+    /// Keys read again.
+    pub keys: usize,
+    /// Derived versions another instance destroyed since this process last read them: their
+    /// derived keys may still sit in this process's device cache, which only the destroying
+    /// instance's emptied.
+    pub destroyed: Vec<(KeyType, ObjectRef)>,
+}
+
+impl CaughtUp {
+    fn destroyed_derived(&mut self, before: Option<&KeyRecord>, after: Option<&KeyRecord>) {
+        let (Some(before), Some(after)) = (before, after) else {
+            return;
+        };
+        for v in &after.versions {
+            // A destroyed version's record no longer names its key; the one read before does.
+            let Some(was) = before.version(v.version) else {
+                continue;
+            };
+            if v.state == VersionState::Destroyed
+                && was.state != VersionState::Destroyed
+                && was.derivation.is_some()
+            {
+                self.destroyed.push((after.key_type, was.object.clone()));
+            }
+        }
+    }
+}
+
 impl Registry {
     /// The change rows `seqs` were written by this process, and their changes are committed and
     /// in the index: polls need not read those keys again.
@@ -87,11 +119,11 @@ impl Registry {
         }
     }
 
-    /// Read again every key changed elsewhere since the last call; the number of keys read.
-    /// Nothing to do on SQLite.
-    pub async fn catch_up(&self) -> Result<usize, RegistryError> {
+    /// Read again every key changed elsewhere since the last call. Nothing to do on SQLite.
+    pub async fn catch_up(&self) -> Result<CaughtUp, RegistryError> {
+        let mut caught = CaughtUp::default();
         let Some(feed) = &self.feed else {
-            return Ok(0);
+            return Ok(caught);
         };
         let started = Instant::now();
         let floor = feed.seen.lock().unwrap_or_else(|p| p.into_inner()).high - LOOKBACK;
@@ -113,10 +145,13 @@ impl Registry {
         for (_, name) in &fresh {
             if names.insert(name.clone()) {
                 if let Ok(name) = KeyName::parse(name) {
-                    self.reload(&name).await?;
+                    let before = self.get(&name);
+                    let after = self.reload(&name).await?;
+                    caught.destroyed_derived(before.as_deref(), after.as_deref());
                 }
             }
         }
+        caught.keys = names.len();
         let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
         for (seq, _) in &fresh {
             seen.recent.insert(*seq);
@@ -127,7 +162,7 @@ impl Registry {
         drop(seen);
         // Current as of when this poll started: what committed after it is the next poll's.
         *feed.current_at.lock().unwrap_or_else(|p| p.into_inner()) = started;
-        Ok(names.len())
+        Ok(caught)
     }
 
     /// How long since the index last caught up with the database; `None` when nothing else

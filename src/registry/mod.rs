@@ -19,7 +19,7 @@ pub mod migrations;
 mod records;
 mod schema;
 
-pub use feed::MAX_BEHIND;
+pub use feed::{CaughtUp, MAX_BEHIND};
 use schema::claim;
 
 pub use records::{Derivation, KeyRecord, Usage, VersionRecord};

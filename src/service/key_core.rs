@@ -131,7 +131,25 @@ impl KeyCore {
     /// Read again what other instances changed (see `registry::feed`); the daemon calls this
     /// a few times a second.
     pub async fn catch_up(&self) -> Result<usize, ServiceError> {
-        Ok(self.registry.catch_up().await?)
+        let caught = self.registry.catch_up().await?;
+        // Another instance destroyed these derived versions and emptied its own cache; the
+        // device in this process may still hold them (never usable again: the registry refuses
+        // destroyed versions, but a destroyed key should not outlive its destruction anywhere).
+        for (key_type, object) in caught.destroyed {
+            let forgotten = self
+                .device
+                .call(move |b| {
+                    b.destroy(KeyRef {
+                        key_type,
+                        object: &object,
+                    })
+                })
+                .await;
+            if let Err(e) = forgotten {
+                tracing::warn!(error = %e, "could not drop a destroyed derived key from this instance's cache");
+            }
+        }
+        Ok(caught.keys)
     }
 
     /// Fail closed: an instance that has not caught up with the other instances' changes for

@@ -191,6 +191,16 @@ impl DerivedCache {
             inner.retired.push(d);
         }
     }
+
+    /// Destroy now the dropped keys no request holds, rather than at the next derivation: a
+    /// destroyed version's key should not outlive its destruction in the token.
+    pub fn destroy_retired(&self, session: &Session) {
+        let doomed = sweep(&mut self.lock().retired);
+        for d in doomed {
+            // Failure leaves a session object that goes when the session closes; nothing to do.
+            let _ = session.destroy_object(d.handle);
+        }
+    }
 }
 
 /// Take the retired keys no request holds any more.

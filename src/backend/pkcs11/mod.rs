@@ -474,9 +474,15 @@ impl KeyBackend for Pkcs11Backend {
 
     fn destroy(&self, key: KeyRef<'_>) -> BackendResult<()> {
         if derive::DerivedRef::parse(&key.object.0).is_some() {
-            // Nothing is stored for a derived key: dropping it from the cache is all there is.
+            // Nothing is stored for a derived key: dropping it from the cache, and its session
+            // object from the token, is all there is. (A request still using it keeps it until
+            // it finishes; the next derivation then destroys it.)
             if let Some(conn) = self.current() {
                 conn.forget_handles(Some(&key.object.0));
+                if let Some(s) = conn.take_session(Duration::from_secs(1)) {
+                    conn.derived.destroy_retired(&s);
+                    conn.give_session(s);
+                }
             }
             return Ok(());
         }
