@@ -144,6 +144,7 @@ impl AuditLog {
             head: head.clone(),
             admitted: admitted.clone(),
             metrics,
+            others_appending: std::cell::Cell::new(false),
         };
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
@@ -322,6 +323,9 @@ struct Writer {
     head: Arc<AtomicU64>,
     admitted: Arc<Admitted>,
     metrics: AuditMetrics,
+    /// Whether the last locked group found the shared head moved by another instance: while
+    /// others append, the one-statement attempt would only fail first (see `append_shared`).
+    others_appending: std::cell::Cell<bool>,
 }
 
 impl Writer {
@@ -405,11 +409,14 @@ impl Writer {
     /// meanwhile, that statement writes nothing, and the group is written the careful way:
     /// in one transaction, lock the head row, chain the entries on it (sealed in the token while
     /// the row is held), insert them and move the head. Another instance's group waits for the
-    /// lock; none can take the same sequence numbers.
+    /// lock; none can take the same sequence numbers. While the careful way keeps finding the
+    /// head moved by others, it is taken straight away.
     async fn append_shared(&self, batch: &[Pending], pool: &AnyPool) -> Result<Group, String> {
         let db = |e: sqlx::Error| format!("audit store: {e}");
-        if let Some(group) = self.append_after_own_head(batch, pool).await? {
-            return Ok(group);
+        if !self.others_appending.get() {
+            if let Some(group) = self.append_after_own_head(batch, pool).await? {
+                return Ok(group);
+            }
         }
         let mut tx = pool.begin().await.map_err(db)?;
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
@@ -418,6 +425,7 @@ impl Writer {
             .map_err(db)?;
         let seq: i64 = head.try_get("seq").map_err(db)?;
         let first = u64::try_from(seq).map_err(|_| "audit head: negative sequence".to_owned())? + 1;
+        self.others_appending.set(first != self.next_seq);
         let (entries, last) = self.entries(batch, first, head.try_get("hash").map_err(db)?)?;
         Entry::insert_all(&entries, true, &mut *tx)
             .await
