@@ -5,12 +5,12 @@
 //! file with `rusqlite`: through `sqlx` every row crosses threads and is converted twice, which
 //! measured ~20 us per row on a busy 2-core machine, 40 s for a million keys; directly it is
 //! about a microsecond. The keys are read on the calling thread and the versions on a second
-//! one (start-up at a million keys: ~2.0 -> ~1.75 s warm). Other databases go through `sqlx`.
+//! one (start-up at a million keys: ~2.0 -> ~1.75 s warm). PostgreSQL is read through its own
+//! driver (`load_postgres`).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use sqlx::Row;
@@ -22,8 +22,8 @@ use super::{
 use crate::backend::{Kdf, ObjectRef};
 use crate::keys::{KeyName, KeyType, Lifecycle, VersionState};
 
-const KEYS: &str = "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys ORDER BY name";
-const VERSIONS: &str = "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version";
+pub(super) const KEYS: &str = "SELECT name, key_type, created_at, created_by, rotation_period, verify_grace, max_operations, exportable, derive_from FROM keys ORDER BY name";
+pub(super) const VERSIONS: &str = "SELECT name, version, state, created_at, state_changed_at, changed_by, reason, grace_until, operations, object_ref, public_key, kcv, kdf, master_version FROM key_versions ORDER BY name, version";
 
 /// The file behind an `sqlite://PATH?...` URL (none for in-memory databases).
 pub(super) fn sqlite_file(url: &str) -> Option<PathBuf> {
@@ -63,6 +63,43 @@ struct VersionCols {
     kcv: Option<String>,
     kdf: Option<String>,
     master_version: Option<i64>,
+}
+
+impl KeyCols {
+    fn from_pg(r: super::load_postgres::KeyRow) -> Self {
+        Self {
+            name: r.0,
+            key_type: r.1,
+            created_at: r.2,
+            created_by: r.3,
+            rotation_period: r.4,
+            verify_grace: r.5,
+            max_operations: r.6,
+            exportable: r.7,
+            derive_from: r.8,
+        }
+    }
+}
+
+impl VersionCols {
+    fn from_pg(r: super::load_postgres::VersionRow) -> Self {
+        Self {
+            name: r.0,
+            version: r.1,
+            state: r.2,
+            created_at: r.3,
+            state_changed_at: r.4,
+            changed_by: r.5,
+            reason: r.6,
+            grace_until: r.7,
+            operations: r.8,
+            object_ref: r.9,
+            public_key: r.10,
+            kcv: r.11,
+            kdf: r.12,
+            master_version: r.13,
+        }
+    }
 }
 
 fn corrupt(name: &str, what: &str) -> RegistryError {
@@ -166,8 +203,8 @@ impl VersionCols {
 
 /// The index's entries in name order and keys without versions.
 #[derive(Default)]
-struct Loaded {
-    entries: Vec<(KeyName, Arc<KeyRecord>)>,
+pub(super) struct Loaded {
+    pub(super) entries: Vec<(KeyName, Arc<KeyRecord>)>,
     orphans: Vec<KeyName>,
 }
 
@@ -389,120 +426,7 @@ fn version_from_sqlite(
     })
 }
 
-/// Every key on PostgreSQL, through the native driver on a connection of its own: rows arrive
-/// in the binary format, decoded straight into the columns' types and kept as plain structs.
-/// Through `sqlx::Any` each row was kept whole, every value converted on the way; a million
-/// keys took 6.5-7 s and 2.8 GB to read that way.
-async fn read_postgres(url: &str) -> Result<Loaded, RegistryError> {
-    use futures_util::TryStreamExt;
-    use sqlx::Connection;
-    type KeyRow = (
-        String,
-        String,
-        i64,
-        String,
-        Option<i64>,
-        i64,
-        Option<i64>,
-        i64,
-        Option<String>,
-    );
-    type VersionRow = (
-        String,
-        i64,
-        String,
-        i64,
-        i64,
-        String,
-        Option<String>,
-        Option<i64>,
-        i64,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-    );
-    let mut conn = sqlx::postgres::PgConnection::connect(url).await?;
-    let mut keys = Vec::new();
-    let mut rows = sqlx::query_as::<_, KeyRow>(KEYS).fetch(&mut conn);
-    while let Some(r) = rows.try_next().await? {
-        keys.push(KeyCols {
-            name: r.0,
-            key_type: r.1,
-            created_at: r.2,
-            created_by: r.3,
-            rotation_period: r.4,
-            verify_grace: r.5,
-            max_operations: r.6,
-            exportable: r.7,
-            derive_from: r.8,
-        });
-    }
-    drop(rows);
-    let mut versions = Vec::with_capacity(keys.len());
-    let mut rows = sqlx::query_as::<_, VersionRow>(VERSIONS).fetch(&mut conn);
-    while let Some(r) = rows.try_next().await? {
-        versions.push(VersionCols {
-            name: r.0,
-            version: r.1,
-            state: r.2,
-            created_at: r.3,
-            state_changed_at: r.4,
-            changed_by: r.5,
-            reason: r.6,
-            grace_until: r.7,
-            operations: r.8,
-            object_ref: r.9,
-            public_key: r.10,
-            kcv: r.11,
-            kdf: r.12,
-            master_version: r.13,
-        });
-    }
-    drop(rows);
-    let _ = conn.close().await;
-    merge(keys.into_iter().map(Ok), versions.into_iter().map(Ok))
-}
-
-/// One key as the database holds it now: what another writer (an instance, an operator) left.
-/// Both reads see one snapshot, so a change committed between them cannot tear the record.
-async fn read_one(pool: &sqlx::AnyPool, name: &str, sqlite: bool) -> Result<Loaded, RegistryError> {
-    let mut tx = pool.begin().await?;
-    if !sqlite {
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-    }
-    let keys = sqlx::query(&KEYS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
-        .bind(name)
-        .fetch_all(&mut *tx)
-        .await?;
-    let versions = sqlx::query(&VERSIONS.replace("ORDER BY", "WHERE name = $1 ORDER BY"))
-        .bind(name)
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    from_rows(&keys, &versions)
-}
-
-/// Carry this process's use counts over to a key read again: the database has what every
-/// instance flushed; this process also has uses it has not flushed yet, which the cap must
-/// still see. Each version keeps its counter (still queued for the next flush), raised by what
-/// the others flushed since this process last wrote.
-/// Carry this process's count of each version over to a fresh read of its key: the database's
-/// count becomes the base, and operations not yet flushed stay to be flushed.
-fn keep_usage(old: &KeyRecord, fresh: &mut KeyRecord) {
-    for v in &mut fresh.versions {
-        if let Some(o) = old.version(v.version) {
-            let in_db = v.operations.base.load(AtomicOrdering::Relaxed);
-            o.operations.base.store(in_db, AtomicOrdering::Relaxed);
-            v.operations = o.operations.clone();
-        }
-    }
-}
-
-fn from_rows(
+pub(super) fn from_rows(
     keys: &[sqlx::any::AnyRow],
     versions: &[sqlx::any::AnyRow],
 ) -> Result<Loaded, RegistryError> {
@@ -541,54 +465,6 @@ fn from_rows(
 }
 
 impl Registry {
-    /// Read `name` again from the database and put what it holds now in the index (or drop the
-    /// key, if it is gone or not yet versioned): after a compare-and-set found the index stale,
-    /// or another instance changed the key. Read and put in while holding `publishing`, so a
-    /// change this process commits meanwhile is never overwritten by the older rows.
-    pub async fn reload(&self, name: &KeyName) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
-        let _publishing = self.publishing.lock(name.as_str()).await;
-        self.read_again(name).await
-    }
-
-    /// [`Registry::reload`] for a caller already holding `publishing`.
-    pub(super) async fn read_again(
-        &self,
-        name: &KeyName,
-    ) -> Result<Option<Arc<KeyRecord>>, RegistryError> {
-        let loaded = read_one(&self.pool, name.as_str(), self.is_sqlite).await?;
-        match loaded.entries.into_iter().next() {
-            Some((_, rec)) => {
-                let mut rec = Arc::unwrap_or_clone(rec);
-                if let Some(old) = self.get(name) {
-                    keep_usage(&old, &mut rec);
-                }
-                Ok(Some(self.publish(rec)))
-            }
-            None => {
-                self.forget(name);
-                Ok(None)
-            }
-        }
-    }
-
-    /// Drop keys reserved more than `age_s` seconds ago and still without a version: creates
-    /// that died half-way (a create takes seconds). The scheduler's lease holder calls this, so
-    /// one instance does it for all.
-    pub async fn drop_stale_reservations(&self, age_s: i64) -> Result<u64, RegistryError> {
-        let cutoff = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64)
-            - age_s;
-        let done = sqlx::query(
-            "DELETE FROM keys WHERE created_at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM key_versions v WHERE v.name = keys.name)",
-        )
-        .bind(cutoff)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
     /// Fill the index. With `maintain`, on SQLite (one process), keys reserved but never given
     /// a version (a crash between the two steps of a create) are dropped to free their names;
     /// they never served. On a shared database a reservation may be another instance's create
@@ -600,7 +476,16 @@ impl Registry {
             // ~1 KB-per-key records a thread arena, grown by an mprotect call per 128 KiB:
             // about a fifth of start-up at a million keys.)
             Some(path) => read_sqlite(path)?,
-            None if !self.is_sqlite => read_postgres(url).await?,
+            None if !self.is_sqlite => {
+                let (keys, versions) = super::load_postgres::read(
+                    url,
+                    (KEYS, VERSIONS),
+                    KeyCols::from_pg,
+                    VersionCols::from_pg,
+                )
+                .await?;
+                merge(keys.into_iter().map(Ok), versions.into_iter().map(Ok))?
+            }
             // An in-memory SQLite database (tests): no file to read beside the pool.
             None => {
                 let keys = sqlx::query(KEYS).fetch_all(&self.pool).await?;

@@ -15,8 +15,10 @@ mod deadlines;
 mod feed;
 mod lease;
 mod load;
+mod load_postgres;
 pub mod migrations;
 mod records;
+mod reload;
 mod schema;
 
 pub use feed::{CaughtUp, MAX_BEHIND};

@@ -47,12 +47,21 @@ impl Held {
 
 impl Connection {
     pub fn open(settings: &Pkcs11Settings) -> Result<Self, String> {
-        let ctx = load_module(&settings.module)?;
-        let result = Self::attach(ctx.clone(), settings);
-        if result.is_err() {
+        let mut looked = 1;
+        loop {
+            let ctx = load_module(&settings.module)?;
+            let result = Self::attach(ctx.clone(), settings);
+            let Err(e) = result else { return result };
             let _ = ctx.finalize();
+            // A software token that several processes share (instances starting together on
+            // one SoftHSM directory) can list no token while another process rewrites its
+            // files: seen once in a few dozen simultaneous starts. Look again, briefly.
+            if !e.starts_with(NO_TOKEN) || looked == NO_TOKEN_LOOKS {
+                return Err(e);
+            }
+            looked += 1;
+            std::thread::sleep(Duration::from_millis(200));
         }
-        result
     }
 
     fn attach(ctx: Pkcs11, settings: &Pkcs11Settings) -> Result<Self, String> {
@@ -228,6 +237,11 @@ pub(super) fn load_module(path: &std::path::Path) -> Result<Pkcs11, String> {
     Ok(ctx)
 }
 
+/// How a search that finds no token begins its error.
+const NO_TOKEN: &str = "no token matches";
+/// How many times `Connection::open` looks for a token that is not listed (200 ms apart).
+const NO_TOKEN_LOOKS: u32 = 10;
+
 pub(super) fn find_token(
     ctx: &Pkcs11,
     settings: &Pkcs11Settings,
@@ -252,7 +266,7 @@ pub(super) fn find_token(
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(format!(
-            "no token matches {} in module {}",
+            "{NO_TOKEN} {} in module {}",
             settings.token_uri,
             settings.module.display()
         )),
