@@ -19,8 +19,9 @@
 //! died before its outcome was recorded: running it again could do it twice (a second version,
 //! a second token, "already redeemed" for a redemption that succeeded), so its retries are told
 //! exactly that (409 `outcome_unknown`, naming the intent's receipt) and the caller looks at the
-//! state. Answers of 5xx are not kept (the claim is released with the final entry), so a retry
-//! after an outage runs again. Rows are deleted [`RETENTION`] after the first attempt (see
+//! state. Answers of 5xx are not kept: a 503, and any server error of an attempt that had not
+//! begun a change, release the claim with the final entry, so a retry after an outage runs
+//! again; another server error of a begun attempt leaves it claimed (see [`Claim::settle_write`]). Rows are deleted [`RETENTION`] after the first attempt (see
 //! [`Idempotency::expire`]).
 
 use std::borrow::Cow;
@@ -140,15 +141,23 @@ impl Claim {
     }
 
     /// Keeps the answer in the commit of the final entry (`$1`, the receipt sent with it), or
-    /// releases the key when the answer is a server error, so a retry runs again.
-    pub fn settle_write(&self, answer: &Answer<'_>) -> SideWrite {
+    /// releases the key when the answer is a server error that changed nothing, so a retry runs
+    /// again: any server error of an attempt that never began a change, and a 503 (the device,
+    /// the database or this instance's view of the others was unavailable, which is found
+    /// before anything is changed). Another server error of a begun attempt (a 500: a database
+    /// error, possibly on a commit that succeeded, or a bug) may have come after its change:
+    /// the claim stays, and its retries get `outcome_unknown` once it is abandoned.
+    pub fn settle_write(&self, answer: &Answer<'_>) -> Option<SideWrite> {
         if answer.status.is_server_error() {
+            if self.started && answer.status != StatusCode::SERVICE_UNAVAILABLE {
+                return None;
+            }
             // `$1 > 0` only uses the receipt (always positive): parameters go in order.
-            return SideWrite {
+            return Some(SideWrite {
                 sql: "DELETE FROM idempotency WHERE $1 > 0 AND identity = $2 AND idem_key = $3
                       AND created_at = $4 AND status IS NULL",
                 params: self.row_params(),
-            };
+            });
         }
         let mut params = vec![
             SqlValue::Int(i64::from(answer.status.as_u16())),
@@ -159,12 +168,12 @@ impl Claim {
             SqlValue::OptInt(answer.version.map(i64::from)),
         ];
         params.extend(self.row_params());
-        SideWrite {
+        Some(SideWrite {
             sql: "UPDATE idempotency SET receipt = $1, status = $2, content_type = $3, body = $4,
                     outcome = $5, key_name = $6, version = $7
                   WHERE identity = $8 AND idem_key = $9 AND created_at = $10 AND status IS NULL",
             params,
-        }
+        })
     }
 
     fn row_params(&self) -> Vec<SqlValue> {
@@ -279,9 +288,11 @@ impl Idempotency {
             }
             // Abandoned: take it over, in one conditional step so that of several retries
             // only one does.
+            // Not if its attempt's intent landed meanwhile: that attempt may be changing state.
             let taken = sqlx::query(
                 "UPDATE idempotency SET created_at = $1
-                 WHERE identity = $2 AND idem_key = $3 AND status IS NULL AND created_at = $4",
+                 WHERE identity = $2 AND idem_key = $3 AND status IS NULL AND created_at = $4
+                   AND started IS NULL",
             )
             .bind(now)
             .bind(identity)

@@ -191,7 +191,7 @@ async fn settle(
         Standing::Claimed(claim) => Some(claim),
         _ => None,
     };
-    let side = claim.map(|c| {
+    let side = claim.and_then(|c| {
         c.settle_write(&Answer {
             status: reply.status,
             content_type: &reply.content_type,
@@ -201,6 +201,7 @@ async fn settle(
             version: reply.version,
         })
     });
+    let side_given = side.is_some();
     let appended = state
         .service
         .core
@@ -209,7 +210,7 @@ async fn settle(
         .await;
     match appended {
         Ok(a) => {
-            if claim.is_some() && !a.side_changed {
+            if side_given && !a.side_changed {
                 tracing::warn!(identity = %caller.identity, "an Idempotency-Key claim was taken over before its answer was stored");
             }
             (reply, Some(a.receipt))

@@ -111,12 +111,9 @@ impl Registry {
     pub(super) fn seen_own(&self, seqs: impl IntoIterator<Item = i64>) {
         let Some(feed) = &self.feed else { return };
         let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for seq in seqs {
-            // As a poll marks what it read: rows of other instances below it stay unseen and
-            // within the window, so the next poll still reads them.
-            seen.recent.insert(seq);
-            seen.high = seen.high.max(seq);
-        }
+        // Only marked: the window moves with what polls read, never past rows of other
+        // instances that no poll has read yet.
+        seen.recent.extend(seqs);
     }
 
     /// Read again every key changed elsewhere since the last call. Nothing to do on SQLite.
@@ -136,7 +133,7 @@ impl Registry {
             let seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
             for r in &rows {
                 let seq: i64 = r.try_get("seq")?;
-                if seq > seen.high || !seen.recent.contains(&seq) {
+                if !seen.recent.contains(&seq) {
                     fresh.push((seq, r.try_get::<String, _>("name")?));
                 }
             }
@@ -155,7 +152,10 @@ impl Registry {
         let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
         for (seq, _) in &fresh {
             seen.recent.insert(*seq);
-            seen.high = seen.high.max(*seq);
+        }
+        // Every row this poll read moves the window, this process's own included.
+        if let Some(last) = rows.last() {
+            seen.high = seen.high.max(last.try_get("seq")?);
         }
         let keep_from = seen.high - LOOKBACK;
         seen.recent = seen.recent.split_off(&keep_from);
