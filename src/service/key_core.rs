@@ -303,6 +303,18 @@ impl KeyCore {
         Ok(keys)
     }
 
+    /// The turn of `name` for a rotation, and of its master too if it is derived: a new derived
+    /// version is made from the master's active version, so the master's revocation or a
+    /// destruction of that version (which checks for dependents) must not interleave with it.
+    pub(crate) async fn lock_rotation(
+        &self,
+        name: &KeyName,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let master = self.registry.get(name).and_then(|k| k.derive_from.clone());
+        let names = std::iter::once(name.as_str()).chain(master.as_ref().map(KeyName::as_str));
+        self.changes.lock_many(names).await
+    }
+
     /// Record the intent of a change the daemon makes on its own, before making it: refused
     /// when the trail refuses it, and then the change is not made (see `audit::STARTED`).
     pub(crate) async fn intend_own(
@@ -377,7 +389,7 @@ impl KeyCore {
     /// (once, however many requests notice at the same time) so the operation can use the new
     /// version. The cap is hard: the exhausted version performs no further operation.
     async fn rotate_exhausted(&self, name: &KeyName, version: u32) -> Result<(), ServiceError> {
-        let _guard = self.changes.lock(name.as_str()).await;
+        let _guards = self.lock_rotation(name).await;
         let key = self.lookup(name)?;
         if key.active().is_some_and(|v| v.version == version) {
             const WHY: &str = "max_operations reached";

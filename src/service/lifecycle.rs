@@ -369,7 +369,7 @@ impl KeyLifecycle {
     ) -> Result<Arc<KeyRecord>, ServiceError> {
         let reason = reason.map(check_reason).transpose()?;
         let name = self.core.authorize(caller, Operation::Rotate, name)?;
-        let _guard = self.core.changes.lock(name.as_str()).await;
+        let _guards = self.core.lock_rotation(&name).await;
         let key = self.core.lookup(&name)?;
         self.core
             .rotate_locked(&key, &caller.identity, reason)
@@ -457,7 +457,7 @@ impl KeyLifecycle {
             versions: 0,
         };
         for key in keys {
-            let _guard = self.core.changes.lock(key.name.as_str()).await;
+            let _guards = self.core.lock_rotation(&key.name).await;
             let key = self.core.lookup(&key.name)?;
             match self
                 .core

@@ -124,7 +124,7 @@ impl KeyLifecycle {
     /// verify-only versions whose grace has ended. Each has its intent entry before it begins
     /// and its outcome's after; a failure is logged and retried on the next pass.
     async fn timed_changes(&self, name: &KeyName, now: i64) {
-        let _guard = self.core.changes.lock(name.as_str()).await;
+        let _guards = self.core.lock_rotation(name).await;
         let Some(key) = self.core.registry.get(name) else {
             return;
         };
