@@ -37,8 +37,34 @@ pub(super) struct Feed {
 #[derive(Default)]
 struct Seen {
     high: i64,
-    /// Numbers seen within [`LOOKBACK`] of `high`.
+    /// Numbers seen within [`LOOKBACK`] of `high`, and this process's own above it.
     recent: BTreeSet<i64>,
+}
+
+impl Seen {
+    /// Each poll reads the rows above this.
+    fn floor(&self) -> i64 {
+        self.high - LOOKBACK
+    }
+
+    fn unread(&self, seq: i64) -> bool {
+        !self.recent.contains(&seq)
+    }
+
+    /// This process's own rows, committed and published: only marked, so the window moves with
+    /// what polls read and never past another instance's row that no poll has read yet.
+    fn own(&mut self, seqs: impl IntoIterator<Item = i64>) {
+        self.recent.extend(seqs);
+    }
+
+    /// A poll read `fresh` (the keys of which it read again) among rows up to `last`.
+    fn read(&mut self, fresh: impl IntoIterator<Item = i64>, last: Option<i64>) {
+        self.recent.extend(fresh);
+        if let Some(last) = last {
+            self.high = self.high.max(last);
+        }
+        self.recent = self.recent.split_off(&self.floor());
+    }
 }
 
 impl Feed {
@@ -110,10 +136,10 @@ impl Registry {
     /// in the index: polls need not read those keys again.
     pub(super) fn seen_own(&self, seqs: impl IntoIterator<Item = i64>) {
         let Some(feed) = &self.feed else { return };
-        let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
-        // Only marked: the window moves with what polls read, never past rows of other
-        // instances that no poll has read yet.
-        seen.recent.extend(seqs);
+        feed.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .own(seqs);
     }
 
     /// Read again every key changed elsewhere since the last call. Nothing to do on SQLite.
@@ -123,7 +149,7 @@ impl Registry {
             return Ok(caught);
         };
         let started = Instant::now();
-        let floor = feed.seen.lock().unwrap_or_else(|p| p.into_inner()).high - LOOKBACK;
+        let floor = feed.seen.lock().unwrap_or_else(|p| p.into_inner()).floor();
         let rows = sqlx::query("SELECT seq, name FROM key_changes WHERE seq > $1 ORDER BY seq")
             .bind(floor)
             .fetch_all(&self.pool)
@@ -133,7 +159,7 @@ impl Registry {
             let seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
             for r in &rows {
                 let seq: i64 = r.try_get("seq")?;
-                if !seen.recent.contains(&seq) {
+                if seen.unread(seq) {
                     fresh.push((seq, r.try_get::<String, _>("name")?));
                 }
             }
@@ -149,17 +175,12 @@ impl Registry {
             }
         }
         caught.keys = names.len();
-        let mut seen = feed.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for (seq, _) in &fresh {
-            seen.recent.insert(*seq);
-        }
         // Every row this poll read moves the window, this process's own included.
-        if let Some(last) = rows.last() {
-            seen.high = seen.high.max(last.try_get("seq")?);
-        }
-        let keep_from = seen.high - LOOKBACK;
-        seen.recent = seen.recent.split_off(&keep_from);
-        drop(seen);
+        let last = rows.last().map(|r| r.try_get("seq")).transpose()?;
+        feed.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(fresh.iter().map(|(seq, _)| *seq), last);
         // Current as of when this poll started: what committed after it is the next poll's.
         *feed.current_at.lock().unwrap_or_else(|p| p.into_inner()) = started;
         Ok(caught)
@@ -174,5 +195,35 @@ impl Registry {
                 .unwrap_or_else(|p| p.into_inner())
                 .elapsed()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The review's case: another instance's row (a revocation) is committed but not yet
+    /// polled when this process writes a burst of its own changes. The next poll still reads
+    /// it, and only it; then the window moves past all of them.
+    #[test]
+    fn a_burst_of_own_changes_never_moves_the_window_past_an_unread_row() {
+        let mut seen = Seen::default();
+        seen.own(2..=1500);
+        assert!(seen.floor() < 1, "the next poll would not read row 1");
+        let rows: Vec<i64> = (1..=1500).collect();
+        let unread: Vec<i64> = rows.iter().copied().filter(|s| seen.unread(*s)).collect();
+        assert_eq!(unread, [1]);
+        seen.read(unread, rows.last().copied());
+        assert_eq!(seen.floor(), 1500 - LOOKBACK);
+        assert!((1..=1500).all(|s| s <= seen.floor() || !seen.unread(s)));
+    }
+
+    #[test]
+    fn a_row_committed_late_below_the_last_read_is_still_read() {
+        let mut seen = Seen::default();
+        // Rows 1 and 3 committed; 2 (another instance's) commits after this poll.
+        seen.read([1, 3], Some(3));
+        assert!(seen.floor() < 2 && seen.unread(2));
+        assert!(!seen.unread(1) && !seen.unread(3));
     }
 }
