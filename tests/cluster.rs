@@ -1458,17 +1458,7 @@ async fn a_derived_version_destroyed_on_one_instance_leaves_no_key_in_the_others
         let (s, r) = post(&mut alice, &path, body).await;
         assert_eq!(s, 200, "{r}");
     }
-    let (s, req) = post(
-        &mut alice,
-        &format!("/v1/keys/{name}:destroy"),
-        json!({"version": 1}),
-    )
-    .await;
-    assert_eq!(s, 202, "{req}");
-    let id = req["approval"]["id"]
-        .as_str()
-        .expect("approval id")
-        .to_owned();
+    let id = request_destroy(&mut alice, name, 1).await;
     let (s, done) = post(&mut bob, &format!("/v1/approvals/{id}:approve"), json!({})).await;
     assert_eq!(s, 200, "{done}");
     let destroyed = Instant::now();

@@ -319,14 +319,7 @@ async fn a_derived_version_is_revoked_and_destroyed_under_dual_control() {
     .await;
     assert_eq!(s, 200);
     assert_eq!(verify(&d, name, b"m", &sig1).await["valid"], false);
-    let (s, req) = post(
-        &mut alice,
-        &format!("/v1/keys/{name}:destroy"),
-        json!({"version": 1}),
-    )
-    .await;
-    assert_eq!(s, 202, "{req}");
-    let id = req["approval"]["id"].as_str().unwrap().to_owned();
+    let id = request_destroy(&mut alice, name, 1).await;
     let held = || {
         d.metric("tillkey_derived_keys{what=\"held\"}")
             .expect("derived keys held")

@@ -425,6 +425,22 @@ pub async fn post(conn: &mut Connection, path: &str, body: Value) -> (u16, Value
     call(conn, Method::POST, path, Some(body)).await
 }
 
+/// Ask, as one officer, for the destruction of `version` of `name`: 202, pending a second
+/// officer's approval. Answers the approval's id.
+pub async fn request_destroy(officer: &mut Connection, name: &str, version: u32) -> String {
+    let (s, req) = post(
+        officer,
+        &format!("/v1/keys/{name}:destroy"),
+        serde_json::json!({ "version": version }),
+    )
+    .await;
+    assert_eq!(s, 202, "{req}");
+    req["approval"]["id"]
+        .as_str()
+        .expect("approval id")
+        .to_owned()
+}
+
 pub async fn get(conn: &mut Connection, path: &str) -> (u16, Value) {
     call(conn, Method::GET, path, None).await
 }
